@@ -74,7 +74,9 @@ def _lpt_plan(lengths_desc, num_ranks, capacity, first_num_minibatches):
 
 
 def _validated_lengths(lengths, max_tokens_per_rank: int, num_ranks: int) -> np.ndarray:
-    if isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, (int, np.integer)):
+    if isinstance(max_tokens_per_rank, bool) or not isinstance(
+        max_tokens_per_rank, (int, np.integer)
+    ):
         raise TypeError(f"max_tokens_per_rank must be an int, got {max_tokens_per_rank!r}")
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, (int, np.integer)):
         raise TypeError(f"num_ranks must be an int, got {num_ranks!r}")
@@ -106,7 +108,9 @@ def _validated_lengths(lengths, max_tokens_per_rank: int, num_ranks: int) -> np.
     return array
 
 
-def lpt_slot_assignment(lengths, max_tokens_per_rank: int, num_ranks: int) -> tuple[int, np.ndarray]:
+def lpt_slot_assignment(
+    lengths, max_tokens_per_rank: int, num_ranks: int
+) -> tuple[int, np.ndarray]:
     """Return ``(num_minibatches, slot)`` where ``slot[i] = minibatch * num_ranks + rank``.
 
     This is the raw plan behind :func:`pack_minibatches`, useful when only loads are needed.
