@@ -1,3 +1,19 @@
-"""FSDP2 wrapping, mixed precision, sharded loading and distributed checkpoints.
+"""FSDP2 for mt: process group, per-block sharding, sharded HF loading, HF export."""
 
-Not implemented yet: the package skeleton fixes the workspace layout."""
+from mt_fsdp.distributed import DistContext, init_distributed, shutdown_distributed
+from mt_fsdp.export import TOKENIZER_FILES, export_hf
+from mt_fsdp.load import load_hf_weights, materialize, parameters_on_meta
+from mt_fsdp.shard import decoder_blocks, shard_model
+
+__all__ = [
+    "TOKENIZER_FILES",
+    "DistContext",
+    "decoder_blocks",
+    "export_hf",
+    "init_distributed",
+    "load_hf_weights",
+    "materialize",
+    "parameters_on_meta",
+    "shard_model",
+    "shutdown_distributed",
+]

@@ -1,0 +1,81 @@
+"""The process group and device of this rank, from torchrun's environment or for one process.
+
+FSDP2 always needs a process group and a device mesh, even for one process; a single process
+(no torchrun) gets an in-memory store of world size 1, so no port is opened. The process group
+is the only global state mt keeps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+__all__ = ["DistContext", "init_distributed", "shutdown_distributed"]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is in the job and where it computes."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes shared files (metrics, exports) and talks to the user."""
+        return self.rank == 0
+
+
+def _pick_device(local_rank: int, device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the job torchrun started (RANK/WORLD_SIZE set) or start a one-process group.
+
+    ``device`` is "auto" (CUDA when present, else CPU), "cuda" or "cpu". NCCL serves CUDA, gloo
+    the CPU.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    target = _pick_device(local_rank, device)
+    backend = "nccl" if target.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(
+                backend,
+                rank=rank,
+                world_size=world_size,
+                device_id=target if backend == "nccl" else None,
+            )
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(target.type, (dist.get_world_size(),))
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=target,
+        mesh=mesh,
+    )
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (a no-op when there is none)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,63 @@
+"""FSDP2 wrapping: one shard group per decoder block, one at the root.
+
+Sharding per block lets FSDP gather one block's weights just before it runs and free them after,
+so peak memory holds one unsharded block at a time. Everything outside the blocks (embeddings,
+final norm, LM head) belongs to the root group; tied input/output embeddings are one parameter
+there and so stay tied.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+__all__ = ["decoder_blocks", "shard_model"]
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks, found by the class names HF lists in ``_no_split_modules``
+    (the units that must never be split across devices), else by the largest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+    return list(max(lists, key=len))
+
+
+def shard_model(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Apply ``fully_shard`` to every decoder block, then to the root; gradients are summed.
+
+    The parameters stay in their own dtype (the fp32 master weights); ``param_dtype`` is the
+    compute dtype FSDP casts them to when it gathers them (None: no cast), and gradients are
+    reduced in ``reduce_dtype``. The model may live on the meta device: sharding first and
+    materialising after means no rank ever holds the whole model.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    options: dict = {"mesh": mesh, "mp_policy": policy}
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    blocks = decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        # The last block's weights are needed again at once by the backward pass: keep them.
+        fully_shard(block, reshard_after_forward=index < len(blocks) - 1, **options)
+    fully_shard(model, **options)
+    # mt normalises each rank's loss by the token count of the whole global batch, so the
+    # gradients of the ranks must be summed, not averaged as FSDP does by default.
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+        elif hasattr(module, "set_reduce_scatter_divide_factor"):  # torch < 2.8
+            module.set_reduce_scatter_divide_factor(1.0)
+    return model

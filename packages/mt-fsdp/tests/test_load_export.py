@@ -1,0 +1,109 @@
+"""Sharded loading reproduces the HF model exactly; the export reloads with plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from mt_fsdp import (
+    export_hf,
+    init_distributed,
+    load_hf_weights,
+    materialize,
+    parameters_on_meta,
+    shard_model,
+    shutdown_distributed,
+)
+
+
+def tiny_config(tied: bool) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        tie_word_embeddings=tied,
+    )
+
+
+@pytest.fixture
+def dist_ctx():
+    ctx = init_distributed("cpu")
+    yield ctx
+    shutdown_distributed()
+
+
+def sharded_copy(config, folder, ctx):
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    shard_model(model, ctx.mesh, param_dtype=None)
+    materialize(model, ctx.device, lambda m: None)
+    load_hf_weights(model, folder)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sharded_load_gives_the_hf_logits_and_keeps_ties(tmp_path, dist_ctx, tied):
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(tiny_config(tied))
+    reference.to(torch.bfloat16).save_pretrained(tmp_path / "src")  # bf16 on disk, fp32 in training
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
+    model = sharded_copy(tiny_config(tied), tmp_path / "src", dist_ctx)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    tokens = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        # buffers (RoPE frequencies) survived the meta construction: logits are bitwise equal
+        assert torch.equal(model(tokens).logits, reference(tokens).logits)
+
+
+@pytest.mark.parametrize("save_dtype", [None, torch.bfloat16])
+def test_export_reloads_with_the_in_memory_logits(tmp_path, dist_ctx, save_dtype):
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(tiny_config(True)).save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
+    model = sharded_copy(tiny_config(True), tmp_path / "src", dist_ctx)
+    with torch.no_grad():
+        for p in model.parameters():  # move away from the source weights, as training would
+            p.add_(0.01 * torch.randn_like(p))
+    target = export_hf(
+        model,
+        tmp_path / "hf_format" / "samples_8",
+        save_dtype=save_dtype,
+        source_folder=tmp_path / "src",
+    )
+    assert sorted(p.name for p in target.parent.iterdir()) == ["samples_8"]  # no temporary left
+    assert (target / "tokenizer_config.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype="auto")
+    expected_dtype = save_dtype or torch.float32
+    assert reloaded.dtype == expected_dtype
+    assert json.loads((target / "config.json").read_text()).get("dtype", "float32") == str(
+        expected_dtype
+    ).removeprefix("torch.")
+    tokens = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        got = reloaded(tokens).logits.float()
+        if save_dtype is None:
+            want = model(tokens).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:  # the in-memory model rounded to bf16 weights, computed in bf16
+            want = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)(tokens).logits
+            torch.testing.assert_close(got, want.float(), rtol=0, atol=0)
+            drift = (got - model(tokens).logits).abs().max()
+            assert drift < 0.05  # bf16 rounding of weights only
+
+
+def test_missing_weights_are_named(tmp_path, dist_ctx):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(96, 64)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lack \d+ weight\(s\).*model\.layers\.0"):
+        sharded_copy(tiny_config(True), folder, dist_ctx)
