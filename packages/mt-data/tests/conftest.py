@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from mt_data import open_token_store
 
 

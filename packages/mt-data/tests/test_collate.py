@@ -1,4 +1,5 @@
 import numpy as np
+
 from mt_data import PretrainingBlocks, SampleDataset, collate_minibatch
 
 SAMPLES = [[11, 12, 13, 14], [21, 22], [31, 32, 33], [41, 42]]

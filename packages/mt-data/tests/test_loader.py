@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from mt_data import InfiniteSampler, SampleDataset, StepLoader
 
 

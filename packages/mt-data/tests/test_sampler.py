@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+
 from mt_data import EpochSampler, InfiniteSampler, epoch_permutation
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from mt_data import store as store_module
 from mt_data.errors import DataError
 from mt_data.jsonl import parse_int_lists, read_chunks

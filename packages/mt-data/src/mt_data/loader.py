@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from mt_packing import pack_minibatches
 
 from mt_data.collate import PackedMinibatch, collate_minibatch
 from mt_data.sampler import EpochSampler, InfiniteSampler
 from mt_data.sources import TokenSource
+from mt_packing import pack_minibatches
 
 __all__ = ["StepBatch", "StepLoader"]
 
