@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from mt_data.store import TokenStore, open_token_store
 
 
@@ -57,22 +58,31 @@ def generate_jsonl(
     return samples
 
 
-def bench_build(path: str | Path, cache_dir: str | Path | None = None) -> dict[str, float]:
-    """Times a first ``open_token_store`` (hash + validate + write) into an empty cache folder."""
+def bench_build(path: str | Path, cache_dir: str | Path | None = None) -> dict:
+    """Times a first ``open_token_store`` (hash + validate + write) into an empty cache folder.
+
+    With ``cache_dir`` the store is built there (in a fresh sub-folder) and kept, so the caller can
+    open it again (``result["cache_dir"]``); without it, it goes to a temporary folder, then away.
+    """
     path = Path(path)
     size_mb = path.stat().st_size / 1e6
-    with tempfile.TemporaryDirectory(dir=cache_dir or path.parent) as cache:
-        start = time.perf_counter()
-        store = open_token_store(path, cache_dir=cache)
-        seconds = time.perf_counter() - start
-        samples, tokens = len(store), store.num_tokens
-        del store
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(dir=path.parent) as cache:
+            return bench_build(path, cache)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="store-", dir=cache_dir))  # empty: nothing cached yet
+    start = time.perf_counter()
+    store = open_token_store(path, cache_dir=cache)
+    seconds = time.perf_counter() - start
+    samples, tokens = len(store), store.num_tokens
+    del store
     return {
         "mb_per_s": size_mb / seconds,
         "seconds": seconds,
         "size_mb": size_mb,
         "samples": samples,
         "tokens": tokens,
+        "cache_dir": cache,
     }
 
 
@@ -82,6 +92,7 @@ def bench_open_1m(
     """Builds a store of ``samples`` short samples (mean ~20 tokens), then times ``TokenStore.open``
     plus ``len(store)`` and ``store.lengths`` (best and median of ``repeats``)."""
     tmpdir = Path(tmpdir)
+    tmpdir.mkdir(parents=True, exist_ok=True)
     path = tmpdir / "open_1m.jsonl"
     # ~220 bytes a line: stop once the wanted count is reached, then cut the file there
     made = generate_jsonl(path, samples * 160, seed=1, mean_tokens=20, vocab_size=32_000)

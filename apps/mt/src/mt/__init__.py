@@ -1,1 +1,1 @@
-"""The `mt` command-line app. Not implemented yet: the skeleton fixes the workspace layout."""
+"""The ``mt`` command: train causal language models from TOML run files (see :mod:`mt.cli`)."""

@@ -1,3 +1,40 @@
-"""Run configuration, model set-up, loss, optimizer and the train loop.
+"""Run configuration, model set-up, loss, optimizer and the train loop of mt.
 
-Not implemented yet: the package skeleton fixes the workspace layout."""
+``from mt_core import TrainingArgs, PretrainingConfig, train``: the Python API mirrors the run
+file. ``train`` is imported on first use, so reading or validating a config stays light.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from mt_core.config import (
+    ConfigError,
+    PretrainingConfig,
+    TrainingArgs,
+    args_from_dict,
+    args_to_dict,
+    load_run_file,
+    write_run_file,
+)
+
+if TYPE_CHECKING:
+    from mt_core.trainer import TrainResult, train
+
+__all__ = [
+    "ConfigError",
+    "PretrainingConfig",
+    "TrainResult",
+    "TrainingArgs",
+    "args_from_dict",
+    "args_to_dict",
+    "load_run_file",
+    "train",
+    "write_run_file",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("train", "TrainResult"):
+        from mt_core import trainer  # torch, transformers: imported only when training
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'mt_core' has no attribute {name!r}")

@@ -97,10 +97,11 @@ def parse_lines(lines: list[bytes], first_line: int, *, where: str, require_labe
     declared: list[object] = []  # each fast line's "len", None when absent
     slow: list[int] = []
     labels: np.ndarray | None = None
+    skeletons: dict[bytes, object] = {}  # lines mostly differ only in their lists: parse each once
     for i, line in enumerate(lines):
         if not line or line.isspace():
             continue
-        cut = _split_line(line, require_labels)
+        cut = _split_line(line, require_labels, skeletons)
         if cut is None:
             slow.append(i)
             continue
@@ -255,8 +256,13 @@ def check_line(
     return [], (np.array(ids, np.int64), None if labels is None else np.array(labels, np.int64))
 
 
-def _split_line(line: bytes, require_labels: bool) -> tuple[bytes, bytes, object] | None:
-    """(input_ids list inside, labels list inside, "len" or None) if the fast path can take it."""
+def _split_line(
+    line: bytes, require_labels: bool, skeletons: dict[bytes, object] | None = None
+) -> tuple[bytes, bytes, object] | None:
+    """(input_ids list inside, labels list inside, "len" or None) if the fast path can take it.
+
+    ``skeletons`` caches the verdict on each skeleton seen (same bytes, same verdict).
+    """
     ids = _list_span(line, b'"input_ids"')
     if ids is None:
         return None
@@ -282,20 +288,42 @@ def _split_line(line: bytes, require_labels: bool) -> tuple[bytes, bytes, object
     ids_seg = line[a:b].strip(b" \t\r")
     if not ids_seg:
         return None
-    # The skeleton must be an object whose lists are exactly the ones cut out: if the key was found
-    # anywhere else (inside another value, a second time) this fails and json decides.
+    if skeletons is None:
+        length = _skeleton_len(skeleton, require_labels)
+    else:
+        length = skeletons.get(skeleton, _UNSEEN)
+        if length is _UNSEEN:
+            if len(skeletons) >= _MAX_SKELETONS:
+                skeletons.clear()
+            length = skeletons[skeleton] = _skeleton_len(skeleton, require_labels)
+    if length is _REJECT:
+        return None
+    return ids_seg, label_seg, length
+
+
+_UNSEEN = object()
+_REJECT = object()
+_MAX_SKELETONS = 10_000
+
+
+def _skeleton_len(skeleton: bytes, require_labels: bool) -> object:
+    """The line's "len" (None when absent) if its skeleton is fine, else ``_REJECT``.
+
+    The skeleton must be an object whose lists are exactly the ones cut out: if the key was found
+    anywhere else (inside another value, a second time) this fails and json decides.
+    """
     try:
         obj = json.loads(skeleton)
     except (ValueError, RecursionError):
-        return None
+        return _REJECT
     if type(obj) is not dict or obj.get("input_ids") != []:
-        return None
+        return _REJECT
     if require_labels and obj.get("labels") != []:
+        return _REJECT
+    if "len" not in obj:
         return None
-    length = obj.get("len")
-    if length is not None and type(length) is not int:
-        return None
-    return ids_seg, label_seg, length
+    length = obj["len"]
+    return length if type(length) is int else _REJECT  # null, true, 3.0: json reports them
 
 
 def _list_span(line: bytes, key: bytes) -> tuple[int, int] | None:

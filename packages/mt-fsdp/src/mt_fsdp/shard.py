@@ -55,9 +55,12 @@ def shard_model(
     fully_shard(model, **options)
     # mt normalises each rank's loss by the token count of the whole global batch, so the
     # gradients of the ranks must be summed, not averaged as FSDP does by default.
+    # A plain SUM (no pre-multiplied sum, which gloo lacks; NCCL moves it zero-copy).
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
         elif hasattr(module, "set_reduce_scatter_divide_factor"):  # torch < 2.8
             module.set_reduce_scatter_divide_factor(1.0)
+        if hasattr(module, "set_force_sum_reduction_for_comms"):
+            module.set_force_sum_reduction_for_comms(True)
     return model

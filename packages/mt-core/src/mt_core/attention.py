@@ -1,0 +1,337 @@
+"""Padding-free (varlen) attention for unmodified Hugging Face models.
+
+A packed minibatch is one row of concatenated documents, described by ``cu_seqlens``. Each backend
+below is registered in transformers' ``AttentionInterface`` under an ``mt_varlen_*`` name and
+selected with ``model.set_attn_implementation(name)``; no modeling file is patched. The caller
+passes ``cu_seq_lens_q/k`` and ``max_length_q/k`` to the model call and transformers forwards them,
+untouched, to the attention function of every layer.
+
+No ``AttentionMaskInterface`` entry is registered on purpose: for an implementation missing there,
+``masking_utils`` returns ``None`` straight away (transformers 5.17 to 5.24), so no mask is built
+and the position ids are not scanned for packed sequences (a GPU->CPU sync per forward). Each
+function then insists on ``cu_seq_lens_q``, so a call without them (a padded batch, generation)
+fails loudly instead of letting documents see each other.
+
+Backends, all matching the model run on each document alone:
+
+* ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (the optional ``cuda`` extra);
+* ``torch_varlen``: PyTorch's built-in ``torch.nn.attention.varlen.varlen_attn`` (CUDA);
+* ``sdpa``: ``scaled_dot_product_attention`` once per document; runs anywhere (CPU tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+
+__all__ = [
+    "ATTN_BACKENDS",
+    "register_padding_free_attention",
+    "resolve_attn_backend",
+    "use_padding_free_attention",
+]
+
+ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+
+# transformers reads meaning into implementation names: one containing "flash" is sent to its
+# flash-attention loader (and may fetch a kernel from the Hub), one containing "sdpa" may fall
+# back to eager. These names contain neither.
+_IMPLEMENTATION_NAMES = {
+    "flash_attn": "mt_varlen_fa",
+    "torch_varlen": "mt_varlen_torch",
+    "sdpa": "mt_varlen_perdoc",
+}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+AttentionOutput = tuple[torch.Tensor, None]
+
+
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _torch_varlen_present() -> bool:
+    try:
+        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def resolve_attn_backend(name: str, device: torch.device) -> str:
+    """The concrete backend for ``name`` (one of :data:`ATTN_BACKENDS`) on ``device``.
+
+    ``auto`` picks ``flash_attn`` when flash-attn is installed and ``device`` is CUDA, else
+    ``torch_varlen`` on CUDA when this torch has ``torch.nn.attention.varlen``, else ``sdpa``.
+    An explicit choice that cannot run here raises ValueError saying what to install or choose.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    if name == "auto":
+        if on_cuda and _flash_attn_installed():
+            return "flash_attn"
+        if on_cuda and _torch_varlen_present():
+            return "torch_varlen"
+        return "sdpa"
+    if name == "flash_attn":
+        if not on_cuda:
+            raise ValueError(
+                f"attn_backend='flash_attn' needs a CUDA device, not {device}; "
+                "use attn_backend='sdpa' (or 'auto')"
+            )
+        if not _flash_attn_installed():
+            raise ValueError(
+                "attn_backend='flash_attn' needs the flash-attn package: install mt-core[cuda] "
+                "(pip install flash-attn), or use attn_backend='torch_varlen' or 'auto'"
+            )
+        return name
+    if name == "torch_varlen":
+        if not on_cuda:
+            raise ValueError(
+                f"attn_backend='torch_varlen' needs a CUDA device, not {device}; "
+                "use attn_backend='sdpa' (or 'auto')"
+            )
+        if not _torch_varlen_present():
+            raise ValueError(
+                f"attn_backend='torch_varlen' needs torch.nn.attention.varlen (torch >= 2.11), "
+                f"this is torch {torch.__version__}; upgrade torch or use attn_backend='sdpa'"
+            )
+        return name
+    if name == "sdpa":
+        return name
+    raise ValueError(f"unknown attn_backend {name!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+
+
+def register_padding_free_attention(backend: str) -> str:
+    """Registers the attention function of a concrete ``backend`` (not ``auto``) with transformers
+    and returns its attn_implementation name. Registering again is harmless."""
+    if backend not in _IMPLEMENTATION_NAMES:
+        raise ValueError(
+            f"cannot register attn_backend {backend!r}; choose one of "
+            f"{', '.join(_IMPLEMENTATION_NAMES)} (resolve 'auto' with resolve_attn_backend first)"
+        )
+    name = _IMPLEMENTATION_NAMES[backend]
+    AttentionInterface.register(name, _BACKEND_FUNCTIONS[backend])
+    return name
+
+
+def use_padding_free_attention(model: PreTrainedModel, backend: str) -> str:
+    """Switches ``model`` to the padding-free attention of a concrete ``backend``; returns the
+    attn_implementation name now in ``model.config``.
+
+    From then on every forward call must pass ``cu_seq_lens_q``, ``cu_seq_lens_k``,
+    ``max_length_q`` and ``max_length_k`` (see :func:`mt_core.loss.minibatch_loss`). Switch back
+    with ``model.set_attn_implementation("sdpa")`` for padded batches or generation.
+    """
+    name = register_padding_free_attention(backend)
+    model.set_attn_implementation(name)
+    # transformers only logs a warning for models that do not dispatch through AttentionInterface
+    # (it leaves their attention as it was); training those would silently mix documents.
+    if model.config._attn_implementation != name:
+        raise ValueError(
+            f"{type(model).__name__} does not route its attention through transformers' "
+            "AttentionInterface, so mt cannot make it padding-free"
+        )
+    return name
+
+
+def _documents(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Checks one call and returns ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q/k``."""
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is None:
+        raise ValueError(
+            "padding-free attention needs cu_seq_lens_q, cu_seq_lens_k, max_length_q and "
+            "max_length_k in the model call (one packed row); for padded batches or generation "
+            "switch back with model.set_attn_implementation('sdpa')"
+        )
+    cu_k = kwargs.get("cu_seq_lens_k")
+    cu_k = cu_q if cu_k is None else cu_k
+    max_q = kwargs.get("max_length_q")
+    max_k = kwargs.get("max_length_k")
+    if max_q is None or max_k is None:
+        raise ValueError("padding-free attention needs max_length_q and max_length_k (ints)")
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"padding-free attention takes one packed row, not a batch of {query.shape[0]}"
+        )
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            "padding-free attention is for training (no KV cache): call the model with use_cache=False"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "padding-free attention takes no attention_mask: documents are given by cu_seq_lens"
+        )
+    if not getattr(module, "is_causal", True):
+        raise ValueError(
+            f"{type(module).__name__} attends bidirectionally; padding-free attention is causal"
+        )
+    if dropout > 0:
+        raise ValueError(
+            f"padding-free attention has no attention dropout (got {dropout}); set the model "
+            "config's attention_dropout to 0"
+        )
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(
+                f"padding-free attention does not support {unsupported} (used by this model's "
+                "attention); train it with another attention implementation"
+            )
+    return cu_q, cu_k, int(max_q), int(max_k)
+
+
+def _sdpa_per_document(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> AttentionOutput:
+    """Causal SDPA on each document of the row in turn: exact, slow, runs on any device."""
+    cu_q, cu_k, _, _ = _documents(module, query, key, attention_mask, dropout, kwargs)
+    bounds = cu_q.tolist()
+    if cu_k is not cu_q and cu_k.tolist() != bounds:
+        raise ValueError("the sdpa backend needs the same documents for queries and keys")
+    if bounds[0] != 0 or bounds[-1] != query.shape[2]:
+        raise ValueError(
+            f"cu_seq_lens_q covers tokens {bounds[0]}..{bounds[-1]}, the row has {query.shape[2]}"
+        )
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        length = end - start
+        mask = None
+        if sliding_window is not None and length > sliding_window:
+            # transformers' sliding window: query i sees keys i - sliding_window < j <= i.
+            i = torch.arange(length, device=query.device)[:, None]
+            j = torch.arange(length, device=query.device)[None, :]
+            mask = (j <= i) & (j > i - sliding_window)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scaling,
+                enable_gqa=key.shape[1] != query.shape[1],
+            )
+        )
+    # HF attention functions return (batch, tokens, heads, head_dim)
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The half dtype the varlen kernels run in.
+
+    Under autocast HF's RoPE returns float32 q/k while v is already half: take the half dtype
+    present, else autocast's, else bfloat16 (a float32 model on GPU attends in bf16, as HF's own
+    flash-attention path does).
+    """
+    for tensor in tensors:
+        if tensor.dtype in _HALF_DTYPES:
+            return tensor.dtype
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        if dtype in _HALF_DTYPES:
+            return dtype
+    return torch.bfloat16
+
+
+def _varlen_layout(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1, heads, T, d) -> (T, heads, d) in the kernels' half dtype."""
+    dtype = _kernel_dtype(query, key, value)
+
+    def packed(t: torch.Tensor) -> torch.Tensor:
+        return t[0].transpose(0, 1).to(dtype)
+
+    return packed(query), packed(key), packed(value)
+
+
+def _window(sliding_window: int | None, max_k: int) -> tuple[int, int]:
+    """Flash-style (left, right) window: HF's ``sliding_window`` counts the query itself."""
+    if sliding_window is None or max_k <= sliding_window:
+        return (-1, 0)  # plain causal: lets torch pick cuDNN, which takes no other window
+    return (sliding_window - 1, 0)
+
+
+@functools.cache
+def _varlen_attn_takes_enable_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def _torch_varlen(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> AttentionOutput:
+    """PyTorch's built-in varlen flash attention (torch >= 2.11, CUDA)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu_q, cu_k, max_q, max_k = _documents(module, query, key, attention_mask, dropout, kwargs)
+    q, k, v = _varlen_layout(query, key, value)
+    extra = {}
+    # torch 2.11 takes fewer K/V heads as they are; later versions want enable_gqa=True for that.
+    if k.shape[1] != q.shape[1] and _varlen_attn_takes_enable_gqa():
+        extra["enable_gqa"] = True
+    out = varlen_attn(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling,
+        window_size=_window(sliding_window, max_k), **extra,
+    )  # fmt: skip
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+def _flash_attn_varlen(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> AttentionOutput:
+    """flash-attn 2's ``flash_attn_varlen_func`` (GQA native)."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu_q, cu_k, max_q, max_k = _documents(module, query, key, attention_mask, dropout, kwargs)
+    q, k, v = _varlen_layout(query, key, value)
+    out = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True,
+        window_size=_window(sliding_window, max_k),
+    )  # fmt: skip
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+_BACKEND_FUNCTIONS: dict[str, Callable[..., AttentionOutput]] = {
+    "flash_attn": _flash_attn_varlen,
+    "torch_varlen": _torch_varlen,
+    "sdpa": _sdpa_per_document,
+}

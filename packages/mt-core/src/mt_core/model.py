@@ -1,0 +1,97 @@
+"""Model set-up: an HF causal LM built on the meta device, patched, sharded, then loaded.
+
+The order matters: kernels and attention are chosen on the bare HF model, activation
+checkpointing wraps its blocks, FSDP2 shards it, and only then do the shards get memory and the
+checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from mt_core.attention import resolve_attn_backend, use_padding_free_attention
+from mt_fsdp import DistContext, load_hf_weights, materialize, parameters_on_meta, shard_model
+
+__all__ = ["TORCH_DTYPES", "build_model", "liger_available", "matmul_parameter_count"]
+
+logger = logging.getLogger("mt_core")
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _apply_liger(model: PreTrainedModel) -> None:
+    """Liger's fused kernels for this architecture (RMSNorm, RoPE, SwiGLU, and the fused linear
+    cross-entropy that never materialises the logits)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+
+
+def build_model(
+    folder: str | Path,
+    config: PretrainedConfig,
+    ctx: DistContext,
+    *,
+    master_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    attn_backend: str = "auto",
+    use_liger: bool = False,
+    activation_checkpointing: bool = False,
+    cpu_offload: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, str]:
+    """The sharded model of ``config``, its weights loaded from ``folder`` into ``master_dtype``
+    (what the optimizer updates); and the attention backend used. Forward and backward compute
+    in ``compute_dtype`` (FSDP mixed precision casts each gathered block)."""
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=master_dtype, trust_remote_code=trust_remote_code
+        )
+    backend = resolve_attn_backend(attn_backend, ctx.device)
+    use_padding_free_attention(model, backend)
+    if use_liger:
+        _apply_liger(model)
+    if activation_checkpointing:
+        # Non-reentrant checkpointing per decoder block: activations inside a block are
+        # recomputed in the backward pass, and it composes with FSDP2's hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    param_dtype = None if compute_dtype == master_dtype else compute_dtype
+    shard_model(model, ctx.mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
+    materialize(model, torch.device("cpu") if cpu_offload else ctx.device, lambda m: None)
+    load_hf_weights(model, folder)
+    model.train()
+    logger.info(
+        "model %s: %.1fM parameters, attention %s, liger %s",
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        backend,
+        "on" if use_liger else "off",
+    )
+    return model, backend
+
+
+def matmul_parameter_count(model: nn.Module) -> int:
+    """N of the 6N FLOPs-per-token rule: every parameter that takes part in a matrix multiply.
+
+    The input embedding is a table lookup, not a matmul, so it is left out; a tied LM head is
+    the same tensor but *is* a matmul, so it counts once.
+    """
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    total = sum(p.numel() for p in model.parameters())
+    tied = head is not None and head.weight is embedding
+    return total if tied else total - embedding.numel()

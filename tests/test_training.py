@@ -1,0 +1,163 @@
+"""End to end through `mt run`: one step equals AdamW by hand on the unpadded batch, and two gloo
+ranks with several minibatches and an empty slot equal one process with the whole batch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from mt_data import InfiniteSampler
+from mt_packing import pack_minibatches
+
+BIN = Path(sys.executable).parent
+VOCAB = 64
+
+
+def make_model(folder: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def make_data(path: Path, lengths: list[int]) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for length in lengths:
+        tokens = rng.integers(0, VOCAB, length).tolist()
+        masked = int(rng.integers(0, length // 2))
+        rows.append({"input_ids": tokens, "labels": [-100] * masked + tokens[masked:]})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
+def write_run(path: Path, **keys) -> Path:
+    lines = [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mt_run(run_file: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        command = [sys.executable, "-m", "mt", "run", str(run_file), *overrides]
+    else:
+        command = [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", "--no-python", "mt", "run",
+                   str(run_file), *overrides]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    (folder,) = (output_dir / "hf_format").iterdir()
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = make_model(tmp_path / "model")
+    common = dict(
+        model_name_or_path=str(model),
+        learning_rate=1e-2,
+        num_warmup_steps=0,
+        lr_scheduler="constant",
+        training_mode="step",
+        max_steps=1,
+        seed=7,
+        save_final_checkpoint=True,
+        save_dtype="float32",
+        train_dtype="float32",
+        attn_backend="sdpa",
+    )
+    return tmp_path, common
+
+
+def test_two_ranks_with_an_empty_slot_equal_one_process(setup):
+    tmp_path, common = setup
+    make_data(tmp_path / "data.jsonl", [30] * 10)
+    # 5 samples of 30 tokens at 32 tokens per minibatch: 5 minibatches in one process; on two
+    # ranks 3 minibatches each, one slot of the six empty.
+    plan = pack_minibatches(np.full(5, 30), 32, 2)
+    assert [len(rank) for rank in plan] == [3, 3]
+    assert sum(part.size == 0 for rank in plan for part in rank) == 1
+    # eps well above the gradients' rounding noise: Adam's first step is lr * g / (|g| + eps),
+    # which for |g| near 0 would turn float32 summation-order noise into a full lr step.
+    keys = dict(common, data_path=str(tmp_path / "data.jsonl"), batch_size=5, max_tokens_per_gpu=32,
+                eps=1e-4)  # fmt: skip
+    run = write_run(tmp_path / "run.toml", **keys)
+    mt_run(run, f"--output_dir={tmp_path / 'one'}")
+    mt_run(run, f"--output_dir={tmp_path / 'two'}", nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert one[0]["num_minibatches"] == 5 and two[0]["num_minibatches"] == 3
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
+    a, b = exported_weights(tmp_path / "one"), exported_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for name in a:
+        # float32; the gradient sums differ only in order. Adam's first step is about lr*sign(g),
+        # so the tolerance is a small fraction of the learning rate.
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_one_step_equals_adamw_by_hand(setup):
+    tmp_path, common = setup
+    lengths = [7, 19, 3, 25, 12, 9, 30, 16]
+    rows = make_data(tmp_path / "data.jsonl", lengths)
+    beta1, beta2, eps, weight_decay, lr, max_norm = 0.8, 0.95, 1e-6, 0.1, 1e-2, 0.5
+    keys = dict(common, data_path=str(tmp_path / "data.jsonl"), batch_size=6,
+                max_tokens_per_gpu=40, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, learning_rate=lr, max_grad_norm=max_norm)  # fmt: skip
+    mt_run(write_run(tmp_path / "run.toml", **keys), f"--output_dir={tmp_path / 'out'}")
+    logged = metrics(tmp_path / "out")[0]
+
+    # The reference: the plain HF model, each sample of the first global batch alone.
+    batch = next(InfiniteSampler(len(rows), 6, seed=7))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    total = sum(sum(label != -100 for label in rows[i]["labels"][1:]) for i in batch)
+    loss = 0.0
+    for i in batch:
+        ids = torch.tensor([rows[i]["input_ids"]])
+        labels = torch.tensor([rows[i]["labels"]])
+        logits = model(ids).logits[0, :-1]
+        loss = loss + torch.nn.functional.cross_entropy(
+            logits, labels[0, 1:], ignore_index=-100, reduction="sum"
+        )
+    loss = loss / total
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item()
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert logged["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert norm > max_norm  # clipping is exercised
+    scale = max_norm / (norm + 1e-6)
+    got = exported_weights(tmp_path / "out")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = p.grad * scale
+            m = (1 - beta1) * g / (1 - beta1)  # first moment, bias-corrected
+            v = (1 - beta2) * g * g / (1 - beta2)
+            expected = p * (1 - lr * weight_decay) - lr * m / (v.sqrt() + eps)
+            torch.testing.assert_close(got[name], expected, rtol=0, atol=2e-6, msg=name)
+    assert math.isfinite(logged["tokens_per_s"]) and logged["mfu"] is None  # no MFU on CPU

@@ -1,0 +1,269 @@
+"""Checks mt's CUDA attention backends against the per-document SDPA backend on one GPU.
+
+On the GPU machine (see shared/GPU.md), from the repository root:
+
+    PYTHONPATH=$(ls -d packages/*/src | tr '\\n' ':') python3 tools/gpu/check_attention.py
+
+Every backend available there (torch_varlen; flash_attn when installed) runs one random row of
+8,192 tokens in ~20 documents and is compared with ``sdpa`` (scaled_dot_product_attention per
+document), in bf16, against a float32 truth, so a backend's error reads next to SDPA's own bf16
+error. Two levels:
+
+* kernel: the registered attention function alone (GQA 32/8 heads, head_dim 128; MHA head_dim 64;
+  a sliding window of 512; float32 q/k with bf16 v as HF's RoPE hands them over under autocast):
+  max abs error of the output and of dq/dk/dv;
+* model: a 4-layer Llama-3.2-1B-shaped model (and a Mistral-shaped one with a 512-token window)
+  through ``minibatch_loss`` + backward, bf16 weights and float32 weights under bf16 autocast:
+  loss difference and the largest gradient error relative to the largest gradient; plus an empty
+  minibatch, whose loss and gradients must be exactly 0.
+
+Pass criteria: a backend's errors are at most twice SDPA's own bf16 errors (its loss may also be
+off by up to 1e-3), an empty minibatch gives exactly 0. The "leak" rows run causal attention over
+the whole row (documents see each other) and the "no window" row ignores the sliding window: their
+output must be off by more than 10x SDPA's error, which shows the checks can fail. Ends with fwd+bwd
+milliseconds per backend for the kernel, then "all checks passed" (exit 0) or the failures.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from mt_core.attention import (
+    register_padding_free_attention,
+    resolve_attn_backend,
+    use_padding_free_attention,
+)
+from mt_core.loss import minibatch_loss
+
+TOKENS = 8192
+DOCUMENTS = 20
+DEVICE = torch.device("cuda")
+FAILURES: list[str] = []
+
+
+def documents(seed: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """cu_seqlens (int32), max length and position ids of ~DOCUMENTS random documents."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(DOCUMENTS, generator=g) ** 2 + 0.05
+    lengths = (weights / weights.sum() * TOKENS).long().clamp(min=1)
+    lengths[-1] += TOKENS - lengths.sum()
+    cu = torch.zeros(DOCUMENTS + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])
+    return cu.to(DEVICE), int(lengths.max()), positions[None].to(DEVICE)
+
+
+def available_backends() -> list[str]:
+    backends = []
+    for name in ("torch_varlen", "flash_attn"):
+        try:
+            backends.append(resolve_attn_backend(name, DEVICE))
+        except ValueError as error:
+            print(f"# skipped {name}: {error}")
+    return backends
+
+
+def verdict(ok: bool, *what: str) -> str:
+    """ "ok", or "FAIL" remembered in FAILURES."""
+    if not ok:
+        FAILURES.append(" ".join(what))
+    return "ok" if ok else "FAIL"
+
+
+class Causal(torch.nn.Module):
+    is_causal = True
+
+
+def attend(backend: str, q, k, v, cu, max_len, window):
+    fn = ALL_ATTENTION_FUNCTIONS[register_padding_free_attention(backend)]
+    out, _ = fn(
+        Causal(), q, k, v, None, scaling=q.shape[-1] ** -0.5, dropout=0.0,
+        sliding_window=window, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
+        max_length_k=max_len,
+    )  # fmt: skip
+    return out
+
+
+def run_kernel(backend, q, k, v, grad_out, cu, max_len, window, dtypes, autocast=False):
+    leaves = [t.detach().to(d).requires_grad_() for t, d in zip((q, k, v), dtypes, strict=True)]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = attend(backend, *leaves, cu, max_len, window)
+    out.float().backward(grad_out)
+    return [out.float()] + [t.grad.float() for t in leaves]
+
+
+def kernel_checks(backends: list[str]) -> list[str]:
+    rows = []
+    cases = [
+        ("gqa 32/8 d128", 32, 8, 128, None, "bf16"),
+        ("mha 16/16 d64", 16, 16, 64, None, "bf16"),
+        ("gqa window 512", 32, 8, 128, 512, "bf16"),
+        ("gqa fp32 q/k", 32, 8, 128, None, "autocast"),
+    ]
+    cu, max_len, _ = documents(seed=0)
+    whole = torch.tensor([0, TOKENS], dtype=torch.int32, device=DEVICE)
+    for label, heads, kv_heads, dim, window, mode in cases:
+        g = torch.Generator(device=DEVICE).manual_seed(1)
+        q = torch.randn(1, heads, TOKENS, dim, device=DEVICE, generator=g)
+        k = torch.randn(1, kv_heads, TOKENS, dim, device=DEVICE, generator=g)
+        v = torch.randn(1, kv_heads, TOKENS, dim, device=DEVICE, generator=g)
+        grad_out = torch.randn(1, TOKENS, heads, dim, device=DEVICE, generator=g)
+        bf16 = torch.bfloat16
+        dtypes = (bf16, bf16, bf16) if mode == "bf16" else (torch.float32, torch.float32, bf16)
+        truth = run_kernel("sdpa", q, k, v, grad_out, cu, max_len, window, [torch.float32] * 3)
+        # (row name, backend, documents, window); the last rows are wrong on purpose
+        runs = [("sdpa", "sdpa", cu, max_len, window)]
+        runs += [(b, b, cu, max_len, window) for b in backends]
+        runs.append(("leak", "sdpa", whole, TOKENS, window))
+        if window is not None:
+            runs.append(("no window", "sdpa", cu, max_len, None))
+        sdpa_errors = None
+        for name, backend, cu_b, max_b, window_b in runs:
+            got = run_kernel(
+                backend, q, k, v, grad_out, cu_b, max_b, window_b, dtypes, mode == "autocast"
+            )
+            errors = [(a - b).abs().max().item() for a, b in zip(got, truth, strict=True)]
+            sdpa_errors = sdpa_errors or errors
+            ratio = [e / s for e, s in zip(errors, sdpa_errors, strict=True)]
+            wrong = name in ("leak", "no window")
+            ok = ratio[0] > 10 if wrong else max(ratio) <= 2
+            rows.append(
+                f"kernel | {label:15s} | {name:12s} | out {errors[0]:.2e} | dq {errors[1]:.2e}"
+                f" | dk {errors[2]:.2e} | dv {errors[3]:.2e} | {verdict(ok, label, name)}"
+            )
+    return rows
+
+
+def tiny_model(config_class, dtype, **overrides):
+    shape = dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=32000, max_position_embeddings=TOKENS,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    config = config_class(**{**shape, **overrides})
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(DEVICE).train()
+
+
+def loss_and_grads(model, backend, batch, autocast):
+    use_padding_free_attention(model, backend)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = minibatch_loss(model, **batch)
+    loss.backward()
+    grads = [p.grad.float().clone() for p in model.parameters()]
+    return loss.item(), grads
+
+
+def grad_error(grads, truth) -> float:
+    scale = max(t.abs().max().item() for t in truth)
+    return max((g - t).abs().max().item() for g, t in zip(grads, truth, strict=True)) / scale
+
+
+def model_checks(backends: list[str]) -> list[str]:
+    rows = []
+    cu, max_len, positions = documents(seed=2)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    input_ids = torch.randint(0, 32000, (1, TOKENS), device=DEVICE, generator=g)
+    targets = torch.randint(0, 32000, (1, TOKENS), device=DEVICE, generator=g)
+    targets[:, cu[1:].long() - 1] = -100  # no target at the last token of a document
+    targets[torch.rand(1, TOKENS, device=DEVICE, generator=g) < 0.3] = -100
+    count = int((targets != -100).sum())
+    batch = dict(
+        input_ids=input_ids, position_ids=positions, targets=targets, cu_seqlens=cu,
+        max_seqlen=max_len, global_num_loss_tokens=count,
+    )  # fmt: skip
+    leak = {**batch, "cu_seqlens": torch.tensor([0, TOKENS], dtype=torch.int32, device=DEVICE)}
+    leak["max_seqlen"] = TOKENS
+    empty = {
+        **batch,
+        **{key: batch[key][:, :0] for key in ("input_ids", "position_ids", "targets")},
+        "cu_seqlens": cu[:1], "max_seqlen": 0,
+    }  # fmt: skip
+    models = [
+        ("llama-1b x4 layers", LlamaConfig, {}),
+        ("mistral window 512", MistralConfig, {"sliding_window": 512}),
+    ]
+    for label, config_class, overrides in models:
+        reference = tiny_model(config_class, torch.float32, **overrides)
+        truth_loss, truth = loss_and_grads(reference, "sdpa", batch, autocast=False)
+        state = reference.state_dict()
+        del reference
+        for mode in ("bf16", "autocast"):
+            model = tiny_model(
+                config_class, torch.bfloat16 if mode == "bf16" else torch.float32, **overrides
+            )
+            model.load_state_dict(state)
+            runs = [("sdpa", batch), *[(b, batch) for b in backends], ("leak", leak)]
+            sdpa_loss_diff = sdpa_grad_err = None
+            for backend, data in runs:
+                loss, grads = loss_and_grads(
+                    model, "sdpa" if backend == "leak" else backend, data, mode == "autocast"
+                )
+                loss_diff, grad_err = abs(loss - truth_loss), grad_error(grads, truth)
+                sdpa_loss_diff = sdpa_loss_diff or loss_diff
+                sdpa_grad_err = sdpa_grad_err or grad_err
+                if backend == "leak":
+                    ok = grad_err > 10 * sdpa_grad_err
+                else:
+                    ok = grad_err <= 2 * sdpa_grad_err and loss_diff <= max(
+                        2 * sdpa_loss_diff, 1e-3
+                    )
+                rows.append(
+                    f"model  | {label} {mode:8s} | {backend:12s} | loss {loss:.5f} "
+                    f"(fp32 {truth_loss:.5f}, diff {loss_diff:.2e}) | "
+                    f"grad err {grad_err:.2e} of max | {verdict(ok, label, mode, backend)}"
+                )
+            for backend in ["sdpa", *backends]:
+                loss, grads = loss_and_grads(model, backend, empty, mode == "autocast")
+                exact = loss == 0.0 and all(torch.count_nonzero(g) == 0 for g in grads)
+                rows.append(
+                    f"empty  | {label} {mode:8s} | {backend:12s} | loss and grads exactly 0 | "
+                    f"{verdict(exact, label, mode, backend, 'empty')}"
+                )
+            del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def timing(backends: list[str]) -> list[str]:
+    cu, max_len, _ = documents(seed=0)
+    q = torch.randn(1, 32, TOKENS, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 8, TOKENS, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 8, TOKENS, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    rows = []
+    for backend in ["sdpa", *backends]:
+        for _ in range(3):
+            attend(backend, q, k, v, cu, max_len, None).sum().backward()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            attend(backend, q, k, v, cu, max_len, None).sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+        rows.append(
+            f"time   | gqa 32/8 d128 fwd+bwd | {backend:12s} | {start.elapsed_time(end) / 20:.2f} ms"
+        )
+    return rows
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 1
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", end=" ")
+    import transformers
+
+    print(f"transformers {transformers.__version__}")
+    backends = available_backends()
+    rows = kernel_checks(backends) + model_checks(backends) + timing(backends)
+    print("\n".join(rows))
+    print(f"FAILED: {'; '.join(FAILURES)}" if FAILURES else "all checks passed")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
