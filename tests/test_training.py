@@ -161,3 +161,61 @@ def test_one_step_equals_adamw_by_hand(setup):
             expected = p * (1 - lr * weight_decay) - lr * m / (v.sqrt() + eps)
             torch.testing.assert_close(got[name], expected, rtol=0, atol=2e-6, msg=name)
     assert math.isfinite(logged["tokens_per_s"]) and logged["mfu"] is None  # no MFU on CPU
+
+
+def test_the_bundled_example_learns(tmp_path):
+    """The README's example: `mt run examples/tiny/run.toml` learns to count on CPU."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    command = [sys.executable, "-m", "mt", "run", "examples/tiny/run.toml",
+               f"--output_dir={tmp_path}"]  # fmt: skip
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = [line["loss"] for line in metrics(tmp_path)]
+    assert len(losses) == 126  # 2 epochs of 2,000 samples at 32 per step
+    # From ln(256) = 5.5 at random init to a quarter of a nat: the stated margin is the mean of
+    # the last 10 steps below 15% of step 1's loss.
+    assert losses[0] > 5.0
+    assert np.mean(losses[-10:]) < 0.15 * losses[0]
+    (export,) = (tmp_path / "hf_format").iterdir()
+    assert export.name == "samples_4000"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    counting = torch.tensor([[9, 40, 77, 2, 100, 101, 102, 103, 104]])
+    with torch.no_grad():
+        predicted = model(counting).logits[0, 4:].argmax(-1)  # after 100, 101, ... 104
+    assert predicted.tolist() == [101, 102, 103, 104, 105]  # it learnt the successor rule
+
+
+def in_process(tmp_path: Path, name: str, **keys):
+    from mt_core import args_from_dict, train
+
+    args = args_from_dict({**keys, "output_dir": str(tmp_path / name)})
+    return train(args), metrics(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("mode", "limits", "steps", "exports"),
+    [
+        # 10 samples at 4 per step: epochs of 3 steps (the last one short), two of them
+        ("epoch", {"max_epochs": 2, "checkpoint_at_epoch": True}, 6, ["samples_10", "samples_20"]),
+        # exports once at least 8 samples have passed since the last one, and at the end
+        ("step", {"max_steps": 5, "min_samples_per_checkpoint": 8}, 5,
+         ["samples_8", "samples_16", "samples_20"]),
+        # 16 tokens per sample, 64 per step: stops at the first step that reaches 200 tokens
+        ("token", {"max_tokens": 200}, 4, ["samples_16"]),
+    ],
+)  # fmt: skip
+def test_training_modes_stop_and_export_on_schedule(setup, mode, limits, steps, exports):
+    tmp_path, common = setup
+    make_data(tmp_path / "data.jsonl", [16] * 10)
+    keys = {**common, "training_mode": mode, "max_steps": None, **limits}
+    keys.update(data_path=str(tmp_path / "data.jsonl"), batch_size=4, max_tokens_per_gpu=64)
+    result, lines = in_process(tmp_path, mode, **keys)
+    assert [line["step"] for line in lines] == list(range(1, steps + 1))
+    assert result.steps == steps
+    if mode == "epoch":
+        assert [line["samples_seen"] for line in lines] == [4, 8, 10, 14, 18, 20]
+        assert lines[-1]["epoch"] == 2.0
+    if mode == "token":
+        assert lines[-2]["tokens_seen"] < 200 <= lines[-1]["tokens_seen"]
+    assert sorted(p.name for p in (tmp_path / mode / "hf_format").iterdir()) == sorted(exports)

@@ -17,6 +17,9 @@ plan packs a new random batch. Columns:
   rank's tokens, over the ideal total / num_ranks.
 * minibatches: mean count, and mean (max) excess over the volume bound
   ceil(total / (num_ranks * max_tokens_per_rank)).
+* plain LPT: max/mean and sum max / ideal of plain LPT's placement of the same batches at the same
+  count (``lpt_slot_assignment(..., balance_minibatches=False)``), what the plan improves on; and
+  the share of plans that kept the balance-aware placement.
 
 Targets (issue #3): < 1 ms per 4,096/64 plan; max/mean <= 1.02 averaged over plans.
 Not a timed test: run it by hand and record the figures in tools/bench/RESULTS.md.
@@ -77,6 +80,13 @@ def first_call(n: int, m: int, limit: int, cache_dir: str) -> dict[str, float]:
     return json.loads(line[len("RESULT ") :])
 
 
+def balance_of(slot: np.ndarray, lengths: np.ndarray, k: int, m: int) -> tuple[float, float, float]:
+    """(mean max/mean over minibatches, worst minibatch's max/mean, sum max / ideal)."""
+    loads = np.bincount(slot, weights=lengths, minlength=k * m).reshape(k, m)
+    ratio = loads.max(axis=1) / loads.mean(axis=1)
+    return ratio.mean(), ratio.max(), loads.max(axis=1).sum() / (lengths.sum() / m)
+
+
 def bench_case(n: int, m: int, limit: int, plans: int, sigma: float, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
         cold = first_call(n, m, limit, cache)
@@ -84,6 +94,7 @@ def bench_case(n: int, m: int, limit: int, plans: int, sigma: float, seed: int) 
     rng = np.random.default_rng(seed)
     pack_minibatches(draw_lengths(rng, n, sigma), limit, m)  # JIT (or cache load) out of the way
     times, balance, worst, cost, counts, excess = [], [], [], [], [], []
+    plain_balance, plain_cost, kept = [], [], []
     for _ in range(plans):
         lengths = draw_lengths(rng, n, sigma)
         start = time.perf_counter()
@@ -91,11 +102,16 @@ def bench_case(n: int, m: int, limit: int, plans: int, sigma: float, seed: int) 
         times.append(time.perf_counter() - start)
         k, slot = lpt_slot_assignment(lengths, limit, m)  # the same plan, as slots
         assert k == len(plan[0])
-        loads = np.bincount(slot, weights=lengths, minlength=k * m).reshape(k, m)
-        ratio = loads.max(axis=1) / loads.mean(axis=1)
-        balance.append(ratio.mean())
-        worst.append(ratio.max())
-        cost.append(loads.max(axis=1).sum() / (lengths.sum() / m))
+        mean_ratio, worst_ratio, step_cost = balance_of(slot, lengths, k, m)
+        balance.append(mean_ratio)
+        worst.append(worst_ratio)
+        cost.append(step_cost)
+        k_plain, plain = lpt_slot_assignment(lengths, limit, m, balance_minibatches=False)
+        assert k_plain == k
+        mean_ratio, _, step_cost = balance_of(plain, lengths, k, m)
+        plain_balance.append(mean_ratio)
+        plain_cost.append(step_cost)
+        kept.append(not np.array_equal(slot, plain))
         counts.append(k)
         excess.append(k - -(-int(lengths.sum()) // (m * limit)))
     times_ms = 1e3 * np.asarray(times)
@@ -111,6 +127,9 @@ def bench_case(n: int, m: int, limit: int, plans: int, sigma: float, seed: int) 
         "minibatches": float(np.mean(counts)),
         "excess": float(np.mean(excess)),
         "excess_max": int(np.max(excess)),
+        "plain_balance": float(np.mean(plain_balance)),
+        "plain_cost": float(np.mean(plain_cost)),
+        "kept": float(np.mean(kept)),
     }
 
 
@@ -139,6 +158,7 @@ def main() -> None:
         "max/mean avg (worst mb)",
         "sum max / ideal",
         "minibatches (excess: mean, max)",
+        "plain LPT: max/mean, sum max (plans balance-aware)",
     )
     rows = []
     for n, m, limit in CASES:
@@ -152,6 +172,7 @@ def main() -> None:
                 f"{r['balance']:.4f} ({r['worst']:.3f})",
                 f"{r['cost']:.4f}",
                 f"{r['minibatches']:.2f} (+{r['excess']:.3f}, +{r['excess_max']})",
+                f"{r['plain_balance']:.4f}, {r['plain_cost']:.4f} ({100 * r['kept']:.0f}%)",
             )
         )
     print(
@@ -164,7 +185,8 @@ def main() -> None:
     )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
-        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print(" | ".join(cells).rstrip())
 
 
 if __name__ == "__main__":

@@ -1,3 +1,6 @@
+import json
+import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +22,8 @@ max_tokens_per_gpu = 256
 learning_rate = 1e-5
 """
 
-MT_SCRIPT = Path(sys.executable).parent / "mt"
+BIN = Path(sys.executable).parent  # the workspace venv: python, mt and torchrun
+MT_SCRIPT = BIN / "mt"
 
 
 def mt(*args: str, script: bool = False) -> subprocess.CompletedProcess:
@@ -156,3 +160,118 @@ def test_no_arguments_print_the_help(capsys):
     cli.main([])
     out = capsys.readouterr().out
     assert out.startswith(cli.USAGE) and "commands:\n  run" in out
+
+
+# --- end to end: real training runs of a tiny model, in fresh processes -------------------------
+
+METRIC_KEYS = {
+    "step",
+    "epoch",
+    "samples_seen",
+    "tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "num_minibatches",
+    "step_time_s",
+    "tokens_per_s",
+    "tokens_per_s_per_gpu",
+    "mfu",
+    "peak_mem_gib",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A folder with a random-init Llama of a few thousand parameters (model/), 12 SFT samples
+    (data.jsonl) and a run file for them (run.toml: 5 steps, overridden to 2 by the tests)."""
+    import torch  # only the end-to-end tests need the model stack in the test process
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny")
+    vocab = 64
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder / "model")
+    rng = random.Random(0)
+    rows = []
+    for length in range(5, 17):
+        ids = [rng.randrange(vocab) for _ in range(length)]
+        rows.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "run.toml").write_text(
+        f"""\
+model_name_or_path = {json.dumps(str(folder / "model"))}
+data_path = {json.dumps(str(folder / "data.jsonl"))}
+output_dir = {json.dumps(str(folder / "out"))}
+batch_size = 4
+max_tokens_per_gpu = 64
+learning_rate = 1e-3
+training_mode = "step"
+max_steps = 5
+attn_backend = "sdpa"
+save_final_checkpoint = false
+"""
+    )
+    return folder
+
+
+def train_run(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """``mt run ...`` as a user types it: ``python -m mt`` alone, or torchrun's ``--no-python mt``
+    (both found on PATH beside this interpreter)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        command = [sys.executable, "-m", "mt", "run", *args]
+    else:
+        command = ["torchrun", f"--nproc-per-node={nproc}", "--no-python", "mt", "run", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def metric_lines(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_writes_its_metrics_and_its_resolved_run_file(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = train_run(str(tiny / "run.toml"), "--max_steps=2", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = metric_lines(out)
+    assert [line["step"] for line in lines] == [1, 2]
+    assert [line["samples_seen"] for line in lines] == [4, 8]  # batch_size 4 per step
+    for line in lines:
+        assert set(line) >= METRIC_KEYS, METRIC_KEYS - set(line)
+        assert line["mfu"] is None  # no MFU on CPU
+    resolved = config.load_run_file(out / "run.toml")
+    assert resolved == config.load_run_file(
+        tiny / "run.toml", {"max_steps": 2, "output_dir": str(out)}
+    )
+    assert resolved.max_steps == 2
+
+
+def test_torchrun_with_two_processes_logs_each_step_once(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = train_run(str(tiny / "run.toml"), "--max_steps=2", f"--output_dir={out}", nproc=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [line["step"] for line in metric_lines(out)] == [1, 2]  # rank 0 writes, alone
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(progress) == 2, result.stdout
+
+
+def test_a_bad_data_line_exits_2_naming_its_path_and_line(tiny, tmp_path):
+    lines = (tiny / "data.jsonl").read_text().splitlines()
+    lines[4] = '{"input_ids": [1, 2, 3], "labels": [1, 2]}'
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = train_run(str(tiny / "run.toml"), f"--data_path={data}", f"--output_dir={out}")
+    assert result.returncode == 2
+    assert f"mt: error: {data}:5: 'labels' has 2 entries but 'input_ids' has 3\n" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "metrics.jsonl").exists()

@@ -5,6 +5,8 @@ import attrs
 import pytest
 
 from mt_core.config import (
+    ATTN_BACKENDS,
+    DTYPES,
     ConfigError,
     PretrainingConfig,
     TrainingArgs,
@@ -78,6 +80,15 @@ def test_defaults_are_mini_trainers_and_mts_own():
     assert args.cpu_offload is False
     assert args.attn_backend == "auto"
     assert args.too_long_samples == "drop"
+
+
+def test_choice_lists_match_the_modules_that_use_them():
+    # spelled out in the config so reading a run file imports no torch; these keep them in step
+    from mt_core.attention import ATTN_BACKENDS as backends
+    from mt_core.model import TORCH_DTYPES
+
+    assert backends == ATTN_BACKENDS
+    assert set(DTYPES) == set(TORCH_DTYPES)
 
 
 def test_every_field_has_help():

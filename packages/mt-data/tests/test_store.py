@@ -206,6 +206,17 @@ def test_every_problem_is_reported_with_its_line(tmp_path):
     assert problems[-1].startswith(f"{path}:18: invalid JSON: ")
 
 
+def test_a_null_len_is_reported_not_taken_as_absent(tmp_path):
+    # regression: the fast path read "len": null as a line without "len" and accepted it
+    lines = [
+        sample_line([1, 2], [1, 2]),
+        sample_line([3, 4], [3, 4], with_len=False, len=None),
+        sample_line([5, 6], [5, 6]),
+    ]
+    path = write_lines(tmp_path / "bad.jsonl", lines)
+    assert build_errors(path) == [f"{path}:2: 'len' must be an integer, got null"]
+
+
 def test_error_message_header_and_count(tmp_path):
     lines = ['{"input_ids": [-1], "labels": [1]}'] * 3
     path = write_lines(tmp_path / "bad.jsonl", lines)

@@ -2,7 +2,8 @@
 
 Each property is checked against what a broken packer would get wrong: a lost or duplicated
 sample, an over-full slot, ranks with different minibatch counts, one minibatch too many, a
-different tie-break than the stated LPT rule, or a poorly balanced minibatch.
+different tie-break than the stated LPT rules, a placement costlier than plain LPT's, or a
+poorly balanced minibatch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mt_packing import lpt_slot_assignment, pack_minibatches
+from mt_packing import lpt, lpt_slot_assignment, pack_minibatches
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -84,6 +85,50 @@ def reference_lpt(lengths, num_slots: int, capacity: int) -> list[int] | None:
     return slot
 
 
+def reference_balanced(lengths, num_minibatches: int, num_ranks: int, capacity: int):
+    """Plain-Python balance-aware LPT at a fixed count: longest first (ties by index), into the
+    least-loaded slot among those where the sample does not raise its minibatch's most loaded
+    rank, else into the least-loaded slot of all (ties: lowest slot, i.e. lowest minibatch then
+    lowest rank). Returns each sample's slot, or None as soon as a sample does not fit."""
+    lengths = [int(x) for x in lengths]
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    loads = [0] * (num_minibatches * num_ranks)
+    slot = [-1] * len(lengths)
+    for i in order:
+        x = lengths[i]
+        tops = [max(loads[mb * num_ranks : (mb + 1) * num_ranks]) for mb in range(num_minibatches)]
+        fitting = [s for s in range(len(loads)) if loads[s] + x <= tops[s // num_ranks]]
+        candidates = fitting or range(len(loads))
+        best = min(candidates, key=lambda s: (loads[s], s))
+        if loads[best] + x > capacity:
+            return None
+        loads[best] += x
+        slot[i] = best
+    return slot
+
+
+def step_cost(slot, lengths, num_minibatches: int, num_ranks: int) -> int:
+    """Sum over minibatches of the most loaded rank's tokens (what a step waits for)."""
+    loads = np.zeros(num_minibatches * num_ranks, dtype=np.int64)
+    np.add.at(loads, np.asarray(slot, dtype=np.int64), np.asarray(lengths, dtype=np.int64))
+    return int(loads.reshape(num_minibatches, num_ranks).max(axis=1).sum())
+
+
+def reference_plan(lengths, limit: int, num_ranks: int) -> tuple[int, list[int]]:
+    """The stated rule end to end: the smallest count (from the volume bound) at which plain LPT
+    fits, then at that count the balance-aware placement if it fits and costs strictly less,
+    else plain LPT's placement."""
+    num_minibatches = max(1, volume_bound(np.asarray(lengths, dtype=np.int64), limit, num_ranks))
+    while (plain := reference_lpt(lengths, num_minibatches * num_ranks, limit)) is None:
+        num_minibatches += 1
+    balanced = reference_balanced(lengths, num_minibatches, num_ranks, limit)
+    if balanced is not None and step_cost(balanced, lengths, num_minibatches, num_ranks) < (
+        step_cost(plain, lengths, num_minibatches, num_ranks)
+    ):
+        return num_minibatches, balanced
+    return num_minibatches, plain
+
+
 def volume_bound(lengths: np.ndarray, limit: int, num_ranks: int) -> int:
     return -(-int(lengths.sum()) // (num_ranks * limit))
 
@@ -150,7 +195,7 @@ def test_deterministic_and_input_untouched(batch):
             np.testing.assert_array_equal(x, y)
 
 
-# --- minimality and the exact LPT rule ------------------------------------------------------
+# --- minimality and the exact LPT rules -----------------------------------------------------
 
 
 @settings(FAST, max_examples=100)
@@ -165,20 +210,61 @@ def test_fewest_minibatches_for_which_lpt_fits(batch):
     if lengths.size == 0:
         assert num_minibatches == 0
         return
-    # The plan is exactly the stated LPT rule at this count ...
-    reference = reference_lpt(lengths, num_minibatches * num_ranks, limit)
-    assert reference is not None
+    # The count is plain LPT's: plain LPT fits at it ...
+    plain = reference_lpt(lengths, num_minibatches * num_ranks, limit)
+    assert plain is not None
+    # ... and at no smaller count (every count between the volume bound and it fails; below the
+    # bound nothing fits at all).
+    for fewer in range(max(1, bound), num_minibatches):
+        assert reference_lpt(lengths, fewer * num_ranks, limit) is None, fewer
+    # Both modes of the raw plan agree on the count; the plain mode is exactly plain LPT.
+    num, _ = lpt_slot_assignment(lengths, limit, num_ranks)
+    assert num == num_minibatches
+    num, slot = lpt_slot_assignment(lengths, limit, num_ranks, balance_minibatches=False)
+    assert num == num_minibatches
+    np.testing.assert_array_equal(slot, plain)
+
+
+@settings(FAST, max_examples=100)
+@given(batches())
+def test_placement_is_the_cheaper_of_plain_and_balance_aware_lpt(batch):
+    lengths, limit, num_ranks = batch
+    lengths = np.asarray(lengths, dtype=np.int64)
+    assume(lengths.size > 0)
+    num_minibatches, reference = reference_plan(lengths, limit, num_ranks)
+    plan = pack_minibatches(lengths, limit, num_ranks)
+    assert len(plan[0]) == num_minibatches
     np.testing.assert_array_equal(slots_of(plan, lengths.size), reference)
     num, slot = lpt_slot_assignment(lengths, limit, num_ranks)
     assert num == num_minibatches
     np.testing.assert_array_equal(slot, reference)
-    # ... and LPT fits at no smaller count (every count between the volume bound and it fails;
-    # below the bound nothing fits at all).
-    for fewer in range(max(1, bound), num_minibatches):
-        assert reference_lpt(lengths, fewer * num_ranks, limit) is None, fewer
+
+
+@FAST
+@given(batches())
+def test_step_cost_never_above_plain_lpt(batch):
+    # Checked against plain LPT alone (not the reference plan): whatever the placement rule, the
+    # sum over minibatches of the most loaded rank never exceeds plain LPT's at the same count.
+    lengths, limit, num_ranks = batch
+    lengths = np.asarray(lengths, dtype=np.int64)
+    assume(lengths.size > 0)
+    num_minibatches, slot = lpt_slot_assignment(lengths, limit, num_ranks)
+    plain = reference_lpt(lengths, num_minibatches * num_ranks, limit)
+    assert plain is not None
+    cost = step_cost(slot, lengths, num_minibatches, num_ranks)
+    plain_cost = step_cost(plain, lengths, num_minibatches, num_ranks)
+    assert cost <= plain_cost
+    if cost == plain_cost:  # ties go to plain LPT
+        np.testing.assert_array_equal(slot, plain)
 
 
 # --- balance --------------------------------------------------------------------------------
+
+
+def assert_list_scheduling_bound(loads: np.ndarray, longest: int, m: int) -> None:
+    for mb_loads in loads:
+        # max <= mean + (1 - 1/m) * longest, multiplied by m to stay in integers.
+        assert m * int(mb_loads.max()) <= int(mb_loads.sum()) + (m - 1) * longest, mb_loads
 
 
 @FAST
@@ -187,12 +273,23 @@ def test_list_scheduling_bound_in_every_minibatch(batch):
     lengths, limit, num_ranks = batch
     lengths = np.asarray(lengths, dtype=np.int64)
     assume(lengths.size > 0)
-    loads = rank_loads(pack_minibatches(lengths, limit, num_ranks), lengths)
     longest = int(lengths.max())
-    m = num_ranks
-    for mb_loads in loads:
-        # max <= mean + (1 - 1/m) * longest, multiplied by m to stay in integers.
-        assert m * int(mb_loads.max()) <= int(mb_loads.sum()) + (m - 1) * longest, mb_loads
+    loads = rank_loads(pack_minibatches(lengths, limit, num_ranks), lengths)
+    assert_list_scheduling_bound(loads, longest, num_ranks)
+    # Both placements obey it on their own, whichever the plan keeps: plain LPT ...
+    num_minibatches, plain = lpt_slot_assignment(
+        lengths, limit, num_ranks, balance_minibatches=False
+    )
+    loads = np.bincount(plain, weights=lengths, minlength=num_minibatches * num_ranks)
+    assert_list_scheduling_bound(loads.reshape(num_minibatches, num_ranks), longest, num_ranks)
+    # ... and the balance-aware placement, where it fits (the packer's own numba placement).
+    order = np.argsort(-lengths, kind="stable")
+    balanced = np.empty(lengths.size, dtype=np.int64)
+    if lpt._balanced_place(lengths[order], num_minibatches, num_ranks, limit, balanced):
+        loads = np.bincount(balanced, weights=lengths[order], minlength=num_minibatches * num_ranks)
+        loads = loads.reshape(num_minibatches, num_ranks)
+        assert_list_scheduling_bound(loads, longest, num_ranks)
+        assert int(loads.max()) <= limit
 
 
 def optimal_makespan(lengths: list[int], num_ranks: int) -> int:
@@ -258,6 +355,34 @@ def test_known_plans():
     assert as_lists(pack_minibatches([6, 6, 6], 10, 1)) == [[[0], [1], [2]]]
     # Equal lengths: ties go to the lower index and then the lower slot.
     assert as_lists(pack_minibatches([4, 4, 4, 4, 4], 8, 2)) == [[[0, 4], [2]], [[1], [3]]]
+
+
+def test_known_balance_aware_plans():
+    # 9 tokens, 2 ranks x 4: 2 minibatches. Plain LPT: 4 -> s0, 2 -> s1, 2 -> s2, 1 -> s3, a step
+    # cost of 4 + 2 = 6. Balance-aware: the second 2 joins the first in minibatch 0 (2 + 2 does
+    # not raise its top of 4), 1 -> s2: cost 4 + 1 = 5, so the plan takes it.
+    lengths = [2, 2, 4, 1]
+    assert as_lists(pack_minibatches(lengths, 4, 2)) == [[[2], [3]], [[0, 1], []]]
+    _, plain = lpt_slot_assignment(lengths, 4, 2, balance_minibatches=False)
+    assert plain.tolist() == [1, 2, 0, 3]
+    # Balance-aware costs more here (9 + 8 = 17 against plain LPT's 9 + 7 = 16): plain LPT's
+    # placement is kept.
+    lengths = [3, 4, 2, 5, 9, 2, 4, 3]
+    assert as_lists(pack_minibatches(lengths, 9, 2)) == [[[4], [0, 1]], [[2, 3, 5], [6, 7]]]
+    assert lpt_slot_assignment(lengths, 9, 2)[1].tolist() == (
+        lpt_slot_assignment(lengths, 9, 2, balance_minibatches=False)[1].tolist()
+    )
+    # 64 tokens in 4 slots of 16: plain LPT fills them exactly, the balance-aware placement does
+    # not fit in 2 minibatches (its last sample, 2, meets loads 16, 16, 15, 15). The count stays
+    # plain LPT's 2 and so does the placement.
+    lengths = [4, 6, 8, 16, 5, 4, 3, 2, 6, 10]
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    unused = np.empty(len(lengths), dtype=np.int64)
+    assert not lpt._balanced_place(np.asarray(lengths)[order], 2, 2, 16, unused)
+    assert as_lists(pack_minibatches(lengths, 16, 2)) == [
+        [[3], [2, 4, 6]],
+        [[0, 7, 9], [1, 5, 8]],
+    ]
 
 
 # --- errors ---------------------------------------------------------------------------------

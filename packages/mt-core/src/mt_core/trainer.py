@@ -140,11 +140,11 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
 
     step = samples_seen = tokens_seen = 0
     exported_at = -1
+    epochs_done = sampler.epoch
     exports: list[Path] = []
     last_loss = math.nan
     try:
         for ids in _batches(sampler):
-            epoch_before = sampler.epoch
             started = time.perf_counter()
             batch = loader.step_batch(ids)
 
@@ -189,7 +189,9 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
                 metrics.write(record)
             progress.update(record)
 
-            epoch_ended = sampler.epoch > epoch_before
+            # the sampler moves to the next epoch as it hands out an epoch's last sample
+            epoch_ended = sampler.epoch > epochs_done
+            epochs_done = sampler.epoch
             done = _finished(args, step, sampler.epoch, tokens_seen)
             if _export_due(args, samples_seen, exported_at, epoch_ended, done):
                 exports.append(_export(model, args, output_dir, samples_seen))

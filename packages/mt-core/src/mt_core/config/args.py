@@ -1,0 +1,352 @@
+"""The run configuration's attrs classes: every key with its type, checks, default and help.
+
+Field order is the order of ``mt run --help`` and of the resolved run file; each field's group
+(metadata) is its section there. Checks of one key live on the field (:func:`field`); checks
+across keys run after construction and name the key to point at.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from mt_core.config.fields import (
+    KeyedConfigError,
+    at_least,
+    below_one,
+    field,
+    finite,
+    fixed,
+    greater_than,
+    not_empty,
+    shown,
+    string_keys,
+)
+from mt_core.config.schedulers import scheduler_names, scheduler_problems, usable_scheduler
+
+# The names of mt_core.model.TORCH_DTYPES and mt_core.attention.ATTN_BACKENDS, spelled out here
+# because those modules import torch and reading a run file should not; a test keeps them equal.
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+TRAINING_MODES = ("epoch", "step", "token", "infinite")
+
+# the [pretraining] table's section title in --help (its group)
+PRETRAINING_GROUP = (
+    "[pretraining] table: present = continued pretraining on documents cut into blocks"
+)
+
+
+@attrs.define(kw_only=True)
+class PretrainingConfig:
+    """Continued pretraining: the corpus is read as one token stream cut into blocks."""
+
+    block_size: int = field(
+        "Tokens per block (input positions per training item). Must fit in max_tokens_per_gpu.",
+        PRETRAINING_GROUP,
+        "integer",
+        greater_than(1),
+    )
+    segment_documents: bool = field(
+        "Attention stays inside each document of a block (position ids restart at every "
+        "document). false = classic contiguous blocks that attend across document boundaries.",
+        PRETRAINING_GROUP,
+        "boolean",
+        default=True,
+    )
+
+
+_MODEL = "Model and data"
+_BATCH = "Batch"
+_OPTIMIZER = "Optimizer"
+_SCHEDULE = "Learning-rate schedule"
+_LENGTH = "Length of training"
+_CHECKPOINTS = "Checkpoints"
+_SPEED = "Precision, memory and speed"
+_LOGGING = "Logging (Weights & Biases)"
+
+
+@attrs.define(kw_only=True)
+class TrainingArgs:
+    """Everything one training run needs; a run file's keys, one to one."""
+
+    model_name_or_path: str = field(
+        "The model to train: a local Hugging Face model folder, or a hub name where the network "
+        "allows.",
+        _MODEL,
+        "string",
+        not_empty,
+    )
+    data_path: str = field(
+        "Training data: a JSONL file of pre-tokenized samples (input_ids, labels), or of "
+        "documents (input_ids) with [pretraining].",
+        _MODEL,
+        "string",
+        not_empty,
+    )
+    output_dir: str = field(
+        "Directory for the resolved run file, metrics.jsonl, checkpoints and HF exports.",
+        _MODEL,
+        "string",
+        not_empty,
+    )
+    trust_remote_code: bool = field(
+        "Run custom modeling code shipped with the model (Hugging Face trust_remote_code). "
+        "Only for models you trust.",
+        _MODEL,
+        "boolean",
+        default=False,
+    )
+    too_long_samples: str = field(
+        "Samples longer than max_tokens_per_gpu fit in no minibatch: 'drop' them with a "
+        "warning that gives their count, or refuse the data with an 'error' naming each one.",
+        _MODEL,
+        "string",
+        default="drop",
+        choices=fixed("drop", "error"),
+    )
+
+    batch_size: int = field(
+        "Samples per optimizer step, over all GPUs together (the global batch).",
+        _BATCH,
+        "integer",
+        greater_than(0),
+    )
+    max_tokens_per_gpu: int = field(
+        "Most tokens one GPU computes at once. Each step's batch is split into as many "
+        "minibatches per GPU as needed (gradients are accumulated), balanced across GPUs.",
+        _BATCH,
+        "integer",
+        greater_than(0),
+    )
+
+    learning_rate: float = field(
+        "Peak learning rate of AdamW.", _OPTIMIZER, "float", finite, greater_than(0)
+    )
+    beta1: float = field(
+        "AdamW beta1 (decay of the gradient's running mean).",
+        _OPTIMIZER,
+        "float",
+        at_least(0),
+        below_one,
+        default=0.9,
+    )
+    beta2: float = field(
+        "AdamW beta2 (decay of the squared gradient's running mean).",
+        _OPTIMIZER,
+        "float",
+        at_least(0),
+        below_one,
+        default=0.95,
+    )
+    eps: float = field(
+        "AdamW epsilon (added to the denominator for numerical stability).",
+        _OPTIMIZER,
+        "float",
+        finite,
+        greater_than(0),
+        default=1e-8,
+    )
+    weight_decay: float = field(
+        "AdamW decoupled weight decay.", _OPTIMIZER, "float", finite, at_least(0), default=0.0
+    )
+    max_grad_norm: float = field(
+        "Clip the global gradient norm (over all GPUs) to this value; 0 disables clipping.",
+        _OPTIMIZER,
+        "float",
+        finite,
+        at_least(0),
+        default=1.0,
+    )
+
+    lr_scheduler: str = field(
+        "A schedule of transformers.get_scheduler. With training_mode = 'infinite' only those "
+        "that need no total step count: constant, constant_with_warmup, inverse_sqrt, or "
+        "warmup_stable_decay with lr_scheduler_kwargs.num_stable_steps.",
+        _SCHEDULE,
+        "string",
+        usable_scheduler,
+        default="cosine",
+        choices=scheduler_names,
+    )
+    lr_scheduler_kwargs: dict = field(
+        "Extra arguments of the schedule, e.g. num_cycles = 1 for cosine_with_restarts or "
+        "min_lr_rate = 0.1 for cosine_with_min_lr, as an inline table: { min_lr_rate = 0.1 }.",
+        _SCHEDULE,
+        "table",
+        string_keys,
+        default=attrs.Factory(dict),
+    )
+    num_warmup_steps: int = field(
+        "Optimizer steps of learning-rate warmup.", _SCHEDULE, "integer", at_least(0), default=0
+    )
+
+    training_mode: str = field(
+        "When training stops: 'epoch' after max_epochs passes over the data, 'step' after "
+        "max_steps optimizer steps, 'token' after max_tokens loss-counted tokens, 'infinite' "
+        "never (stop it yourself; checkpoints are written on SIGTERM).",
+        _LENGTH,
+        "string",
+        default="epoch",
+        choices=fixed(*TRAINING_MODES),
+    )
+    max_epochs: int = field(
+        "Passes over the data (training_mode = 'epoch').",
+        _LENGTH,
+        "integer",
+        greater_than(0),
+        default=1,
+    )
+    max_steps: int = field(
+        "Optimizer steps (training_mode = 'step'); 0 = not set.",
+        _LENGTH,
+        "integer",
+        at_least(0),
+        default=0,
+    )
+    max_tokens: int = field(
+        "Loss-counted tokens (training_mode = 'token'); 0 = not set.",
+        _LENGTH,
+        "integer",
+        at_least(0),
+        default=0,
+    )
+    seed: int = field(
+        "Seed of the data order and of every random number generator.",
+        _LENGTH,
+        "integer",
+        at_least(0),
+        default=42,
+    )
+
+    min_samples_per_checkpoint: int | None = field(
+        "Export the model to output_dir/hf_format/samples_<N>/ each time at least this many "
+        "more samples have been trained on. Not set = no periodic exports.",
+        _CHECKPOINTS,
+        "integer",
+        greater_than(0),
+        default=None,
+        optional=True,
+    )
+    checkpoint_at_epoch: bool = field(
+        "Export the model at the end of every epoch.", _CHECKPOINTS, "boolean", default=False
+    )
+    save_final_checkpoint: bool = field(
+        "Export the model when training ends.", _CHECKPOINTS, "boolean", default=True
+    )
+    save_dtype: str | None = field(
+        "Dtype of exported weights. Not set = the model's own dtype (torch_dtype of its config).",
+        _CHECKPOINTS,
+        "string",
+        default=None,
+        optional=True,
+        choices=fixed(*DTYPES),
+    )
+
+    train_dtype: str = field(
+        "Dtype of the trained (master) weights, their gradients and the optimizer state. "
+        "On a GPU the forward and backward passes compute in bfloat16 (FSDP mixed precision).",
+        _SPEED,
+        "string",
+        default="float32",
+        choices=fixed(*DTYPES),
+    )
+    use_liger_kernels: bool | None = field(
+        "Liger kernels: fused linear cross-entropy (logits are never materialised), RMSNorm, "
+        "RoPE, SwiGLU where the architecture has them. Not set = on when CUDA and liger-kernel "
+        "are available.",
+        _SPEED,
+        "boolean",
+        default=None,
+        optional=True,
+    )
+    attn_backend: str = field(
+        "Padding-free attention. 'auto' = flash_attn when installed, else torch_varlen "
+        "(PyTorch's varlen attention) on CUDA, else sdpa applied per document.",
+        _SPEED,
+        "string",
+        default="auto",
+        choices=fixed(*ATTN_BACKENDS),
+    )
+    activation_checkpointing: bool = field(
+        "Recompute each decoder block's activations during backward: much less memory, about "
+        "a third more compute.",
+        _SPEED,
+        "boolean",
+        default=False,
+    )
+    cpu_offload: bool = field(
+        "Keep the sharded weights, gradients and optimizer state in CPU memory (FSDP2 CPU "
+        "offload): fits larger models, runs slower.",
+        _SPEED,
+        "boolean",
+        default=False,
+    )
+
+    wandb_project: str | None = field(
+        "Weights & Biases project. Set = log every step to wandb too (needs the wandb extra).",
+        _LOGGING,
+        "string",
+        not_empty,
+        default=None,
+        optional=True,
+    )
+    wandb_run_name: str | None = field(
+        "Weights & Biases run name.", _LOGGING, "string", default=None, optional=True
+    )
+    wandb_entity: str | None = field(
+        "Weights & Biases entity (user or team).", _LOGGING, "string", default=None, optional=True
+    )
+
+    pretraining: PretrainingConfig | None = attrs.field(
+        default=None,
+        validator=lambda instance, attribute, value: _check_pretraining(value),
+        metadata={
+            "help": "Continued pretraining; see [pretraining] below.",
+            "group": PRETRAINING_GROUP,
+        },
+    )
+
+    def __attrs_post_init__(self) -> None:
+        problems = _cross_field_problems(self)
+        if problems:
+            raise KeyedConfigError(problems)
+
+
+def _check_pretraining(value: Any) -> None:
+    if value is not None and not isinstance(value, PretrainingConfig):
+        problem = f"expected a PretrainingConfig ([pretraining] table), got {shown(value)}"
+        raise KeyedConfigError([("pretraining", problem)])
+
+
+def _cross_field_problems(args: TrainingArgs) -> list[tuple[str, str]]:
+    """Problems of key combinations, each with the key to point at."""
+    problems = []
+    limits = {"step": "max_steps", "token": "max_tokens"}
+    for mode, key in limits.items():
+        if args.training_mode == mode and getattr(args, key) == 0:
+            problems.append(("training_mode", f"{mode!r} needs {key} > 0"))
+        if args.training_mode != mode and getattr(args, key) != 0:
+            problems.append(
+                (key, f"applies only with training_mode = {mode!r} (it is {args.training_mode!r})")
+            )
+    if args.training_mode != "epoch" and args.max_epochs != 1:
+        problems.append(
+            (
+                "max_epochs",
+                f"applies only with training_mode = 'epoch' (it is {args.training_mode!r})",
+            )
+        )
+    problems += scheduler_problems(args)
+    if args.pretraining is not None and args.pretraining.block_size > args.max_tokens_per_gpu:
+        problems.append(
+            (
+                "pretraining.block_size",
+                f"{args.pretraining.block_size} is more than max_tokens_per_gpu = "
+                f"{args.max_tokens_per_gpu}: a block would fit in no minibatch",
+            )
+        )
+    for key in ("wandb_run_name", "wandb_entity"):
+        if getattr(args, key) is not None and args.wandb_project is None:
+            problems.append((key, "has no effect without wandb_project"))
+    return problems
