@@ -219,3 +219,36 @@ def test_training_modes_stop_and_export_on_schedule(setup, mode, limits, steps, 
     if mode == "token":
         assert lines[-2]["tokens_seen"] < 200 <= lines[-1]["tokens_seen"]
     assert sorted(p.name for p in (tmp_path / mode / "hf_format").iterdir()) == sorted(exports)
+
+
+def test_a_missing_model_is_one_clear_error(setup, monkeypatch):
+    from mt_core import ConfigError
+
+    tmp_path, common = setup
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach the network
+    make_data(tmp_path / "data.jsonl", [16] * 4)
+    keys = {**common, "data_path": str(tmp_path / "data.jsonl"), "batch_size": 2}
+    keys["max_tokens_per_gpu"] = 64
+    for name, message in [
+        (str(tmp_path / "nowhere"), "is not a folder"),
+        (str(tmp_path), "has no config.json"),
+        ("some-org/no-such-model", "is no local folder and could not be downloaded"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            in_process(tmp_path, "missing", **{**keys, "model_name_or_path": name})
+
+
+def test_wandb_offline_logs_every_step(setup, monkeypatch):
+    pytest.importorskip("wandb")
+    tmp_path, common = setup
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    make_data(tmp_path / "data.jsonl", [16] * 8)
+    keys = {**common, "data_path": str(tmp_path / "data.jsonl"), "batch_size": 4,
+            "max_tokens_per_gpu": 64, "max_steps": 3, "wandb_project": "mt-test",
+            "wandb_run_name": "offline-check"}  # fmt: skip
+    _, lines = in_process(tmp_path, "wandb", **keys)
+    assert len(lines) == 3
+    (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    history = list(run_dir.glob("*.wandb"))
+    assert history and history[0].stat().st_size > 0

@@ -15,13 +15,53 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from mt_core.attention import resolve_attn_backend, use_padding_free_attention
-from mt_fsdp import DistContext, load_hf_weights, materialize, parameters_on_meta, shard_model
+from mt_core.config import ConfigError
+from mt_fsdp import (
+    TOKENIZER_FILES,
+    DistContext,
+    load_hf_weights,
+    materialize,
+    parameters_on_meta,
+    shard_model,
+)
 
-__all__ = ["TORCH_DTYPES", "build_model", "liger_available", "matmul_parameter_count"]
+__all__ = [
+    "TORCH_DTYPES",
+    "build_model",
+    "liger_available",
+    "locate_model",
+    "matmul_parameter_count",
+]
 
 logger = logging.getLogger("mt_core")
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def locate_model(name: str) -> Path:
+    """The local folder of ``model_name_or_path``: the folder itself, or a hub model's snapshot
+    (config, safetensors, tokenizer and remote-code files only) where the network allows."""
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                [f"model_name_or_path: {name} has no config.json; give a HF model folder"]
+            )
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError([f"model_name_or_path: {name} is not a folder"])
+    from huggingface_hub import snapshot_download
+
+    try:  # every rank may ask at once: the hub client locks each file it fetches
+        folder = snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "*.py", *TOKENIZER_FILES]
+        )
+    except Exception as error:  # offline, unknown name, gated model: one clear line
+        raise ConfigError(
+            [f"model_name_or_path: {name!r} is no local folder and could not be downloaded "
+             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
+        ) from error  # fmt: skip
+    return Path(folder)
 
 
 def liger_available() -> bool:

@@ -29,7 +29,13 @@ from mt_core.metrics import (
     flops_per_token,
     peak_flops_per_gpu,
 )
-from mt_core.model import TORCH_DTYPES, build_model, liger_available, matmul_parameter_count
+from mt_core.model import (
+    TORCH_DTYPES,
+    build_model,
+    liger_available,
+    locate_model,
+    matmul_parameter_count,
+)
 from mt_core.optim import build_optimizer, build_scheduler, clip_gradients
 from mt_data import (
     EpochSampler,
@@ -76,9 +82,8 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
     torch.manual_seed(args.seed)
 
     # 1. Data: validated once into a memory-mapped store, before any GPU work.
-    config = AutoConfig.from_pretrained(
-        args.model_name_or_path, trust_remote_code=args.trust_remote_code
-    )
+    model_folder = locate_model(args.model_name_or_path)
+    config = AutoConfig.from_pretrained(model_folder, trust_remote_code=args.trust_remote_code)
     store = open_token_store(
         args.data_path,
         cache_dir=output_dir / "data_cache",
@@ -100,7 +105,7 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
     if use_liger is None:
         use_liger = ctx.device.type == "cuda" and liger_available()
     model, _ = build_model(
-        args.model_name_or_path,
+        model_folder,
         config,
         ctx,
         master_dtype=TORCH_DTYPES[args.train_dtype],
@@ -194,7 +199,7 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
             epochs_done = sampler.epoch
             done = _finished(args, step, sampler.epoch, tokens_seen)
             if _export_due(args, samples_seen, exported_at, epoch_ended, done):
-                exports.append(_export(model, args, output_dir, samples_seen))
+                exports.append(_export(model, args, model_folder, output_dir, samples_seen))
                 exported_at = samples_seen
             if done:
                 break
@@ -272,7 +277,9 @@ def _export_due(
     return bool(every) and samples_seen - last >= every
 
 
-def _export(model, args: TrainingArgs, output_dir: Path, samples_seen: int) -> Path:
+def _export(
+    model, args: TrainingArgs, model_folder: Path, output_dir: Path, samples_seen: int
+) -> Path:
     """``hf_format/samples_<N>`` as mini_trainer names it, in save_dtype or else the dtype the
     model was published in."""
     target = output_dir / "hf_format" / f"samples_{samples_seen}"
@@ -281,7 +288,7 @@ def _export(model, args: TrainingArgs, output_dir: Path, samples_seen: int) -> P
     else:
         own = getattr(model.config, "dtype", None) or torch.float32
         save_dtype = getattr(torch, own) if isinstance(own, str) else own
-    export_hf(model, target, save_dtype=save_dtype, source_folder=args.model_name_or_path)
+    export_hf(model, target, save_dtype=save_dtype, source_folder=model_folder)
     logger.info("exported %s", target)
     return target
 
