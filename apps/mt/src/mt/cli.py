@@ -3,7 +3,8 @@
 fire dispatches the commands and parses override values. Help is printed from the run-file
 reference of :mod:`mt_core.config` instead of fire's, so it lists every key with its type, default
 and meaning. Mistakes a user can make (run file, overrides, data) end as ``mt: error: ...`` lines
-on stderr and exit status 2, without a traceback; anything else is a bug and keeps its traceback.
+on stderr and exit status 2, without a traceback (a run that started and then stopped for a
+stated reason, such as a NaN loss, exits 1); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, NoReturn
 import fire
 
 from mt_core.config import ConfigError, load_run_file, render_help
+from mt_core.errors import RunError
 from mt_data import DataError
 
 USAGE = """\
@@ -59,12 +61,12 @@ def _help_text(command: str | None) -> str:
     return f"{USAGE}\n{render_help()}"
 
 
-def _fail(message: str, usage: bool = False) -> NoReturn:
+def _fail(message: str, usage: bool = False, status: int = 2) -> NoReturn:
     for line in message.splitlines():
         print(f"mt: error: {line}", file=sys.stderr)
     if usage:
         print(USAGE, end="", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -86,3 +88,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         fire.Fire(COMMANDS, command=argv, name="mt")
     except USER_ERRORS as error:
         _fail(str(error))
+    except RunError as error:  # the run started and stopped for a stated reason
+        _fail(str(error), status=1)

@@ -15,13 +15,16 @@ from mt_core.config import (
     load_run_file,
     write_run_file,
 )
+from mt_core.errors import NonFiniteError, RunError
 
 if TYPE_CHECKING:
     from mt_core.trainer import TrainResult, train
 
 __all__ = [
     "ConfigError",
+    "NonFiniteError",
     "PretrainingConfig",
+    "RunError",
     "TrainResult",
     "TrainingArgs",
     "args_from_dict",

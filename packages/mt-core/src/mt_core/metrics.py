@@ -93,13 +93,13 @@ class MetricsLog:
 class Progress:
     """A tqdm bar on a terminal; one plain line per step otherwise (logs, CI, SLURM files)."""
 
-    def __init__(self, total: int | None, enabled: bool) -> None:
+    def __init__(self, total: int | None, enabled: bool, done: int = 0) -> None:
         self.enabled = enabled
         self.bar = None
         if enabled and sys.stderr.isatty() and not os.environ.get("MT_PLAIN_PROGRESS"):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
 
     def update(self, record: dict[str, Any]) -> None:
         if not self.enabled:

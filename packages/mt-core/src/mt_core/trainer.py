@@ -21,6 +21,9 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from mt_core.config import TrainingArgs, args_to_dict, write_run_file
+from mt_core.data import build_data
+from mt_core.errors import NonFiniteError, RunError
+from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_core.metrics import (
     MetricsLog,
@@ -37,16 +40,25 @@ from mt_core.model import (
     matmul_parameter_count,
 )
 from mt_core.optim import build_optimizer, build_scheduler, clip_gradients
-from mt_data import (
-    EpochSampler,
-    InfiniteSampler,
-    PretrainingBlocks,
-    SampleDataset,
-    StepBatch,
-    StepLoader,
-    open_token_store,
+from mt_core.progress_state import (
+    RunState,
+    export_due,
+    finished,
+    planned_steps,
+    validation_due,
 )
-from mt_fsdp import DistContext, export_hf, init_distributed, shutdown_distributed
+from mt_core.validation import validation_loss
+from mt_data import StepBatch
+from mt_fsdp import (
+    CheckpointError,
+    DistContext,
+    export_hf,
+    init_distributed,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    shutdown_distributed,
+)
 
 __all__ = ["TrainResult", "train"]
 
@@ -70,13 +82,23 @@ def train(args: TrainingArgs) -> TrainResult:
     ctx = init_distributed()
     try:
         return _train(args, ctx)
+    except CheckpointError as error:  # disk full, quota: the message says what is intact
+        raise RunError(str(error)) from error
     finally:
         shutdown_distributed()
 
 
 def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output = OutputDir(args, ctx)  # writable, and ours alone for the run
+    try:
+        return _run(args, ctx, output.path)
+    finally:
+        output.release()
+
+
+def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
+    checkpoints = output_dir / "checkpoints"
+    resume_from = resume_folder(args, checkpoints)
     if ctx.is_main:
         write_run_file(args, output_dir / "run.toml")
     torch.manual_seed(args.seed)
@@ -84,34 +106,20 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
     # 1. Data: validated once into a memory-mapped store, before any GPU work.
     model_folder = locate_model(args.model_name_or_path)
     config = AutoConfig.from_pretrained(model_folder, trust_remote_code=args.trust_remote_code)
-    store = open_token_store(
-        args.data_path,
-        cache_dir=output_dir / "data_cache",
-        require_labels=args.pretraining is None,
-    )
-    store.check_token_range(config.get_text_config().vocab_size)
-    if args.pretraining is not None:
-        source = PretrainingBlocks(
-            store, args.pretraining.block_size, args.pretraining.segment_documents
-        )
-    else:
-        source = SampleDataset(store, args.max_tokens_per_gpu, args.too_long_samples)
-    sampler_type = EpochSampler if args.training_mode == "epoch" else InfiniteSampler
-    sampler = sampler_type(len(source), args.batch_size, seed=args.seed)
-    loader = StepLoader(source, sampler, args.max_tokens_per_gpu, ctx.world_size, ctx.rank)
+    data = build_data(args, ctx, config.get_text_config().vocab_size, output_dir)
+    sampler = data.sampler
 
-    # 2. Model: sharded, fp32 master weights, compute in train_dtype.
+    # 2. Model: sharded, master weights in train_dtype, compute in bf16 on GPU.
     use_liger = args.use_liger_kernels
     if use_liger is None:
         use_liger = ctx.device.type == "cuda" and liger_available()
+    master_dtype = TORCH_DTYPES[args.train_dtype]
     model, _ = build_model(
         model_folder,
         config,
         ctx,
-        master_dtype=TORCH_DTYPES[args.train_dtype],
-        compute_dtype=torch.bfloat16
-        if ctx.device.type == "cuda"
-        else TORCH_DTYPES[args.train_dtype],
+        master_dtype=master_dtype,
+        compute_dtype=torch.bfloat16 if ctx.device.type == "cuda" else master_dtype,
         attn_backend=args.attn_backend,
         use_liger=use_liger,
         activation_checkpointing=args.activation_checkpointing,
@@ -127,7 +135,7 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
         eps=args.eps,
         weight_decay=args.weight_decay,
     )
-    total_steps = _planned_steps(args, source, sampler)
+    total_steps = planned_steps(args, data.train.lengths, sampler.batches_per_epoch())
     scheduler = build_scheduler(
         optimizer,
         args.lr_scheduler,
@@ -136,36 +144,62 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
         kwargs=args.lr_scheduler_kwargs,
     )
 
-    # 4. Reporting (rank 0 only).
+    # 4. Resume: weights, optimizer, schedule, data position, RNG and counters.
+    state = RunState(epochs_done=sampler.epoch)
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, model, optimizer)
+        scheduler.load_state_dict(saved["scheduler"])
+        sampler.load_state_dict(saved["sampler"])
+        state = RunState.from_json(saved["run"])
+        if ctx.is_main:
+            truncate_metrics(output_dir / "metrics.jsonl", state.step)
+            print(f"resumed from {resume_from} (step {state.step})", flush=True)
+
+    # 5. Reporting (rank 0 only).
     text_config = config.get_text_config()
     matmul_params = matmul_parameter_count(model)
     peak = peak_flops_per_gpu(ctx.device)
     metrics = MetricsLog(output_dir / "metrics.jsonl", _wandb_run(args)) if ctx.is_main else None
-    progress = Progress(total_steps, enabled=ctx.is_main)
-
-    step = samples_seen = tokens_seen = 0
-    exported_at = -1
-    epochs_done = sampler.epoch
+    progress = Progress(total_steps, enabled=ctx.is_main, done=state.step)
+    stop = StopRequest()
     exports: list[Path] = []
     last_loss = math.nan
+
+    def checkpoint() -> Path:
+        trainer_state = {
+            "run": state.to_json(),
+            "sampler": sampler.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        return save_checkpoint(
+            checkpoints, state.step, model, optimizer, trainer_state, args.keep_last_checkpoints
+        )
+
     try:
-        for ids in _batches(sampler):
+        done = finished(args, state)
+        while not done:
             started = time.perf_counter()
-            batch = loader.step_batch(ids)
+            # an epoch sampler's new iterator starts with the next epoch once one has ended
+            batch = data.loader.step_batch(next(iter(sampler)))
 
             loss, context_sum = _forward_backward(model, batch, ctx)
             grad_norm = clip_gradients(model, args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            state.step += 1
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                optimizer.step()
+            elif args.skip_nonfinite_steps:
+                state.skipped_steps += 1  # no update; the data of this step is passed over
+            else:
+                raise NonFiniteError(_nonfinite_message(state.step, loss, grad_norm, checkpoints))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             step_time = time.perf_counter() - started
 
-            step += 1
-            samples_seen += batch.num_samples
-            tokens_seen += batch.num_tokens
+            state.samples_seen += batch.num_samples
+            state.tokens_seen += batch.num_tokens
             last_loss = loss
             tokens_per_s = batch.num_tokens / step_time
             flops = flops_per_token(
@@ -174,12 +208,16 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
                 text_config.hidden_size,
                 context_sum / batch.num_tokens,
             )
+            # the sampler moves to the next epoch as it hands out an epoch's last sample
+            epoch_ended = sampler.epoch > state.epochs_done
+            state.epochs_done = sampler.epoch
+            done = finished(args, state)
             record = {
-                "step": step,
+                "step": state.step,
                 "epoch": sampler.epoch + sampler.position / sampler.num_samples,
-                "samples_seen": samples_seen,
+                "samples_seen": state.samples_seen,
                 "tokens": batch.num_tokens,
-                "tokens_seen": tokens_seen,
+                "tokens_seen": state.tokens_seen,
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -189,25 +227,46 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
                 "tokens_per_s_per_gpu": tokens_per_s / ctx.world_size,
                 "mfu": (tokens_per_s / ctx.world_size) * flops / peak if peak else None,
                 "peak_mem_gib": _peak_memory_gib(ctx.device),
+                "skipped_steps": state.skipped_steps,
             }
+            improved = False
+            if validation_due(args, state, done):
+                record["val_loss"] = validation_loss(
+                    model, data.validation, args.batch_size, args.max_tokens_per_gpu, ctx
+                )
+                best = state.best_val_loss
+                improved = (
+                    best is None or record["val_loss"] < best - args.val_loss_improvement_threshold
+                )
+                if improved:
+                    state.best_val_loss = record["val_loss"]
             if metrics is not None:
                 metrics.write(record)
             progress.update(record)
 
-            # the sampler moves to the next epoch as it hands out an epoch's last sample
-            epoch_ended = sampler.epoch > epochs_done
-            epochs_done = sampler.epoch
-            done = _finished(args, step, sampler.epoch, tokens_seen)
-            if _export_due(args, samples_seen, exported_at, epoch_ended, done):
-                exports.append(_export(model, args, model_folder, output_dir, samples_seen))
-                exported_at = samples_seen
-            if done:
+            if export_due(args, state, epoch_ended, done) or (improved and args.save_best_val_loss):
+                exports.append(_export(model, args, model_folder, output_dir, state.samples_seen))
+                state.exported_at = state.samples_seen
+            every = args.checkpoint_every_steps
+            if every and state.step % every == 0 and not done:
+                checkpoint()
+            if not done and stop.agreed(ctx):
+                folder = checkpoint()
+                if ctx.is_main:
+                    print(
+                        f"stopped by signal at step {state.step}; the training state is in "
+                        f'{folder}: run the same command again to resume (resume = "auto")',
+                        flush=True,
+                    )
                 break
     finally:
+        stop.restore()
         progress.close()
         if metrics is not None:
             metrics.close()
-    return TrainResult(output_dir, step, samples_seen, tokens_seen, last_loss, exports)
+    return TrainResult(
+        output_dir, state.step, state.samples_seen, state.tokens_seen, last_loss, exports
+    )
 
 
 def _forward_backward(
@@ -234,47 +293,14 @@ def _forward_backward(
     return float(totals[0]), float(totals[1])
 
 
-def _batches(sampler: EpochSampler | InfiniteSampler):
-    """Global batches without end: an epoch sampler is iterated again for each epoch."""
-    while True:
-        yield from sampler
-
-
-def _planned_steps(args: TrainingArgs, source, sampler) -> int | None:
-    """Optimizer steps the run will take (the schedule's length); None for an infinite run."""
-    if args.training_mode == "step":
-        return args.max_steps
-    if args.training_mode == "epoch":
-        return sampler.batches_per_epoch() * args.max_epochs
-    if args.training_mode == "token":
-        # Batches are drawn at random, so the token count per step varies: plan with the mean.
-        mean_tokens = float(np.mean(source.lengths)) * args.batch_size
-        return max(1, math.ceil(args.max_tokens / mean_tokens))
-    return None
-
-
-def _finished(args: TrainingArgs, step: int, epochs_done: int, tokens_seen: int) -> bool:
-    if args.training_mode == "step":
-        return step >= args.max_steps
-    if args.training_mode == "epoch":
-        return epochs_done >= args.max_epochs
-    if args.training_mode == "token":
-        return tokens_seen >= args.max_tokens
-    return False
-
-
-def _export_due(
-    args: TrainingArgs, samples_seen: int, exported_at: int, epoch_ended: bool, done: bool
-) -> bool:
-    if samples_seen == exported_at:
-        return False
-    if done and args.save_final_checkpoint:
-        return True
-    if epoch_ended and args.checkpoint_at_epoch:
-        return True
-    every = args.min_samples_per_checkpoint
-    last = max(exported_at, 0)
-    return bool(every) and samples_seen - last >= every
+def _nonfinite_message(step: int, loss: float, grad_norm: float, checkpoints: Path) -> str:
+    last = latest_checkpoint(checkpoints)
+    where = f"the last good checkpoint is {last}" if last else "there is no checkpoint yet"
+    return (
+        f"step {step}: the loss is {loss} and the gradient norm {grad_norm}; training stopped "
+        f"and {where}. Lower learning_rate or max_grad_norm, check the data, or set "
+        "skip_nonfinite_steps = true to pass over such steps"
+    )
 
 
 def _export(

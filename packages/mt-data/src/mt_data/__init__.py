@@ -9,6 +9,7 @@ from mt_data.errors import DataError, DataWarning
 from mt_data.loader import StepBatch, StepLoader
 from mt_data.sampler import EpochSampler, InfiniteSampler, epoch_permutation
 from mt_data.sources import IGNORE_INDEX, PretrainingBlocks, SampleDataset, TokenSource
+from mt_data.split import Subset, split_validation
 from mt_data.store import TokenStore, open_token_store
 
 __all__ = [
@@ -22,10 +23,12 @@ __all__ = [
     "SampleDataset",
     "StepBatch",
     "StepLoader",
+    "Subset",
     "TokenSource",
     "TokenStore",
     "collate_minibatch",
     "epoch_permutation",
     "open_token_store",
+    "split_validation",
 ]
 __version__ = "0.1.0"

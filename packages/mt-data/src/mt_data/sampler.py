@@ -52,6 +52,10 @@ class _SeededOrder:
             self.position = 0
         return taken
 
+    def batches_per_epoch(self) -> int:
+        """Batches that start in one epoch (an epoch sampler's last one may be short)."""
+        return -(-self.num_samples // self.batch_size)
+
     def state_dict(self) -> dict[str, int]:
         """A few integers that restore the exact position (JSON- and weights_only-safe)."""
         return {
@@ -107,6 +111,3 @@ class EpochSampler(_SeededOrder):
         epoch = self.epoch
         while self.epoch == epoch:
             yield self._take(self.batch_size)
-
-    def batches_per_epoch(self) -> int:
-        return -(-self.num_samples // self.batch_size)

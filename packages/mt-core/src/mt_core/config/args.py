@@ -62,6 +62,8 @@ _OPTIMIZER = "Optimizer"
 _SCHEDULE = "Learning-rate schedule"
 _LENGTH = "Length of training"
 _CHECKPOINTS = "Checkpoints"
+_RESUME = "Resume and preemption"
+_VALIDATION = "Validation"
 _SPEED = "Precision, memory and speed"
 _LOGGING = "Logging (Weights & Biases)"
 
@@ -183,7 +185,7 @@ class TrainingArgs:
 
     training_mode: str = field(
         "When training stops: 'epoch' after max_epochs passes over the data, 'step' after "
-        "max_steps optimizer steps, 'token' after max_tokens loss-counted tokens, 'infinite' "
+        "max_steps optimizer steps, 'token' after max_tokens tokens, 'infinite' "
         "never (stop it yourself; checkpoints are written on SIGTERM).",
         _LENGTH,
         "string",
@@ -205,7 +207,7 @@ class TrainingArgs:
         default=0,
     )
     max_tokens: int = field(
-        "Loss-counted tokens (training_mode = 'token'); 0 = not set.",
+        "Tokens trained on, real tokens without padding (training_mode = 'token'); 0 = not set.",
         _LENGTH,
         "integer",
         at_least(0),
@@ -241,6 +243,73 @@ class TrainingArgs:
         default=None,
         optional=True,
         choices=fixed(*DTYPES),
+    )
+
+    checkpoint_every_steps: int | None = field(
+        "Write a full training-state checkpoint (model, optimizer, schedule, data position, "
+        "RNG) to output_dir/checkpoints/step_<N>/ every this many steps, for resume. Not set = "
+        "only when stopped by SIGTERM/SIGINT.",
+        _RESUME,
+        "integer",
+        greater_than(0),
+        default=None,
+        optional=True,
+    )
+    keep_last_checkpoints: int | None = field(
+        "Keep only the newest this many training-state checkpoints (older ones are removed "
+        "after a new one is complete). Not set = keep all.",
+        _RESUME,
+        "integer",
+        greater_than(0),
+        default=2,
+        optional=True,
+    )
+    resume: str = field(
+        "'auto' = continue from the newest complete checkpoint in output_dir/checkpoints if "
+        "there is one; 'off' = start fresh; or the path of a checkpoint folder.",
+        _RESUME,
+        "string",
+        not_empty,
+        default="auto",
+    )
+    skip_nonfinite_steps: bool = field(
+        "A step whose loss or gradient norm is NaN or infinite is skipped (no update; counted "
+        "as skipped_steps in the metrics) instead of stopping the run.",
+        _RESUME,
+        "boolean",
+        default=False,
+    )
+
+    validation_split: float = field(
+        "Share of the data held out for validation (a seeded, deterministic choice); 0 = none.",
+        _VALIDATION,
+        "float",
+        at_least(0),
+        below_one,
+        default=0.0,
+    )
+    validation_frequency: int | None = field(
+        "Compute the validation loss every this many steps (required with validation_split).",
+        _VALIDATION,
+        "integer",
+        greater_than(0),
+        default=None,
+        optional=True,
+    )
+    save_best_val_loss: bool = field(
+        "Export the model to hf_format/ each time the validation loss improves on the best so "
+        "far by more than val_loss_improvement_threshold.",
+        _VALIDATION,
+        "boolean",
+        default=False,
+    )
+    val_loss_improvement_threshold: float = field(
+        "How much lower than the best so far a validation loss must be to count as better.",
+        _VALIDATION,
+        "float",
+        finite,
+        at_least(0),
+        default=0.0,
     )
 
     train_dtype: str = field(
@@ -346,6 +415,11 @@ def _cross_field_problems(args: TrainingArgs) -> list[tuple[str, str]]:
                 f"{args.max_tokens_per_gpu}: a block would fit in no minibatch",
             )
         )
+    if args.validation_split > 0 and args.validation_frequency is None:
+        problems.append(("validation_frequency", "is required when validation_split > 0"))
+    if args.validation_split == 0 and (args.validation_frequency or args.save_best_val_loss):
+        key = "validation_frequency" if args.validation_frequency else "save_best_val_loss"
+        problems.append((key, "has no effect without validation_split > 0"))
     for key in ("wandb_run_name", "wandb_entity"):
         if getattr(args, key) is not None and args.wandb_project is None:
             problems.append((key, "has no effect without wandb_project"))

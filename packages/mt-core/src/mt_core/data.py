@@ -1,0 +1,54 @@
+"""The run's data: store, training and validation sources, sampler and step loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mt_core.config import TrainingArgs
+from mt_data import (
+    DataError,
+    EpochSampler,
+    InfiniteSampler,
+    PretrainingBlocks,
+    SampleDataset,
+    StepLoader,
+    TokenSource,
+    open_token_store,
+    split_validation,
+)
+from mt_fsdp import DistContext
+
+__all__ = ["RunData", "build_data"]
+
+
+@dataclass
+class RunData:
+    train: TokenSource
+    validation: TokenSource | None
+    sampler: EpochSampler | InfiniteSampler
+    loader: StepLoader
+
+
+def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir: Path) -> RunData:
+    """Validate the data into a memory-mapped store (every rank maps the same files), cut it
+    into training items and the validation share, and set up the sampler and packer."""
+    if not Path(args.data_path).is_file():
+        raise DataError([f"{args.data_path}: data_path does not exist or is not a file"])
+    store = open_token_store(
+        args.data_path,
+        cache_dir=output_dir / "data_cache",
+        require_labels=args.pretraining is None,
+    )
+    store.check_token_range(vocab_size)
+    if args.pretraining is not None:
+        source: TokenSource = PretrainingBlocks(
+            store, args.pretraining.block_size, args.pretraining.segment_documents
+        )
+    else:
+        source = SampleDataset(store, args.max_tokens_per_gpu, args.too_long_samples)
+    train, validation = split_validation(source, args.validation_split, args.seed)
+    sampler_type = EpochSampler if args.training_mode == "epoch" else InfiniteSampler
+    sampler = sampler_type(len(train), args.batch_size, seed=args.seed)
+    loader = StepLoader(train, sampler, args.max_tokens_per_gpu, ctx.world_size, ctx.rank)
+    return RunData(train, validation, sampler, loader)

@@ -1,0 +1,75 @@
+"""Where a run stands (the counters a checkpoint carries) and the rules of when things happen:
+when training ends, when an HF export or a validation is due."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from mt_core.config import TrainingArgs
+
+__all__ = ["RunState", "export_due", "finished", "planned_steps", "validation_due"]
+
+
+@dataclass
+class RunState:
+    """Counters of a run; plain JSON in every checkpoint (never pickle)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    epochs_done: int = 0
+    exported_at: int = -1  # samples_seen of the last HF export; -1 = none yet
+    skipped_steps: int = 0
+    best_val_loss: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> RunState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+
+def planned_steps(args: TrainingArgs, lengths: np.ndarray, batches_per_epoch: int) -> int | None:
+    """Optimizer steps the run will take (the schedule's length); None for an infinite run."""
+    if args.training_mode == "step":
+        return args.max_steps
+    if args.training_mode == "epoch":
+        return batches_per_epoch * args.max_epochs
+    if args.training_mode == "token":
+        # Batches are drawn at random, so the token count per step varies: plan with the mean.
+        mean_tokens = float(np.mean(lengths)) * args.batch_size
+        return max(1, math.ceil(args.max_tokens / mean_tokens))
+    return None
+
+
+def finished(args: TrainingArgs, state: RunState) -> bool:
+    if args.training_mode == "step":
+        return state.step >= args.max_steps
+    if args.training_mode == "epoch":
+        return state.epochs_done >= args.max_epochs
+    if args.training_mode == "token":
+        return state.tokens_seen >= args.max_tokens
+    return False
+
+
+def export_due(args: TrainingArgs, state: RunState, epoch_ended: bool, done: bool) -> bool:
+    """An HF export after this step: at the end, at an epoch's end, or every N samples."""
+    if state.samples_seen == state.exported_at:
+        return False
+    if done and args.save_final_checkpoint:
+        return True
+    if epoch_ended and args.checkpoint_at_epoch:
+        return True
+    every = args.min_samples_per_checkpoint
+    return bool(every) and state.samples_seen - max(state.exported_at, 0) >= every
+
+
+def validation_due(args: TrainingArgs, state: RunState, done: bool) -> bool:
+    if not args.validation_split or not args.validation_frequency:
+        return False
+    return done or state.step % args.validation_frequency == 0

@@ -1,0 +1,39 @@
+"""Validation loss: the training loss's padding-free path and global-token normalisation, over
+the whole held-out share, without gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mt_core.loss import minibatch_loss, minibatch_tensors
+from mt_data import TokenSource, collate_minibatch
+from mt_fsdp import DistContext
+from mt_packing import pack_minibatches
+
+__all__ = ["validation_loss"]
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module, source: TokenSource, batch_size: int, max_tokens: int, ctx: DistContext
+) -> float:
+    """Sum of the token losses of every held-out item / their target count (every rank gets
+    the same value; the same for any number of ranks, up to summation order)."""
+    total_targets = int(source.loss_counts.sum())
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    try:
+        for start in range(0, len(source), batch_size):
+            ids = np.arange(start, min(start + batch_size, len(source)), dtype=np.int64)
+            plan = pack_minibatches(source.lengths[ids], max_tokens, ctx.world_size, ctx.rank)
+            for positions in plan:  # the same count on every rank; empty slots run a dummy
+                minibatch = collate_minibatch(source, ids[positions], total_targets)
+                loss_sum += minibatch_loss(model, **minibatch_tensors(minibatch, ctx.device))
+    finally:
+        model.train(was_training)
+    dist.all_reduce(loss_sum)
+    return float(loss_sum)

@@ -1,0 +1,154 @@
+"""Full training-state checkpoints for resume, with PyTorch distributed checkpointing.
+
+Layout of ``<root>/step_<N>/``: the sharded model and optimizer state (DCP: each rank writes its
+own shards, nothing is gathered on rank 0, and a checkpoint loads on any number of ranks),
+``trainer_state.json`` (counters, sampler and schedule: plain JSON, never pickle) and
+``rng_rank<R>.safetensors`` (each rank's random-number-generator states).
+
+Everything is written into ``.step_<N>.tmp`` and renamed once complete, so a kill at any moment
+leaves either the new checkpoint or none of it; :func:`latest_checkpoint` never sees a half one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+__all__ = [
+    "CheckpointError",
+    "complete_checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+_NAME = re.compile(r"^step_(\d+)$")
+_STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says what is still intact."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first (temporary folders are skipped)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found) if (p / _STATE_FILE).is_file()]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = complete_checkpoints(Path(root))
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int | None = None,
+) -> Path:
+    """Write the training state of ``step`` to ``root/step_<step>`` (collective: every rank).
+
+    ``trainer_state`` must be JSON (rank 0's copy is written). With ``keep_last``, older complete
+    checkpoints beyond that many are removed, but only after the new one is complete.
+    """
+    root = Path(root)
+    final = root / f"step_{step}"
+    temporary = root / f".step_{step}.tmp"
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    _barrier()
+    try:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary)
+        save_file(_rng_state(), temporary / f"rng_rank{rank}.safetensors")
+        if rank == 0:
+            _write_json(temporary / _STATE_FILE, {"step": step, **trainer_state})
+    except OSError as error:
+        previous = latest_checkpoint(root)
+        if rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        kept = (
+            f"the previous checkpoint {previous} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(f"writing checkpoint {final} failed ({error}); {kept}") from error
+    _barrier()
+    if rank == 0:
+        if final.exists():  # the same step written by an earlier attempt that was cut off
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if keep_last:
+            for old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG states from ``folder``; returns the trainer
+    state. Works on a different number of ranks than the checkpoint was written with."""
+    folder = Path(folder)
+    state_file = folder / _STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{folder} is not a complete mt checkpoint (no {_STATE_FILE})")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
+    # A rank that did not exist when the checkpoint was written takes rank 0's generator states.
+    rng_file = folder / f"rng_rank{_rank()}.safetensors"
+    _set_rng_state(load_file(rng_file if rng_file.is_file() else folder / "rng_rank0.safetensors"))
+    return json.loads(state_file.read_text())
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(record, out, indent=1, sort_keys=True)
+        out.flush()
+        os.fsync(out.fileno())

@@ -1,0 +1,263 @@
+"""Resume: a run killed mid-step and resumed gives the uninterrupted run's losses bit for bit
+(CPU, float32), on one process and on two gloo ranks; checkpoints reshard between rank counts;
+SIGTERM stops at a step boundary with a checkpoint; a kill never leaves a half checkpoint."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+# Runs mt's real train() but SIGKILLs itself inside step KILL_AT_STEP, after the forward and
+# backward passes and before the optimizer step: the worst moment to die.
+KILLER = """
+import os, signal, sys
+import mt_core.trainer as trainer
+from mt_core import load_run_file, train
+calls = 0
+original = trainer.clip_gradients
+def clip_then_die(model, max_norm):
+    global calls
+    calls += 1
+    if calls == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(model, max_norm)
+trainer.clip_gradients = clip_then_die
+train(load_run_file(sys.argv[1], {"output_dir": sys.argv[2]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    rows = []
+    for i in range(40):
+        tokens = [(7 * i + 3 * j) % 64 for j in range(5 + i % 13)]
+        rows.append({"input_ids": tokens, "labels": [-100] * 2 + tokens[2:]})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = {
+        "model_name_or_path": str(root / "model"),
+        "data_path": str(root / "data.jsonl"),
+        "output_dir": str(root / "unused"),
+        "batch_size": 6,
+        "max_tokens_per_gpu": 24,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "cosine",
+        "num_warmup_steps": 2,
+        "training_mode": "step",
+        "max_steps": 8,
+        "seed": 5,
+        "attn_backend": "sdpa",
+        "save_final_checkpoint": False,
+        "checkpoint_every_steps": 2,
+    }
+    run_file = root / "run.toml"
+    run_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    (root / "killer.py").write_text(KILLER)
+    return root
+
+
+def launch(workspace: Path, output: Path, *extra: str, nproc: int = 1, script: str | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    if script is None:
+        target = ["mt", "run", str(workspace / "run.toml"), f"--output_dir={output}", *extra]
+    else:
+        target = [sys.executable, str(workspace / script), str(workspace / "run.toml"), str(output)]
+    command = target if nproc == 1 else [str(BIN / "torchrun"), f"--nproc-per-node={nproc}",
+                                         "--no-python", *target]  # fmt: skip
+    return subprocess.run(command, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def steps(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(workspace, nproc):
+    reference = workspace / f"reference{nproc}"
+    assert launch(workspace, reference, nproc=nproc).returncode == 0
+    resumed = workspace / f"killed{nproc}"
+    killed = launch(workspace, resumed, nproc=nproc, script="killer.py", env={"KILL_AT_STEP": "5"})
+    assert killed.returncode != 0
+    assert [s["step"] for s in steps(resumed)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    result = launch(workspace, resumed, nproc=nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    got, want = steps(resumed), steps(reference)
+    assert [s["step"] for s in got] == list(range(1, 9))  # each step exactly once
+    for key in ("loss", "grad_norm", "lr", "tokens", "samples_seen"):
+        assert [s[key] for s in got] == [s[key] for s in want], key  # bitwise on CPU float32
+
+
+def test_checkpoints_reshard_between_rank_counts(workspace):
+    reference = workspace / "reference1"
+    if not (reference / "metrics.jsonl").is_file():
+        assert launch(workspace, reference).returncode == 0
+    for written, read in ((2, 1), (1, 2)):
+        out = workspace / f"reshard{written}to{read}"
+        killed = launch(workspace, out, nproc=written, script="killer.py",
+                        env={"KILL_AT_STEP": "5"})  # fmt: skip
+        assert killed.returncode != 0
+        result = launch(workspace, out, nproc=read)
+        assert result.returncode == 0, result.stderr[-3000:]
+        got, want = steps(out), steps(reference)
+        assert [s["step"] for s in got] == list(range(1, 9))
+        # the same data order: identical token counts per step; losses equal up to the order of
+        # float32 sums, which differs between rank counts
+        assert [s["tokens"] for s in got] == [s["tokens"] for s in want]
+        assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], rel=1e-5)
+
+
+def test_sigterm_under_torchrun_checkpoints_and_resumes(workspace):
+    out = workspace / "sigterm"
+    command = [str(BIN / "torchrun"), "--nproc-per-node=2", "--no-python", "mt", "run",
+               str(workspace / "run.toml"), f"--output_dir={out}", "--max_steps=100000",
+               "--checkpoint_every_steps=None", "--lr_scheduler=constant", "--num_warmup_steps=0"]  # fmt: skip
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(steps_safe(metrics)) < 3):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)  # as a preempting scheduler does: every process
+    stdout, stderr = process.communicate(timeout=120)
+    assert "run the same command again to resume" in stdout, stderr[-3000:]
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    stopped_at = int(checkpoint.name.removeprefix("step_"))
+    assert [s["step"] for s in steps(out)] == list(range(1, stopped_at + 1))
+    result = launch(workspace, out, f"--max_steps={stopped_at + 2}", "--checkpoint_every_steps=None",
+                    "--lr_scheduler=constant", "--num_warmup_steps=0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s["step"] for s in steps(out)] == list(range(1, stopped_at + 3))
+
+
+def steps_safe(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def test_sigint_in_one_process_exits_0_with_a_checkpoint(workspace):
+    out = workspace / "sigint"
+    process = subprocess.Popen(
+        ["mt", "run", str(workspace / "run.toml"), f"--output_dir={out}", "--max_steps=100000",
+         "--lr_scheduler=constant", "--num_warmup_steps=0"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(steps_safe(metrics)) < 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "resume" in stdout
+    assert any(p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
+
+
+def test_a_half_written_checkpoint_is_never_resumed(workspace, tmp_path):
+    from mt_fsdp import latest_checkpoint
+
+    out = workspace / "reference1"
+    if not (out / "metrics.jsonl").is_file():
+        assert launch(workspace, out).returncode == 0
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for name in ("step_4", "step_6"):
+        (root / name).symlink_to(out / "checkpoints" / name, target_is_directory=True)
+    (root / ".step_8.tmp").mkdir()  # a kill while writing step 8: never picked
+    (root / "step_9").mkdir()  # a folder without its state file: not a checkpoint
+    assert latest_checkpoint(root).name == "step_6"
+    # keep_last_checkpoints = 2 (the default) left only the newest two of step 2, 4, 6
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_6"]
+    state = json.loads((out / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["sampler"]["seed"] == 5
+
+
+def test_a_second_run_on_the_same_output_dir_refuses(workspace, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".mt.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running mt holds it
+        result = launch(workspace, out)
+    assert result.returncode == 2
+    assert "is in use by another run" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(workspace, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from mt_core import RunError, load_run_file, train
+    from mt_fsdp import latest_checkpoint
+
+    original = dcp.save
+    calls = []
+
+    def fill_the_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dcp, "save", fill_the_disk)
+    out = tmp_path / "full"
+    args = load_run_file(workspace / "run.toml", {"output_dir": str(out)})
+    with pytest.raises(RunError, match=r"No space left.*previous checkpoint .*step_2 is intact"):
+        train(args)
+    assert latest_checkpoint(out / "checkpoints").name == "step_2"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_2"]  # no half step_4
+    monkeypatch.setattr(dcp, "save", original)
+    resumed = train(load_run_file(workspace / "run.toml", {"output_dir": str(out)}))
+    assert resumed.steps == 8
+
+
+def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
+    import mt_core.trainer as trainer
+    from mt_core import NonFiniteError, load_run_file, train
+
+    original = trainer.clip_gradients
+    calls = []
+
+    def nan_at_step_3(model, max_norm):
+        calls.append(1)
+        norm = original(model, max_norm)
+        return float("nan") if len(calls) == 3 else norm
+
+    monkeypatch.setattr(trainer, "clip_gradients", nan_at_step_3)
+    overrides = {"output_dir": str(tmp_path / "stop"), "save_final_checkpoint": True}
+    with pytest.raises(NonFiniteError, match=r"step 3: .*gradient norm nan.*checkpoint is .*step_2"):
+        train(load_run_file(workspace / "run.toml", overrides))
+    assert not (tmp_path / "stop" / "hf_format").exists()
+
+    calls.clear()
+    overrides = {"output_dir": str(tmp_path / "skip"), "skip_nonfinite_steps": True,
+                 "save_final_checkpoint": True, "save_dtype": "float32"}  # fmt: skip
+    train(load_run_file(workspace / "run.toml", overrides))
+    lines = steps(tmp_path / "skip")
+    assert [s["skipped_steps"] for s in lines] == [0, 0, 1, 1, 1, 1, 1, 1]
+    (export,) = (tmp_path / "skip" / "hf_format").iterdir()
+    assert all(torch.isfinite(t).all() for t in load_file(export / "model.safetensors").values())
