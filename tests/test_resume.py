@@ -249,7 +249,9 @@ def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "clip_gradients", nan_at_step_3)
     overrides = {"output_dir": str(tmp_path / "stop"), "save_final_checkpoint": True}
-    with pytest.raises(NonFiniteError, match=r"step 3: .*gradient norm nan.*checkpoint is .*step_2"):
+    with pytest.raises(
+        NonFiniteError, match=r"step 3: .*gradient norm nan.*checkpoint is .*step_2"
+    ):
         train(load_run_file(workspace / "run.toml", overrides))
     assert not (tmp_path / "stop" / "hf_format").exists()
 

@@ -85,6 +85,28 @@ def reference_loss(folder: Path, data: Path, batch_size: int, seed: int, device:
     return total / count
 
 
+def liger_empty_minibatch_is_exact(device: str) -> str:
+    """With Liger's fused loss, an empty slot's dummy token must add exactly nothing."""
+    from mt_core.attention import use_padding_free_attention
+    from mt_core.loss import minibatch_loss
+    from mt_core.model import liger_available
+
+    if not liger_available() or device != "cuda":
+        return "needs CUDA and liger-kernel"
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES["tiny"])).to(device)
+    _apply_liger_kernel_to_instance(model=model)
+    use_padding_free_attention(model, "torch_varlen" if device == "cuda" else "sdpa")
+    empty = torch.zeros((1, 0), dtype=torch.long, device=device)
+    cu = torch.zeros(1, dtype=torch.int32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = minibatch_loss(model, empty, empty, empty, cu, 0, 100)
+    loss.backward()
+    worst = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+    return f"loss {loss.item()}, largest gradient {worst}: {'exact' if loss.item() == 0 and worst == 0 else 'NOT EXACT'}"
+
+
 def run(name: str, keys: dict, out: Path) -> dict:
     output_dir = out / name
     args = args_from_dict({**keys, "output_dir": str(output_dir)})
@@ -121,6 +143,11 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--backends", default="torch_varlen,sdpa")
     parser.add_argument("--liger", default="off,on")
+    parser.add_argument(
+        "--sync-every-minibatch",
+        action="store_true",
+        help="also run torch_varlen + Liger with gradients reduced after every minibatch",
+    )
     options = parser.parse_args()
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +175,21 @@ def main() -> int:
             except Exception as error:  # report and go on with the other contestants
                 print(f"{name} failed: {error!r}", flush=True)
                 results.append({"name": name, "error": repr(error)})
+
+    if options.sync_every_minibatch:
+        # mt reduces gradients once, after a step's last minibatch; this contestant turns that
+        # off (FSDP2 then reduce-scatters after every minibatch) to measure what it saves.
+        from torch.distributed.fsdp import FSDPModule
+
+        original = FSDPModule.set_requires_gradient_sync
+        FSDPModule.set_requires_gradient_sync = lambda self, *a, **k: None
+        name = "torch_varlen-liger_on-sync_every_minibatch"
+        print(f"== {name}", flush=True)
+        results.append(
+            run(name, dict(keys, attn_backend="torch_varlen", use_liger_kernels=True), out)
+        )
+        FSDPModule.set_requires_gradient_sync = original
+    print("liger empty minibatch:", liger_empty_minibatch_is_exact(options.device))
 
     print(f"\nshape {options.shape}, batch {options.batch_size} samples, max_tokens_per_gpu "
           f"{options.max_tokens}, {options.steps} steps; reference step-1 loss {reference:.5f}")  # fmt: skip

@@ -80,6 +80,8 @@ class TrainResult:
 def train(args: TrainingArgs) -> TrainResult:
     """Run ``args`` to its end in this process (one of torchrun's ranks, or alone)."""
     ctx = init_distributed()
+    if not ctx.is_main:
+        _quiet()  # rank 0 speaks for the run; the others only raise errors
     try:
         return _train(args, ctx)
     except CheckpointError as error:  # disk full, quota: the message says what is intact
@@ -291,6 +293,18 @@ def _forward_backward(
     )
     dist.all_reduce(totals)
     return float(totals[0]), float(totals[1])
+
+
+def _quiet() -> None:
+    """Silence warnings and library progress on this rank (every rank would repeat them)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.simplefilter("ignore")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logger.setLevel(logging.ERROR)
 
 
 def _nonfinite_message(step: int, loss: float, grad_norm: float, checkpoints: Path) -> str:
