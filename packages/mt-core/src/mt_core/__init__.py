@@ -16,6 +16,7 @@ from mt_core.config import (
     write_run_file,
 )
 from mt_core.errors import NonFiniteError, RunError
+from mt_core.launch import TorchrunArgs, TrainingFailed, run_training
 
 if TYPE_CHECKING:
     from mt_core.trainer import TrainResult, train
@@ -25,11 +26,14 @@ __all__ = [
     "NonFiniteError",
     "PretrainingConfig",
     "RunError",
+    "TorchrunArgs",
     "TrainResult",
     "TrainingArgs",
+    "TrainingFailed",
     "args_from_dict",
     "args_to_dict",
     "load_run_file",
+    "run_training",
     "train",
     "write_run_file",
 ]

@@ -1,0 +1,40 @@
+"""``python -m mt_core run RUN.toml``: one rank of a run, the program that
+:func:`mt_core.launch.run_training` starts under torchrun.
+
+Why it exists: torchrun needs a program to start on every rank, and mt-core may not use the ``mt``
+command for it (the app sits above mt-core; DESIGN.md's dependency rule). So this is ``mt run``
+without overrides or help, for launchers rather than people. Errors a user can cause end as
+``mt: error: ...`` lines and exit status 2, as with ``mt run``; anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+USAGE = "usage: python -m mt_core run RUN.toml   (the `mt` command is the one for people)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] != "run":
+        print(USAGE, file=sys.stderr)
+        return 2
+    from mt_core.config import ConfigError, load_run_file
+    from mt_core.errors import RunError
+    from mt_data import DataError
+
+    try:
+        args = load_run_file(argv[1])
+        from mt_core.trainer import train  # torch and the model stack: only for a good config
+
+        train(args)
+    except (ConfigError, DataError, RunError) as error:
+        for line in str(error).splitlines():
+            print(f"mt: error: {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
