@@ -6,6 +6,7 @@ file. ``train`` is imported on first use, so reading or validating a config stay
 
 from typing import TYPE_CHECKING, Any
 
+from mt_core.callbacks import TrainerCallback
 from mt_core.config import (
     ConfigError,
     PretrainingConfig,
@@ -27,6 +28,7 @@ __all__ = [
     "PretrainingConfig",
     "RunError",
     "TorchrunArgs",
+    "TrainerCallback",
     "TrainResult",
     "TrainingArgs",
     "TrainingFailed",

@@ -24,6 +24,7 @@ class RunState:
     exported_at: int = -1  # samples_seen of the last HF export; -1 = none yet
     skipped_steps: int = 0
     best_val_loss: float | None = None
+    validated_at: int = 0  # samples_seen at the last validation
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -69,7 +70,15 @@ def export_due(args: TrainingArgs, state: RunState, epoch_ended: bool, done: boo
     return bool(every) and state.samples_seen - max(state.exported_at, 0) >= every
 
 
-def validation_due(args: TrainingArgs, state: RunState, done: bool) -> bool:
-    if not args.validation_split or not args.validation_frequency:
+def validation_due(args: TrainingArgs, state: RunState, epoch_ended: bool, done: bool) -> bool:
+    """Whether any trigger fires after this step; several firing at once validate once."""
+    if not args.validation_split and args.validation_data_path is None:
         return False
-    return done or state.step % args.validation_frequency == 0
+    every_steps = args.validation_frequency
+    every_samples = args.min_samples_per_validation
+    return bool(
+        (every_steps and state.step % every_steps == 0)
+        or (args.validate_at_epoch and epoch_ended)
+        or (every_samples and state.samples_seen - state.validated_at >= every_samples)
+        or (args.validate_at_final and done)
+    )

@@ -8,10 +8,12 @@ clipping, AdamW and the schedule; rank 0 writes the metrics line and any due HF 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from mt_core.callbacks import CallbackRunner, load_callbacks
 from mt_core.config import TrainingArgs, args_to_dict, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
@@ -164,6 +167,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     metrics = MetricsLog(output_dir / "metrics.jsonl", _wandb_run(args)) if ctx.is_main else None
     progress = Progress(total_steps, enabled=ctx.is_main, done=state.step)
     stop = StopRequest()
+    fire = CallbackRunner(load_callbacks(args.callbacks), ctx.rank, ctx.world_size)
     exports: list[Path] = []
     last_loss = math.nan
 
@@ -173,23 +177,34 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
             "sampler": sampler.state_dict(),
             "scheduler": scheduler.state_dict(),
         }
-        return save_checkpoint(
+        folder = save_checkpoint(
             checkpoints, state.step, model, optimizer, trainer_state, args.keep_last_checkpoints
         )
+        fire("on_save", step=state.step, epoch=state.epochs_done, path=str(folder))
+        return folder
 
     try:
         done = finished(args, state)
+        fire("on_train_begin", step=state.step, epoch=state.epochs_done)
+        epoch_open = False
         while not done:
+            if not epoch_open:
+                fire("on_epoch_begin", step=state.step, epoch=state.epochs_done)
+                epoch_open = True
+            fire("on_step_begin", step=state.step, epoch=state.epochs_done)
             started = time.perf_counter()
             # an epoch sampler's new iterator starts with the next epoch once one has ended
             batch = data.loader.step_batch(next(iter(sampler)))
 
-            loss, context_sum = _forward_backward(model, batch, ctx)
+            hook = functools.partial(fire, step=state.step, epoch=state.epochs_done)
+            loss, context_sum = _forward_backward(model, batch, ctx, hook)
             grad_norm = clip_gradients(model, args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             state.step += 1
             if math.isfinite(loss) and math.isfinite(grad_norm):
+                fire("on_before_optimizer_step", step=state.step - 1, epoch=state.epochs_done)
                 optimizer.step()
+                fire("on_after_optimizer_step", step=state.step, epoch=state.epochs_done)
             elif args.skip_nonfinite_steps:
                 state.skipped_steps += 1  # no update; the data of this step is passed over
             else:
@@ -232,7 +247,8 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
                 "skipped_steps": state.skipped_steps,
             }
             improved = False
-            if validation_due(args, state, done):
+            if validation_due(args, state, epoch_ended, done):
+                state.validated_at = state.samples_seen
                 record["val_loss"] = validation_loss(
                     model, data.validation, args.batch_size, args.max_tokens_per_gpu, ctx
                 )
@@ -242,13 +258,22 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
                 )
                 if improved:
                     state.best_val_loss = record["val_loss"]
+                fire(
+                    "on_evaluate", step=state.step, epoch=sampler.epoch, val_loss=record["val_loss"]
+                )
             if metrics is not None:
                 metrics.write(record)
             progress.update(record)
+            fire("on_log", step=state.step, epoch=sampler.epoch, record=dict(record))
 
             if export_due(args, state, epoch_ended, done) or (improved and args.save_best_val_loss):
                 exports.append(_export(model, args, model_folder, output_dir, state.samples_seen))
                 state.exported_at = state.samples_seen
+                fire("on_save", step=state.step, epoch=sampler.epoch, path=str(exports[-1]))
+            fire("on_step_end", step=state.step, epoch=sampler.epoch)
+            if epoch_ended or done:
+                fire("on_epoch_end", step=state.step, epoch=state.epochs_done)
+                epoch_open = False
             every = args.checkpoint_every_steps
             if every and state.step % every == 0 and not done:
                 checkpoint()
@@ -261,7 +286,9 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
                         flush=True,
                     )
                 break
+        fire("on_train_end", step=state.step, epoch=state.epochs_done)
     finally:
+        fire.close()
         stop.restore()
         progress.close()
         if metrics is not None:
@@ -272,7 +299,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
 
 
 def _forward_backward(
-    model: torch.nn.Module, batch: StepBatch, ctx: DistContext
+    model: torch.nn.Module, batch: StepBatch, ctx: DistContext, fire: Callable[..., None]
 ) -> tuple[float, float]:
     """Forward and backward over this rank's minibatches; returns the global batch's loss and
     the sum over its tokens of their attended context (for the FLOP count)."""
@@ -282,8 +309,10 @@ def _forward_backward(
     for index, minibatch in enumerate(batch.minibatches):
         # Gradients are reduced across ranks once, after the last minibatch.
         model.set_requires_gradient_sync(index == count - 1)
+        fire("on_before_forward", minibatch=index)
         loss = minibatch_loss(model, **minibatch_tensors(minibatch, ctx.device))
         loss.backward()
+        fire("on_after_backward", minibatch=index)
         local_loss += loss.detach()
         if not minibatch.is_empty:
             segments = np.diff(minibatch.cu_seqlens)

@@ -19,6 +19,7 @@ from mt_core.config.fields import (
     finite,
     fixed,
     greater_than,
+    import_paths,
     not_empty,
     shown,
     string_keys,
@@ -65,7 +66,7 @@ _CHECKPOINTS = "Checkpoints"
 _RESUME = "Resume and preemption"
 _VALIDATION = "Validation"
 _SPEED = "Precision, memory and speed"
-_LOGGING = "Logging (Weights & Biases)"
+_LOGGING = "Logging and callbacks"
 
 
 @attrs.define(kw_only=True)
@@ -281,20 +282,46 @@ class TrainingArgs:
     )
 
     validation_split: float = field(
-        "Share of the data held out for validation (a seeded, deterministic choice); 0 = none.",
+        "Share of the data held out for validation (a seeded, deterministic choice); 0 = none. "
+        "Not together with validation_data_path.",
         _VALIDATION,
         "float",
         at_least(0),
         below_one,
         default=0.0,
     )
+    validation_data_path: str | None = field(
+        "A separate validation file in the training data's format. Not together with "
+        "validation_split.",
+        _VALIDATION,
+        "string",
+        not_empty,
+        default=None,
+        optional=True,
+    )
     validation_frequency: int | None = field(
-        "Compute the validation loss every this many steps (required with validation_split).",
+        "Validate every this many optimizer steps. With validation data at least one trigger "
+        "(this, validate_at_epoch, min_samples_per_validation, validate_at_final) is needed; "
+        "triggers that fire on the same step validate once.",
         _VALIDATION,
         "integer",
         greater_than(0),
         default=None,
         optional=True,
+    )
+    validate_at_epoch: bool = field(
+        "Validate at the end of every epoch.", _VALIDATION, "boolean", default=False
+    )
+    min_samples_per_validation: int | None = field(
+        "Validate each time at least this many more samples have been trained on.",
+        _VALIDATION,
+        "integer",
+        greater_than(0),
+        default=None,
+        optional=True,
+    )
+    validate_at_final: bool = field(
+        "Validate when training ends.", _VALIDATION, "boolean", default=False
     )
     save_best_val_loss: bool = field(
         "Export the model to hf_format/ each time the validation loss improves on the best so "
@@ -367,6 +394,16 @@ class TrainingArgs:
         "Weights & Biases entity (user or team).", _LOGGING, "string", default=None, optional=True
     )
 
+    callbacks: list = field(
+        'Trainer callbacks by import path, e.g. ["my_pkg.my_module:MyCallback"]: a '
+        "mt_core.TrainerCallback subclass, built with no arguments in every process. A "
+        "callback that raises is reported once per hook and never stops training.",
+        _LOGGING,
+        "array",
+        import_paths,
+        default=attrs.Factory(list),
+    )
+
     pretraining: PretrainingConfig | None = attrs.field(
         default=None,
         validator=lambda instance, attribute, value: _check_pretraining(value),
@@ -415,11 +452,22 @@ def _cross_field_problems(args: TrainingArgs) -> list[tuple[str, str]]:
                 f"{args.max_tokens_per_gpu}: a block would fit in no minibatch",
             )
         )
-    if args.validation_split > 0 and args.validation_frequency is None:
-        problems.append(("validation_frequency", "is required when validation_split > 0"))
-    if args.validation_split == 0 and (args.validation_frequency or args.save_best_val_loss):
-        key = "validation_frequency" if args.validation_frequency else "save_best_val_loss"
-        problems.append((key, "has no effect without validation_split > 0"))
+    has_data = args.validation_split > 0 or args.validation_data_path is not None
+    triggers = ("validation_frequency", "validate_at_epoch", "min_samples_per_validation",
+                "validate_at_final")  # fmt: skip
+    if args.validation_split > 0 and args.validation_data_path is not None:
+        problems.append(("validation_data_path", "give either it or validation_split, not both"))
+    if has_data and not any(getattr(args, key) for key in triggers):
+        problems.append(
+            ("validation_frequency", "validation data needs a trigger: set validation_frequency "
+             "(or validate_at_epoch, min_samples_per_validation, validate_at_final)")
+        )  # fmt: skip
+    if not has_data:
+        for key in (*triggers, "save_best_val_loss"):
+            if getattr(args, key):
+                problems.append(
+                    (key, "has no effect without validation_split or validation_data_path")
+                )
     for key in ("wandb_run_name", "wandb_entity"):
         if getattr(args, key) is not None and args.wandb_project is None:
             problems.append((key, "has no effect without wandb_project"))

@@ -40,6 +40,7 @@ _KINDS: dict[str, Callable[[Any], bool]] = {
     "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
     "table": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
 }
 
 
@@ -161,6 +162,14 @@ def finite(v: float) -> str | None:
 
 def not_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
+
+
+def import_paths(v: list) -> str | None:
+    """Entries of the form "package.module:Name" (importable in every process)."""
+    for item in v:
+        if not isinstance(item, str) or item.count(":") != 1 or not all(item.split(":")):
+            return f'entries must be import paths like "my_pkg.my_module:MyCallback", got {item!r}'
+    return None
 
 
 def string_keys(v: dict) -> str | None:
