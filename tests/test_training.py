@@ -252,3 +252,20 @@ def test_wandb_offline_logs_every_step(setup, monkeypatch):
     (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
     history = list(run_dir.glob("*.wandb"))
     assert history and history[0].stat().st_size > 0
+
+
+def test_mlflow_file_store_logs_every_step(setup, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    _, common = setup
+    make_data(tmp_path / "data.jsonl", [16] * 8)
+    store = tmp_path / "mlruns"
+    keys = {**common, "data_path": str(tmp_path / "data.jsonl"), "batch_size": 4,
+            "max_tokens_per_gpu": 64, "max_steps": 3, "mlflow_tracking_uri": f"file://{store}",
+            "mlflow_experiment_name": "mt-test", "mlflow_run_name": "offline-check"}  # fmt: skip
+    _, lines = in_process(tmp_path, "mlflow", **keys)
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"file://{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mt-test").experiment_id])
+    assert run.info.run_name == "offline-check"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in history] == pytest.approx([line["loss"] for line in lines])

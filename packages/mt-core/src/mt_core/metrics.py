@@ -65,11 +65,11 @@ def flops_per_token(matmul_params: int, layers: int, hidden: int, context: float
 
 class MetricsLog:
     """``metrics.jsonl``, one JSON object per line, appended and flushed as each step ends (a
-    crash loses at most the line being written); mirrored to wandb when a run is given."""
+    crash loses at most the line being written); mirrored to the trackers (wandb, MLflow)."""
 
-    def __init__(self, path: Path, wandb_run: Any = None) -> None:
+    def __init__(self, path: Path, trackers: list | None = None) -> None:
         self.path = path
-        self.wandb_run = wandb_run
+        self.trackers = trackers or []
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
 
     def write(self, record: dict[str, Any]) -> None:
@@ -79,15 +79,14 @@ class MetricsLog:
         }
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(
-                {k: v for k, v in record.items() if v is not None}, step=record["step"]
-            )
+        present = {k: v for k, v in record.items() if v is not None}
+        for tracker in self.trackers:
+            tracker.log(present, step=record["step"])
 
     def close(self) -> None:
         self._file.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        for tracker in self.trackers:
+            tracker.finish()
 
 
 class Progress:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from mt_core.callbacks import CallbackRunner, load_callbacks
-from mt_core.config import TrainingArgs, args_to_dict, write_run_file
+from mt_core.config import TrainingArgs, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
@@ -50,6 +50,7 @@ from mt_core.progress_state import (
     planned_steps,
     validation_due,
 )
+from mt_core.tracking import open_trackers
 from mt_core.validation import validation_loss
 from mt_data import StepBatch
 from mt_fsdp import (
@@ -164,7 +165,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     text_config = config.get_text_config()
     matmul_params = matmul_parameter_count(model)
     peak = peak_flops_per_gpu(ctx.device)
-    metrics = MetricsLog(output_dir / "metrics.jsonl", _wandb_run(args)) if ctx.is_main else None
+    metrics = MetricsLog(output_dir / "metrics.jsonl", open_trackers(args)) if ctx.is_main else None
     progress = Progress(total_steps, enabled=ctx.is_main, done=state.step)
     stop = StopRequest()
     fire = CallbackRunner(load_callbacks(args.callbacks), ctx.rank, ctx.world_size)
@@ -367,17 +368,3 @@ def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
-
-
-def _wandb_run(args: TrainingArgs):
-    if not args.wandb_project:
-        return None
-    import wandb
-
-    return wandb.init(
-        project=args.wandb_project,
-        name=args.wandb_run_name,
-        entity=args.wandb_entity,
-        config=args_to_dict(args),
-        dir=args.output_dir,
-    )

@@ -394,6 +394,22 @@ class TrainingArgs:
         "Weights & Biases entity (user or team).", _LOGGING, "string", default=None, optional=True
     )
 
+    mlflow_tracking_uri: str | None = field(
+        "MLflow tracking URI (a server, or a file-store folder such as file:///tmp/mlruns, "
+        "which works offline). Set this or mlflow_experiment_name to log to MLflow (needs the "
+        "mlflow extra).",
+        _LOGGING,
+        "string",
+        not_empty,
+        default=None,
+        optional=True,
+    )
+    mlflow_experiment_name: str | None = field(
+        "MLflow experiment.", _LOGGING, "string", not_empty, default=None, optional=True
+    )
+    mlflow_run_name: str | None = field(
+        "MLflow run name.", _LOGGING, "string", default=None, optional=True
+    )
     callbacks: list = field(
         'Trainer callbacks by import path, e.g. ["my_pkg.my_module:MyCallback"]: a '
         "mt_core.TrainerCallback subclass, built with no arguments in every process. A "
@@ -468,6 +484,10 @@ def _cross_field_problems(args: TrainingArgs) -> list[tuple[str, str]]:
                 problems.append(
                     (key, "has no effect without validation_split or validation_data_path")
                 )
+    if args.mlflow_run_name is not None and not (
+        args.mlflow_tracking_uri or args.mlflow_experiment_name
+    ):
+        problems.append(("mlflow_run_name", "has no effect without mlflow_tracking_uri"))
     for key in ("wandb_run_name", "wandb_entity"):
         if getattr(args, key) is not None and args.wandb_project is None:
             problems.append((key, "has no effect without wandb_project"))
