@@ -44,6 +44,8 @@ class OutputDir:
             raise ConfigError([verdict[0]])
 
     def _claim(self) -> str:
+        if self.path.exists() and not self.path.is_dir():
+            return f"output_dir: {self.path} is a file, not a folder; choose a folder"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
@@ -75,14 +77,16 @@ class OutputDir:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a request to stop at the next step boundary."""
+    """Turns SIGTERM/SIGINT (and with ``on_demand`` SIGUSR1/SIGUSR2) into a request to write a
+    checkpoint and stop at the next step boundary."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
+    def __init__(self, on_demand: bool = False) -> None:
         self.received: int | None = None
         self._previous = {}
-        for number in self.SIGNALS:
+        numbers = [signal.SIGTERM, signal.SIGINT]
+        if on_demand:
+            numbers += [signal.SIGUSR1, signal.SIGUSR2]
+        for number in numbers:
             # outside the main thread signals stay with whoever handles them (ValueError)
             with contextlib.suppress(ValueError):
                 self._previous[number] = signal.signal(number, self._handle)
@@ -105,11 +109,12 @@ class StopRequest:
 
 def resume_folder(args: TrainingArgs, checkpoints: Path) -> Path | None:
     """The checkpoint this run continues from, or None to start fresh."""
-    if args.resume == "off":
+    chosen = args.resume_from_full_state_checkpoint or args.resume
+    if chosen == "off":
         return None
-    if args.resume == "auto":
+    if chosen == "auto":
         return latest_checkpoint(checkpoints)
-    folder = Path(args.resume)
+    folder = Path(chosen)
     if not (folder / "trainer_state.json").is_file():
         raise ConfigError(
             [f"resume: {folder} is not a complete mt checkpoint (no trainer_state.json); give "

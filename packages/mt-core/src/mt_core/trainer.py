@@ -167,7 +167,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     peak = peak_flops_per_gpu(ctx.device)
     metrics = MetricsLog(output_dir / "metrics.jsonl", open_trackers(args)) if ctx.is_main else None
     progress = Progress(total_steps, enabled=ctx.is_main, done=state.step)
-    stop = StopRequest()
+    stop = StopRequest(on_demand=args.on_demand_checkpointing)
     fire = CallbackRunner(load_callbacks(args.callbacks), ctx.rank, ctx.world_size)
     exports: list[Path] = []
     last_loss = math.nan

@@ -273,6 +273,22 @@ class TrainingArgs:
         not_empty,
         default="auto",
     )
+    on_demand_checkpointing: bool = field(
+        "mini_trainer's key: SIGUSR1 and SIGUSR2 (e.g. SLURM's --signal=USR1@120) also write a "
+        "full training-state checkpoint at the next step boundary and stop, as SIGTERM and "
+        "SIGINT always do.",
+        _RESUME,
+        "boolean",
+        default=False,
+    )
+    resume_from_full_state_checkpoint: str | None = field(
+        "mini_trainer's key: resume from this checkpoint folder (the same as resume = PATH).",
+        _RESUME,
+        "string",
+        not_empty,
+        default=None,
+        optional=True,
+    )
     skip_nonfinite_steps: bool = field(
         "A step whose loss or gradient norm is NaN or infinite is skipped (no update; counted "
         "as skipped_steps in the metrics) instead of stopping the run.",
@@ -467,6 +483,10 @@ def _cross_field_problems(args: TrainingArgs) -> list[tuple[str, str]]:
                 f"{args.pretraining.block_size} is more than max_tokens_per_gpu = "
                 f"{args.max_tokens_per_gpu}: a block would fit in no minibatch",
             )
+        )
+    if args.resume_from_full_state_checkpoint is not None and args.resume not in ("auto",):
+        problems.append(
+            ("resume_from_full_state_checkpoint", f"give either it or resume = {args.resume!r}")
         )
     has_data = args.validation_split > 0 or args.validation_data_path is not None
     triggers = ("validation_frequency", "validate_at_epoch", "min_samples_per_validation",
