@@ -9,6 +9,7 @@ clipping, AdamW and the schedule; rank 0 writes the metrics line and any due HF 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import resource
@@ -43,6 +44,7 @@ from mt_core.model import (
     matmul_parameter_count,
 )
 from mt_core.optim import build_optimizer, build_scheduler, clip_gradients
+from mt_core.osft_setup import setup_osft
 from mt_core.progress_state import (
     RunState,
     export_due,
@@ -133,7 +135,11 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         trust_remote_code=args.trust_remote_code,
     )
 
-    # 3. Optimizer and schedule.
+    # 3. OSFT (after sharding, before the optimizer), then the optimizer and schedule.
+    saved = _read_trainer_state(resume_from)
+    osft = setup_osft(
+        args, model, config.model_type, data.train, ctx, saved.get("osft_ratios") if saved else None
+    )
     optimizer = build_optimizer(
         model,
         lr=args.learning_rate,
@@ -153,7 +159,9 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     # 4. Resume: weights, optimizer, schedule, data position, RNG and counters.
     state = RunState(epochs_done=sampler.epoch)
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, model, optimizer)
+        saved = load_checkpoint(
+            resume_from, model, optimizer, osft.state_dict() if osft is not None else None
+        )
         scheduler.load_state_dict(saved["scheduler"])
         sampler.load_state_dict(saved["sampler"])
         state = RunState.from_json(saved["run"])
@@ -177,9 +185,16 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
             "run": state.to_json(),
             "sampler": sampler.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "osft_ratios": osft.ratios if osft is not None else None,
         }
         folder = save_checkpoint(
-            checkpoints, state.step, model, optimizer, trainer_state, args.keep_last_checkpoints
+            checkpoints,
+            state.step,
+            model,
+            optimizer,
+            trainer_state,
+            args.keep_last_checkpoints,
+            osft.state_dict() if osft is not None else None,
         )
         fire("on_save", step=state.step, epoch=state.epochs_done, path=str(folder))
         return folder
@@ -199,12 +214,16 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
 
             hook = functools.partial(fire, step=state.step, epoch=state.epochs_done)
             loss, context_sum = _forward_backward(model, batch, ctx, hook)
+            if osft is not None:
+                osft.project_gradients_()  # Adam's moments then see only trainable directions
             grad_norm = clip_gradients(model, args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             state.step += 1
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 fire("on_before_optimizer_step", step=state.step - 1, epoch=state.epochs_done)
                 optimizer.step()
+                if osft is not None:
+                    osft.project_()  # the total change stays orthogonal to the frozen subspace
                 fire("on_after_optimizer_step", step=state.step, epoch=state.epochs_done)
             elif args.skip_nonfinite_steps:
                 state.skipped_steps += 1  # no update; the data of this step is passed over
@@ -325,6 +344,14 @@ def _forward_backward(
     return float(totals[0]), float(totals[1])
 
 
+def _read_trainer_state(folder: Path | None) -> dict | None:
+    """The JSON state of the checkpoint being resumed (read before the model state, because
+    OSFT's shapes depend on it)."""
+    if folder is None:
+        return None
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
 def _quiet() -> None:
     """Silence warnings and library progress on this rank (every rank would repeat them)."""
     import warnings
@@ -353,8 +380,8 @@ def _export(
     """``hf_format/samples_<N>`` as mini_trainer names it, in save_dtype or else the dtype the
     model was published in."""
     target = output_dir / "hf_format" / f"samples_{samples_seen}"
-    if args.save_dtype:
-        save_dtype = TORCH_DTYPES[args.save_dtype]
+    if args.save_dtype or (args.osft and args.osft_output_dtype):
+        save_dtype = TORCH_DTYPES[args.save_dtype or args.osft_output_dtype]
     else:
         own = getattr(model.config, "dtype", None) or torch.float32
         save_dtype = getattr(torch, own) if isinstance(own, str) else own

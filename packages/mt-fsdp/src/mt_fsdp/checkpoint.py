@@ -71,11 +71,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep_last: int | None = None,
+    extra_tensors: dict[str, Any] | None = None,
 ) -> Path:
     """Write the training state of ``step`` to ``root/step_<step>`` (collective: every rank).
 
-    ``trainer_state`` must be JSON (rank 0's copy is written). With ``keep_last``, older complete
-    checkpoints beyond that many are removed, but only after the new one is complete.
+    ``trainer_state`` must be JSON (rank 0's copy is written); ``extra_tensors`` is more
+    (possibly sharded) tensor state saved beside the model's, e.g. OSFT's frozen bases. With
+    ``keep_last``, older complete checkpoints beyond that many are removed, but only after the new
+    one is complete.
     """
     root = Path(root)
     final = root / f"step_{step}"
@@ -87,7 +90,10 @@ def save_checkpoint(
     _barrier()
     try:
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        if extra_tensors:
+            state["extra"] = extra_tensors
+        dcp.save(state, checkpoint_id=temporary)
         save_file(_rng_state(), temporary / f"rng_rank{rank}.safetensors")
         if rank == 0:
             _write_json(temporary / _STATE_FILE, {"step": step, **trainer_state})
@@ -114,16 +120,22 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    folder: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra_tensors: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG states from ``folder``; returns the trainer
-    state. Works on a different number of ranks than the checkpoint was written with."""
+    """Restore model, optimizer, ``extra_tensors`` (in place) and this rank's RNG states from
+    ``folder``; returns the trainer state. Works on a different number of ranks than the
+    checkpoint was written with."""
     folder = Path(folder)
     state_file = folder / _STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"{folder} is not a complete mt checkpoint (no {_STATE_FILE})")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
+    if extra_tensors:
+        state["extra"] = extra_tensors
     dcp.load(state, checkpoint_id=folder)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]

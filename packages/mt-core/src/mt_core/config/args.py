@@ -14,6 +14,7 @@ import attrs
 from mt_core.config.fields import (
     KeyedConfigError,
     at_least,
+    at_most,
     below_one,
     field,
     finite,
@@ -65,6 +66,7 @@ _LENGTH = "Length of training"
 _CHECKPOINTS = "Checkpoints"
 _RESUME = "Resume and preemption"
 _VALIDATION = "Validation"
+_OSFT = "Orthogonal Subspace Fine-Tuning (OSFT)"
 _SPEED = "Precision, memory and speed"
 _LOGGING = "Logging and callbacks"
 
@@ -355,6 +357,70 @@ class TrainingArgs:
         default=0.0,
     )
 
+    osft: bool = field(
+        "Orthogonal Subspace Fine-Tuning: each target matrix keeps its top singular directions "
+        "frozen (the total change stays orthogonal to them), so earlier knowledge is kept.",
+        _OSFT,
+        "boolean",
+        default=False,
+    )
+    osft_unfreeze_rank_ratio: float = field(
+        "Share of each target matrix's rank that trains, smallest singular values first: "
+        "0.0 = all frozen, 1.0 = full fine-tuning.",
+        _OSFT,
+        "float",
+        at_least(0),
+        at_most(1),
+        default=0.25,
+    )
+    osft_target_patterns: list | None = field(
+        "Module-name patterns of the target matrices (globs, or 're:' + a regex). Not set = "
+        "attention q/k/v/o and MLP gate/up/down of the model's architecture.",
+        _OSFT,
+        "array",
+        default=None,
+        optional=True,
+    )
+    osft_upcast_dtype: str = field(
+        "Precision of the SVD and of the projections.",
+        _OSFT,
+        "string",
+        default="float32",
+        choices=fixed("float32", "float64"),
+    )
+    osft_output_dtype: str | None = field(
+        "Dtype of exported OSFT weights when save_dtype is not set. Not set = the model's own.",
+        _OSFT,
+        "string",
+        default=None,
+        optional=True,
+        choices=fixed(*DTYPES),
+    )
+    osft_adaptive_ratios: bool = field(
+        "The paper's adaptive per-layer ratio: layer importance (how much each decoder block "
+        "changes its input, measured on a few training batches) sets each block's ratio between "
+        "osft_min_ratio (most important) and osft_max_ratio; the ratios are logged.",
+        _OSFT,
+        "boolean",
+        default=False,
+    )
+    osft_min_ratio: float = field(
+        "Adaptive ratios: the ratio of the most important block.",
+        _OSFT,
+        "float",
+        at_least(0),
+        at_most(1),
+        default=0.1,
+    )
+    osft_max_ratio: float = field(
+        "Adaptive ratios: the ratio of the least important block.",
+        _OSFT,
+        "float",
+        at_least(0),
+        at_most(1),
+        default=0.5,
+    )
+
     train_dtype: str = field(
         "Dtype of the trained (master) weights, their gradients and the optimizer state. "
         "On a GPU the forward and backward passes compute in bfloat16 (FSDP mixed precision).",
@@ -488,6 +554,8 @@ def _cross_field_problems(args: TrainingArgs) -> list[tuple[str, str]]:
         problems.append(
             ("resume_from_full_state_checkpoint", f"give either it or resume = {args.resume!r}")
         )
+    if args.osft_min_ratio > args.osft_max_ratio:
+        problems.append(("osft_min_ratio", "must not be above osft_max_ratio"))
     has_data = args.validation_split > 0 or args.validation_data_path is not None
     triggers = ("validation_frequency", "validate_at_epoch", "min_samples_per_validation",
                 "validate_at_final")  # fmt: skip

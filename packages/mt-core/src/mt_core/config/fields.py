@@ -152,6 +152,10 @@ def at_least(bound: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= bound else f"must be >= {bound}, got {v}"
 
 
+def at_most(bound: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v <= bound else f"must be <= {bound}, got {v}"
+
+
 def below_one(v: float) -> str | None:
     return None if v < 1 else f"must be < 1, got {v}"
 

@@ -1,0 +1,492 @@
+"""Applying OSFT to a model and keeping the invariant through training.
+
+Design: the weight stays one dense parameter; each update is projected back after the step.
+
+Every target keeps its ordinary ``weight`` parameter (same name, shape, dtype; the forward pass is
+untouched) and OSFT holds, outside the module tree, the original weight ``ref = W0`` and thin bases
+of the frozen singular directions (see :mod:`mt_osft.subspace`). After every optimizer step
+:meth:`OSFTState.project_` sets
+
+    W <- W0 + Π(W - W0),    Π(D) = (I - U_hi U_hi^T) D (I - V_hi V_hi^T).
+
+Why this guarantees the invariant: whatever the step did (Adam's per-element scaling, momentum,
+weight decay, clipping), the total change after the projection is ΔW = Π(D) for some D, and
+U_hi^T Π(D) = 0, Π(D) V_hi = 0 hold for every D because U_hi^T (I - U_hi U_hi^T) = 0. The reference
+is W0 itself, bitwise, so the projection never depends on how accurately U S V^T reconstructs W0;
+the only errors are the float rounding of one projection and of storing W, which do not accumulate
+(each step re-projects the whole change from W0, removing the previous step's rounding too).
+
+It is the same trajectory as the reparametrisation W = W_frozen + W_train with W_train projected
+after each step (``W_train <- Π(W_train)``): the gradients are equal, and AdamW's weight decay of the
+frozen part, ``-lr wd W_frozen``, is removed by Π because Π(W_frozen) = 0, so decay acts on the
+trainable part only and pulls it towards 0, which lies in the trainable subspace. But the single
+parameter costs less: no second dense parameter to all-gather in every FSDP forward and backward,
+no extra add in the forward, the state dict keeps the original names (the dense weights *are* the
+parameters, so saving needs no reconstruction), and ratio 1.0 (no projection at all) is full
+fine-tuning exactly. Trainable low-rank factors (mini_trainer's parametrisation) would save optimizer
+memory at small ratios but change the optimisation (ratio 1.0 is then not full fine-tuning) and
+rebuild every dense weight in every forward.
+
+Projecting the gradients first (:meth:`OSFTState.project_gradients_`, between backward and the step)
+keeps Adam's moments in the trainable subspace; it does not by itself keep the weights there,
+because Adam divides each element by its own second moment.
+
+Ratio 0 for a matrix freezes its weight (``requires_grad=False``): it never changes, bitwise.
+Ratio 1 leaves it alone: full fine-tuning. Parameters that no pattern targets are not touched.
+
+Memory per projected target (out x in, k frozen of rank r, t = r - k trainable): W0 in the weight's
+dtype (out·in) plus the bases in ``upcast_dtype``, ``out·min(k, t)`` or ``out·k`` and likewise for
+``in``; optimizer state and gradients are those of full fine-tuning.
+
+Sharding (FSDP2): call :func:`apply_osft` after ``fully_shard``. A target whose weight is a DTensor
+sharded on dim 0 gets W0 and the left basis sharded the same way (each rank holds its rows) and the
+right basis sharded on its rows too; the projection works on the local rows, all-reduces the
+``U^T D`` product (basis width x in) and all-gathers the right basis one matrix at a time. The SVDs are spread over the
+ranks (matrix i on rank i mod world size), each rank holding its shard plus the one full matrix it
+decomposes, and each basis is scattered from its owner.
+
+Checkpoints: W0 and the bases are not in ``model.state_dict()``; :meth:`OSFTState.state_dict` holds
+them (DTensors when sharded, so ``torch.distributed.checkpoint`` saves one shard per rank). To resume
+exactly, save it with the model and optimizer, rebuild with ``apply_osft(..., ratios=state.ratios,
+decompose=False)`` (allocates the same shapes, no SVD) and load into it. Recomputing instead (W0 from
+the base model, SVD again) gives the same W0 bitwise and the same bases on the same hardware and
+torch version, but LAPACK/cuSOLVER results may differ in the last bits elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from mt_osft.config import OSFTConfig
+from mt_osft.patterns import default_target_patterns, match_targets
+from mt_osft.subspace import (
+    SubspacePlan,
+    decompose,
+    ieee_matmul,
+    plan_subspace,
+    project,
+    trainable_rank,
+)
+
+__all__ = ["OSFTState", "OSFTTarget", "apply_osft"]
+
+_SUFFIXES = ("osft_ref", "osft_left", "osft_right")
+
+
+@dataclass
+class OSFTTarget:
+    """One target matrix: where it lives, how it is split, and its frozen data.
+
+    ``ref`` (W0), ``left`` and ``right`` are None unless ``plan.projected``. They are plain
+    tensors, or DTensors with the weight's mesh when the weight is sharded.
+    """
+
+    name: str  # parameter name, the key in model.state_dict(): "model.layers.0.mlp.up_proj.weight"
+    module: nn.Module
+    ratio: float
+    plan: SubspacePlan
+    dtype: torch.dtype  # the weight's dtype when OSFT was applied
+    ref: torch.Tensor | None = None
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        # Looked up each time: fully_shard replaces the module's parameter objects.
+        return self.module.weight
+
+
+class OSFTState:
+    """The handle :func:`apply_osft` returns: the targets and the per-step operations."""
+
+    def __init__(
+        self, config: OSFTConfig, targets: list[OSFTTarget], svd_seconds: float = 0.0
+    ) -> None:
+        self.config = config
+        self.targets: dict[str, OSFTTarget] = {target.name: target for target in targets}
+        self.svd_seconds = svd_seconds  # this rank's time in SVDs (for the log)
+
+    def __repr__(self) -> str:
+        projected = sum(t.plan.projected for t in self.targets.values())
+        frozen = sum(t.plan.n_train == 0 for t in self.targets.values())
+        return (
+            f"OSFTState({len(self.targets)} targets: {projected} projected, {frozen} frozen, "
+            f"{len(self.targets) - projected - frozen} fully trainable)"
+        )
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """The unfreeze ratio of every target (parameter name -> ratio), for logs and for
+        rebuilding the same shapes on resume (``apply_osft(ratios=state.ratios)``)."""
+        return {name: target.ratio for name, target in self.targets.items()}
+
+    def summary(self) -> list[dict]:
+        """One JSON-able row per target: name, shape, rank, trainable and frozen directions."""
+        return [
+            {
+                "name": t.name,
+                "shape": list(t.plan.shape),
+                "rank": t.plan.rank,
+                "ratio": t.ratio,
+                "n_train": t.plan.n_train,
+                "n_frozen": t.plan.n_frozen,
+            }
+            for t in self.targets.values()
+        ]
+
+    def trainable_parameter_count(self, model: nn.Module) -> int:
+        """Degrees of freedom that train: every trainable parameter's elements, with a projected
+        target counted as its trainable subspace, (out - k) (in - k), rather than out x in."""
+        count = 0
+        seen: set[int] = set()
+        by_param = {id(t.weight): t for t in self.targets.values()}
+        for param in model.parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            target = by_param.get(id(param))
+            count += target.plan.trainable_elements if target is not None else param.numel()
+        return count
+
+    # ---- the training step ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """W <- W0 + Π(W - W0) for every projected target. Call after ``optimizer.step()``.
+
+        Under sharding every rank must call it (it communicates)."""
+        with ieee_matmul():
+            for target in self.targets.values():
+                if target.plan.projected:
+                    self._project_weight(target)
+
+    @torch.no_grad()
+    def project_gradients_(self) -> None:
+        """grad <- Π(grad) for every projected target that has a gradient. Call between the
+        backward pass and gradient clipping / ``optimizer.step()``. Does nothing when
+        ``config.project_gradients`` is False, so a trainer may call it unconditionally. Under
+        sharding every rank must call it."""
+        if not self.config.project_gradients:
+            return
+        with ieee_matmul():
+            for target in self.targets.values():
+                grad = target.weight.grad
+                if target.plan.projected and grad is not None:
+                    self._project_tensor(target, grad)
+
+    def _project_weight(self, target: OSFTTarget) -> None:
+        weight, ref = _local(target.weight), _local(target.ref)
+        dtype = self.config.upcast_dtype
+        ref_up = ref.to(dtype)
+        d = weight.to(dtype) - ref_up
+        d = self._project_local(target, d)
+        weight.copy_(d.add_(ref_up))
+
+    def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
+        local = _local(tensor)
+        d = local.to(self.config.upcast_dtype, copy=True)
+        local.copy_(self._project_local(target, d))
+
+    def _project_local(self, target: OSFTTarget, d: torch.Tensor) -> torch.Tensor:
+        plan = target.plan
+        left, right = target.left, target.right
+        reduce = None
+        if isinstance(left, DTensor):
+            group = _shard_group(left)
+            right = right.full_tensor()
+            left = left.to_local()
+
+            def reduce(tensor: torch.Tensor) -> None:
+                dist.all_reduce(tensor, group=group)
+
+        elif isinstance(target.weight, DTensor):
+            raise RuntimeError(
+                f"{target.name} is sharded but its OSFT state is not: call apply_osft after "
+                f"fully_shard, not before"
+            )
+        return project(d, left, plan.left_keep, right, plan.right_keep, reduce)
+
+    # ---- measuring ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def residuals(
+        self, original: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, tuple[float, float]]:
+        """The invariant, measured: for each projected target, ``(|U_hi^T ΔW|_F, |ΔW V_hi|_F) /
+        |ΔW|_F`` with ΔW = W - W0 in float64 (0.0 when ΔW = 0). W0 is the stored reference, or
+        ``original[name]`` (full tensors) for the targets named there. Under sharding every rank
+        must call it (it gathers the weights)."""
+        results = {}
+        for name, target in self.targets.items():
+            if not target.plan.projected or (original is not None and name not in original):
+                continue
+            w0 = _full(target.ref) if original is None else original[name]
+            weight = _full(target.weight).to(torch.float64)
+            delta = weight - w0.to(weight.device, torch.float64)
+            left = _full(target.left).to(torch.float64)
+            right = _full(target.right).to(torch.float64)
+            norm = float(delta.norm())
+            if norm == 0.0:
+                results[name] = (0.0, 0.0)
+                continue
+            left_part = left.T @ delta
+            right_part = delta @ right
+            # With a complement basis, |U_hi^T D| = |D - U_lo U_lo^T D| (U_hi, U_lo span R^out).
+            if target.plan.left_keep:
+                left_part = delta - left @ left_part
+            if target.plan.right_keep:
+                right_part = delta - right_part @ right.T
+            results[name] = (float(left_part.norm()) / norm, float(right_part.norm()) / norm)
+        return results
+
+    # ---- saving and resuming --------------------------------------------------------------
+
+    def cast_for_saving(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state_dict`` with every target weight cast to ``output_dtype`` (default: the dtype
+        the weight had when OSFT was applied); other entries unchanged. Use it on a state dict
+        gathered by the caller (e.g. ``get_model_state_dict(full_state_dict=True)``)."""
+        result = dict(state_dict)
+        for name, target in self.targets.items():
+            if name in result:
+                result[name] = result[name].to(self.config.output_dtype or target.dtype)
+        return result
+
+    def dense_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict under its original names, every target as its dense W in
+        ``output_dtype``: it loads into the unmodified architecture. Sharded entries are gathered
+        (every rank must call it then). Entries may share memory with the live parameters."""
+        state = {
+            key: value.full_tensor() if isinstance(value, DTensor) else value
+            for key, value in model.state_dict().items()
+        }
+        return self.cast_for_saving(state)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """W0 and the bases of every projected target, keyed ``<param name>.osft_ref`` /
+        ``.osft_left`` / ``.osft_right``. The tensors are the live ones (DTensors when sharded),
+        so ``torch.distributed.checkpoint.load`` can fill them in place."""
+        state = {}
+        for name, target in self.targets.items():
+            if target.plan.projected:
+                for suffix, tensor in zip(
+                    _SUFFIXES, (target.ref, target.left, target.right), strict=True
+                ):
+                    state[f"{name}.{suffix}"] = tensor
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy a :meth:`state_dict` into this state (built with the same ratios, e.g. by
+        ``apply_osft(..., decompose=False)``). Full tensors load into sharded ones too."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise KeyError(
+                f"OSFT state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for key, tensor in own.items():
+            source = state_dict[key]
+            if tuple(source.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"OSFT state {key}: shape {tuple(source.shape)} != {tuple(tensor.shape)} "
+                    f"(were the same ratios used?)"
+                )
+            if isinstance(tensor, DTensor) and not isinstance(source, DTensor):
+                # Every rank holds the full tensor: each keeps its own shard, no communication.
+                mesh, placements = tensor.device_mesh, tensor.placements
+                source = distribute_tensor(
+                    source.to(tensor.device), mesh, placements, src_data_rank=None
+                )
+            tensor.copy_(source)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_group(tensor: DTensor):
+    """The process group over which ``tensor``'s rows are sharded."""
+    placements = tensor.placements
+    shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
+    ok = all(isinstance(p, Replicate) or p == Shard(0) for p in placements)
+    if len(shard_dims) != 1 or not ok:
+        raise NotImplementedError(
+            f"OSFT supports weights sharded on dim 0 over one mesh dimension, got {placements}"
+        )
+    return tensor.device_mesh.get_group(shard_dims[0])
+
+
+def _resolve_ratio(name: str, default: float, ratios: Mapping[str, float], used: set[str]) -> float:
+    """The most specific entry of ``ratios`` for module ``name``: its own name, else its nearest
+    ancestor module (``model.layers.3`` covers ``model.layers.3.mlp.up_proj``), else ``default``."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        key = ".".join(parts[:end])
+        if key in ratios:
+            used.add(key)
+            return ratios[key]
+    return default
+
+
+def apply_osft(
+    model: nn.Module,
+    config: OSFTConfig,
+    *,
+    model_type: str | None = None,
+    ratios: Mapping[str, float] | None = None,
+    decompose: bool = True,
+) -> OSFTState:
+    """Make ``model`` train under OSFT; returns the :class:`OSFTState` handle.
+
+    Targets: the modules matched by ``config.target_patterns``, else by the default patterns of
+    ``model_type`` (e.g. ``config.model_type`` of a HF model). ``ratios`` maps module names (a
+    target's module, or any ancestor such as a decoder block ``model.layers.3``; the most specific
+    wins; a target's parameter name ``....weight`` works too) to unfreeze ratios overriding
+    ``config.unfreeze_rank_ratio``; every key must cover some target.
+
+    Matrices with ratio 0 get ``requires_grad=False``. Call before building the optimizer, and
+    after ``fully_shard`` when sharding (every rank then calls it: the SVDs are spread over the
+    ranks). ``decompose=False`` skips the SVDs and allocates zero-filled state of the right shapes,
+    to be filled by :meth:`OSFTState.load_state_dict` or a distributed checkpoint load.
+    """
+    if config.target_patterns is not None:
+        patterns = list(config.target_patterns)
+    elif model_type is not None:
+        patterns = default_target_patterns(model_type)
+    else:
+        raise ValueError("osft_target_patterns: set the patterns or pass the model_type")
+    ratios = dict(ratios or {})
+    for key, value in ratios.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"osft ratios[{key!r}] must be a number in [0, 1], got {value!r}")
+    # Keys given as parameter names (".weight") are accepted and mean their module.
+    ratios = {key.removesuffix(".weight"): float(value) for key, value in ratios.items()}
+
+    modules = dict(model.named_modules())
+    used: set[str] = set()
+    targets: list[OSFTTarget] = []
+    seen: set[int] = set()
+    for module_name in match_targets(model, patterns):
+        module = modules[module_name]
+        weight = module.weight
+        if id(weight) in seen:  # one matrix shared by two modules: split it once
+            continue
+        seen.add(id(weight))
+        ratio = _resolve_ratio(module_name, config.unfreeze_rank_ratio, ratios, used)
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        plan = plan_subspace(shape, trainable_rank(min(shape), ratio))
+        targets.append(
+            OSFTTarget(
+                name=f"{module_name}.weight" if module_name else "weight",
+                module=module,
+                ratio=ratio,
+                plan=plan,
+                dtype=weight.dtype,
+            )
+        )
+    unused = sorted(set(ratios) - used)
+    if unused:
+        raise ValueError(f"osft ratios: {unused} cover no OSFT target")
+
+    for target in targets:
+        if target.plan.n_train == 0:
+            target.weight.requires_grad_(False)
+    projected = [t for t in targets if t.plan.projected]
+    seconds = _build_state(projected, config.upcast_dtype, decompose)
+    return OSFTState(config, targets, seconds)
+
+
+@torch.no_grad()
+def _build_state(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool) -> float:
+    """Fill ref / left / right of every target; returns this rank's seconds spent in SVDs."""
+    plain = [t for t in targets if not isinstance(t.weight, DTensor)]
+    sharded = [t for t in targets if isinstance(t.weight, DTensor)]
+    seconds = 0.0
+    for target in plain:
+        weight, plan = target.weight, target.plan
+        if run_svd:
+            target.ref = weight.detach().clone()
+            start = time.perf_counter()
+            target.left, target.right = decompose(weight, plan, upcast)
+            seconds += _elapsed(start, weight.device)
+        else:
+            target.ref = torch.zeros_like(weight, requires_grad=False)
+            target.left = weight.new_zeros(plan.shape[0], plan.left_cols, dtype=upcast)
+            target.right = weight.new_zeros(plan.shape[1], plan.right_cols, dtype=upcast)
+    if sharded:
+        seconds += _build_sharded(sharded, upcast, run_svd)
+    return seconds
+
+
+def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool) -> float:
+    """The sharded case: W0 is the local shard (no communication); matrix i is gathered to and
+    decomposed by rank i mod world, in rounds of one matrix per rank, so the SVDs run in parallel
+    and no rank holds more than its shards plus one full matrix; the bases are scattered back."""
+    from torch.distributed.tensor import zeros as dtensor_zeros
+
+    for target in targets:
+        _shard_group(target.weight)  # reject layouts the projection does not support
+        if run_svd:
+            target.ref = target.weight.detach().clone()
+        else:
+            target.ref = torch.zeros_like(target.weight, requires_grad=False)
+    if not run_svd:
+        for target in targets:
+            mesh, placements = target.weight.device_mesh, target.weight.placements
+            out, inn = target.plan.shape
+            target.left = dtensor_zeros(
+                out, target.plan.left_cols, dtype=upcast, device_mesh=mesh, placements=placements
+            )
+            target.right = dtensor_zeros(
+                inn, target.plan.right_cols, dtype=upcast, device_mesh=mesh, placements=placements
+            )
+        return 0.0
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seconds = 0.0
+    for start in range(0, len(targets), world):
+        chunk = targets[start : start + world]
+        mine = None
+        for owner, target in enumerate(chunk):
+            full = target.weight.detach().full_tensor()  # collective: every rank takes part
+            if owner == rank:
+                mine = (target, full)
+            del full
+        bases = None
+        if mine is not None:
+            target, full = mine
+            begin = time.perf_counter()
+            bases = decompose(full, target.plan, upcast)
+            seconds += _elapsed(begin, full.device)
+            del full, mine
+        for owner, target in enumerate(chunk):
+            weight = target.weight
+            mesh, placements = weight.device_mesh, weight.placements
+            out, inn = target.plan.shape
+            if owner == rank:
+                left, right = bases
+            else:  # placeholders: distribute_tensor takes the data from the owner
+                device = weight.to_local().device
+                left = torch.empty(out, target.plan.left_cols, dtype=upcast, device=device)
+                right = torch.empty(inn, target.plan.right_cols, dtype=upcast, device=device)
+            target.left = distribute_tensor(left, mesh, placements, src_data_rank=owner)
+            target.right = distribute_tensor(right, mesh, placements, src_data_rank=owner)
+    return seconds
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

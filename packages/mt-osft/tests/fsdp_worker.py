@@ -1,0 +1,115 @@
+"""Run by test_fsdp.py as one process per rank: ``python fsdp_worker.py RANK WORLD STORE OUT``.
+
+OSFT on a model sharded with FSDP2 over gloo ranks; rank 0 writes its dense state dict, residuals
+and checks to OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mt_osft import OSFTConfig, apply_osft
+
+CONFIG = OSFTConfig(0.5, ["*.up", "*.down"])
+RATIOS = {"1.down": 0.0}
+STEPS = 6
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(24, 37)  # 37 rows: an uneven split over 2 ranks
+        self.down = nn.Linear(37, 24)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(Block(), Block(), nn.Linear(24, 5))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(16, 24, generator=generator), torch.randn(16, 5, generator=generator)
+
+
+def train(model, state, x, y, steps=STEPS) -> None:
+    """Sum of squared errors over the whole batch / 16: the same gradient on 1 or 2 ranks
+    (FSDP averages the ranks' gradients, so each rank scales its half by the world size)."""
+    scale = (dist.get_world_size() if dist.is_initialized() else 1) / 16
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        (((model(x) - y) ** 2).sum() * scale).backward()
+        state.project_gradients_()
+        optimizer.step()
+        state.project_()
+        optimizer.zero_grad()
+
+
+def worker(rank: int, world: int, store: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    model = build()
+    w0 = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for block in model[:2]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    state = apply_osft(model, CONFIG, ratios=RATIOS)
+    sharded = all(isinstance(t, DTensor) for t in state.state_dict().values())
+    # Resume path: shapes without an SVD, filled from the live state (DTensor to DTensor).
+    shadow = apply_osft(build_sharded_twin(mesh), CONFIG, ratios=RATIOS, decompose=False)
+    shadow.load_state_dict(state.state_dict())
+    same = all(
+        torch.equal(a.to_local(), b.to_local())
+        for a, b in zip(state.state_dict().values(), shadow.state_dict().values(), strict=True)
+    )
+    # Full tensors (e.g. from a torch.save on one rank) load into the sharded state too.
+    full = apply_osft(build_sharded_twin(mesh), CONFIG, ratios=RATIOS, decompose=False)
+    full.load_state_dict({key: value.full_tensor() for key, value in state.state_dict().items()})
+    same = same and all(
+        torch.equal(a.to_local(), b.to_local())
+        for a, b in zip(state.state_dict().values(), full.state_dict().values(), strict=True)
+    )
+    x, y = data()
+    train(model, state, x.chunk(world)[rank], y.chunk(world)[rank])
+    residuals = state.residuals({name: w0[name] for name in state.targets})
+    stored = state.residuals()  # against the sharded stored W0: the same numbers
+    same = same and all(
+        abs(stored[name][i] - residuals[name][i]) < 1e-12 for name in stored for i in (0, 1)
+    )
+    dense = state.dense_state_dict(model)
+    if rank == 0:
+        torch.save({"dense": dense, "residuals": residuals, "sharded": sharded, "same": same}, out)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
+    dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's threads occasionally abort there ("terminate called
+    # without an active exception"), after all the work above is done and written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def build_sharded_twin(mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    twin = build()
+    for block in twin[:2]:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(twin, mesh=mesh)
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -1,0 +1,52 @@
+"""OSFT under FSDP2: 2 gloo ranks (sharded weights, sharded OSFT state, SVDs spread over the ranks)
+give the same weights as one process, and keep the invariant."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("mt_osft_fsdp_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    out, store = tmp_path / "rank0.pt", tmp_path / "store"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), "2", str(store), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for rank in ranks:
+        _, stderr = rank.communicate(timeout=300)
+        assert rank.returncode == 0, stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    assert got["sharded"] and got["same"]
+    assert set(got["residuals"]) == {"0.up.weight", "0.down.weight", "1.up.weight"}
+    assert max(max(pair) for pair in got["residuals"].values()) < 1e-6
+
+    worker = _worker_module()
+    model = worker.build()
+    frozen_before = model[1].down.weight.detach().clone()
+    state = worker.apply_osft(model, worker.CONFIG, ratios=worker.RATIOS)
+    worker.train(model, state, *worker.data())
+    expected = state.dense_state_dict(model)
+    assert list(got["dense"]) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got["dense"][name], value, atol=1e-6, rtol=0, msg=name)
+    assert torch.equal(got["dense"]["1.down.weight"], frozen_before)  # ratio 0: bitwise frozen
+    assert not torch.equal(expected["0.up.weight"], worker.build()[0].up.weight)  # it trained

@@ -1,0 +1,126 @@
+"""OSFT through `mt run`: the exported weights keep the frozen singular subspace of every target
+matrix, on one process and on two gloo ranks alike, and a resumed OSFT run equals the
+uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+RATIO = 0.5
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("osft")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    rows = [{"input_ids": [(5 * i + j) % 64 for j in range(6 + i % 9)]} for i in range(40)]
+    for row in rows:
+        row["labels"] = row["input_ids"]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = {
+        "model_name_or_path": str(root / "model"),
+        "data_path": str(root / "data.jsonl"),
+        "output_dir": str(root / "unused"),
+        "batch_size": 8,
+        "max_tokens_per_gpu": 48,
+        "learning_rate": 2e-2,  # large: the weights must really move
+        "lr_scheduler": "constant",
+        "training_mode": "step",
+        "max_steps": 6,
+        "attn_backend": "sdpa",
+        "save_dtype": "float32",
+        "checkpoint_every_steps": 3,
+        "osft": True,
+        "osft_unfreeze_rank_ratio": RATIO,
+    }
+    (root / "run.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    return root
+
+
+def run(root: Path, output: Path, *extra: str, nproc: int = 1) -> dict[str, torch.Tensor]:
+    target = ["mt", "run", str(root / "run.toml"), f"--output_dir={output}", *extra]
+    if nproc > 1:
+        target = [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", "--no-python", *target]
+    result = subprocess.run(target, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (export,) = (output / "hf_format").iterdir()
+    return load_file(export / "model.safetensors")
+
+
+def residuals(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float, float]:
+    """(left, right) relative residuals of the change on the frozen singular directions, and the
+    change's size relative to the weight."""
+    u, s, vh = torch.linalg.svd(before.double(), full_matrices=False)
+    rank = s.numel()
+    frozen = rank - int(RATIO * rank + 0.5)
+    delta = (after - before).double()
+    norm = delta.norm()
+    left = (u[:, :frozen].T @ delta).norm() / norm
+    right = (delta @ vh[:frozen].T).norm() / norm
+    return float(left), float(right), float(norm / before.double().norm())
+
+
+def test_osft_keeps_the_frozen_subspace_and_two_ranks_agree(workspace):
+    original = load_file(next((workspace / "model").glob("*.safetensors")))
+    one = run(workspace, workspace / "one")
+    two = run(workspace, workspace / "two", nproc=2)
+    checked = 0
+    for name, before in original.items():
+        if name.split(".")[-2] in TARGETS:
+            left, right, moved = residuals(before, one[name])
+            assert moved > 0.02, name  # trained for real...
+            assert left < 1e-5 and right < 1e-5, (name, left, right)  # ...never in the frozen part
+            checked += 1
+        else:  # embeddings, norms, head: full fine-tuning
+            assert not torch.equal(before, one[name]), name
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=name)
+    assert checked == 2 * len(TARGETS)
+
+
+KILLER = """
+import os, signal, sys
+import mt_core.trainer as trainer
+from mt_core import load_run_file, train
+calls = 0
+original = trainer.clip_gradients
+def clip_then_die(model, max_norm):
+    global calls
+    calls += 1
+    if calls == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(model, max_norm)
+trainer.clip_gradients = clip_then_die
+train(load_run_file(sys.argv[1], {"output_dir": sys.argv[2]}))
+"""
+
+
+def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace):
+    reference = workspace / "one"
+    if not (reference / "metrics.jsonl").is_file():
+        run(workspace, reference)
+    (workspace / "killer.py").write_text(KILLER)
+    out = workspace / "killed"
+    killed = subprocess.run([sys.executable, str(workspace / "killer.py"),
+                             str(workspace / "run.toml"), str(out)], env=ENV, timeout=300)  # fmt: skip
+    assert killed.returncode != 0
+    resumed = run(workspace, out)
+    want = load_file(next((reference / "hf_format").iterdir()) / "model.safetensors")
+    for name, tensor in want.items():
+        assert torch.equal(resumed[name], tensor), name  # bitwise, CPU float32
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7))
