@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 BIN = Path(sys.executable).parent
 
-CALLBACKS = '''
+CALLBACKS = """
 import os
 from mt_core import TrainerCallback
 
@@ -32,7 +32,7 @@ for _hook in ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end"
 class Broken(TrainerCallback):
     def on_step_end(self, **info):
         raise RuntimeError("this callback is broken")
-'''
+"""
 
 
 def test_hooks_run_in_order_on_every_rank_and_a_broken_callback_does_not_stop_training(tmp_path):

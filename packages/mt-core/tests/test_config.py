@@ -462,3 +462,13 @@ def test_help_lists_every_key_with_type_and_default():
     assert '\n  lr_scheduler  (string, default "cosine")' in text
     assert "\n  use_liger_kernels  (boolean, default: not set)" in text
     assert "constant_with_warmup" in text  # scheduler choices come from transformers
+
+
+def test_mini_trainer_block_size_flag_sets_the_pretraining_table(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'model_name_or_path = "m"\ndata_path = "d.jsonl"\noutput_dir = "o"\nbatch_size = 4\n'
+        "max_tokens_per_gpu = 128\nlearning_rate = 1e-5\n"
+    )
+    args = load_run_file(path, {"block-size": 64})
+    assert args.pretraining is not None and args.pretraining.block_size == 64

@@ -150,6 +150,8 @@ def load_run_file(
     problems = []
     for name, value in (overrides or {}).items():
         dotted = name.replace("-", "_")
+        if dotted == "block_size":  # mini_trainer's flag: a flag set moves over unchanged
+            dotted = "pretraining.block_size"
         problem = _set_dotted(data, dotted.split("."), value)
         if problem:
             problems.append(f"command line: {dotted}: {problem}")
