@@ -47,10 +47,15 @@ def test_samples_without_a_target_are_dropped_with_one_warning(make_store, sft_r
     assert dataset.kept.tolist() == [0, 2]
 
 
-def test_nothing_left_is_an_error(make_store, sft_row):
-    store = make_store([sft_row([1, 2], masked=2)])
-    with pytest.warns(DataWarning), pytest.raises(DataError, match="no sample is left"):
-        SampleDataset(store)
+def test_nothing_left_is_one_error_that_says_why(make_store, sft_row, recwarn):
+    with pytest.raises(DataError, match=r"no sample is left.*-100 \(nothing to learn\)"):
+        SampleDataset(make_store([sft_row([1, 2], masked=2), sft_row([3, 4, 5], masked=3)]))
+    store = make_store([sft_row([1, 2], masked=2), sft_row([1, 2, 3, 4, 5], masked=1)])
+    with pytest.raises(DataError, match=r"2 sample\(s\) are longer than max_tokens_per_gpu=1 "):
+        SampleDataset(store, max_tokens=1)
+    with pytest.raises(DataError, match=r"1 sample\(s\) are longer .* at least 5 "):
+        SampleDataset(store, max_tokens=4)  # the masked sample fits, the learnable one does not
+    assert not recwarn.list  # one message, no warnings before it
 
 
 DOCS = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34], [40]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mt_core.config import TrainingArgs
+from mt_core.config import ConfigError, TrainingArgs
 from mt_data import (
     DataError,
     EpochSampler,
@@ -33,8 +33,19 @@ class RunData:
 def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir: Path) -> RunData:
     """Validate the data into a memory-mapped store (every rank maps the same files), cut it
     into training items and the validation share, and set up the sampler and packer."""
+    if args.batch_size < ctx.world_size:
+        # The packer would leave a rank without any sample in every step: legal, but never
+        # what was meant (it computes nothing there), so it is refused rather than run.
+        raise ConfigError(
+            [f"batch_size: {args.batch_size} is less than the {ctx.world_size} ranks of this run, "
+             "so some rank would get no sample in any step; set batch_size to at least "
+             f"{ctx.world_size} or start fewer processes"]
+        )  # fmt: skip
     if not Path(args.data_path).is_file():
-        raise DataError([f"{args.data_path}: data_path does not exist or is not a file"])
+        raise DataError(
+            [f"{args.data_path}: data_path does not exist or is not a file; set data_path to a "
+             "JSONL file of tokenized samples"]
+        )  # fmt: skip
     store = open_token_store(
         args.data_path,
         cache_dir=output_dir / "data_cache",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from mt_core.attention import resolve_attn_backend, use_padding_free_attention
 from mt_core.config import ConfigError
@@ -24,11 +24,13 @@ from mt_fsdp import (
     parameters_on_meta,
     shard_model,
 )
+from mt_fsdp.load import safetensors_files
 
 __all__ = [
     "TORCH_DTYPES",
     "build_model",
     "liger_available",
+    "load_config",
     "locate_model",
     "matmul_parameter_count",
 ]
@@ -47,6 +49,7 @@ def locate_model(name: str) -> Path:
             raise ConfigError(
                 [f"model_name_or_path: {name} has no config.json; give a HF model folder"]
             )
+        _check_weights(path)
         return path
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError([f"model_name_or_path: {name} is not a folder"])
@@ -61,7 +64,36 @@ def locate_model(name: str) -> Path:
             [f"model_name_or_path: {name!r} is no local folder and could not be downloaded "
              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
         ) from error  # fmt: skip
+    _check_weights(Path(folder))
     return Path(folder)
+
+
+def _check_weights(folder: Path) -> None:
+    # before the data is read: weights come from safetensors only, never from pickles
+    try:
+        safetensors_files(folder)
+    except ValueError as error:
+        raise ConfigError([f"model_name_or_path: {error}"]) from None
+
+
+def load_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config. Code shipped with a model (``auto_map`` in config.json) runs only
+    with ``trust_remote_code``; transformers refuses such a model without it, and mt says so
+    in one line."""
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ConfigError(
+                [f"model_name_or_path: {folder} ships its own modeling code (auto_map in "
+                 "config.json), which mt runs only when the run file sets trust_remote_code = "
+                 "true; set it only for a model whose code you trust"]
+            ) from None  # fmt: skip
+        raise ConfigError(
+            [f"model_name_or_path: {folder}/config.json: {str(error).splitlines()[0]}"]
+        ) from None
+    except OSError as error:  # config.json that is not JSON
+        raise ConfigError([f"model_name_or_path: {str(error).splitlines()[0]}"]) from None
 
 
 def liger_available() -> bool:

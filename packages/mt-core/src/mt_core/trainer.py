@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig
 
 from mt_core.callbacks import CallbackRunner, load_callbacks
 from mt_core.config import TrainingArgs, write_run_file
@@ -40,6 +39,7 @@ from mt_core.model import (
     TORCH_DTYPES,
     build_model,
     liger_available,
+    load_config,
     locate_model,
     matmul_parameter_count,
 )
@@ -107,13 +107,11 @@ def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
 def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     checkpoints = output_dir / "checkpoints"
     resume_from = resume_folder(args, checkpoints)
-    if ctx.is_main:
-        write_run_file(args, output_dir / "run.toml")
     torch.manual_seed(args.seed)
 
     # 1. Data: validated once into a memory-mapped store, before any GPU work.
     model_folder = locate_model(args.model_name_or_path)
-    config = AutoConfig.from_pretrained(model_folder, trust_remote_code=args.trust_remote_code)
+    config = load_config(model_folder, args.trust_remote_code)
     data = build_data(args, ctx, config.get_text_config().vocab_size, output_dir)
     sampler = data.sampler
 
@@ -134,6 +132,10 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         cpu_offload=args.cpu_offload,
         trust_remote_code=args.trust_remote_code,
     )
+    # Model and data are good: only now may this run's resolved run file replace an earlier
+    # run's (a run refused for bad input leaves output_dir as it was).
+    if ctx.is_main:
+        write_run_file(args, output_dir / "run.toml")
 
     # 3. OSFT (after sharding, before the optimizer), then the optimizer and schedule.
     saved = _read_trainer_state(resume_from)

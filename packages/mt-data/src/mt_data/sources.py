@@ -49,7 +49,8 @@ class SampleDataset:
     Dropped, each with one warning that gives the count: samples longer than ``max_tokens``
     (they fit in no minibatch; ``too_long="error"`` refuses them instead, naming ``path:line``)
     and samples without any loss-counted token (they add nothing and can make a minibatch's loss
-    0/0). Item ``i`` of the dataset is sample ``kept[i]`` of the store.
+    0/0). When no sample is left, one DataError says why and what to change (no warnings
+    first). Item ``i`` of the dataset is sample ``kept[i]`` of the store.
     """
 
     def __init__(
@@ -64,23 +65,24 @@ class SampleDataset:
             raise ValueError(f"too_long must be 'drop' or 'error', got {too_long!r}")
         self.store = store
         lengths = np.asarray(store.lengths)
-        keep = np.ones(len(store), dtype=bool)
+        over = np.zeros(len(store), dtype=bool)
         if max_tokens is not None:
             over = lengths > max_tokens
-            if over.any():
-                _report_too_long(store, over, lengths, max_tokens, too_long)
-                keep &= ~over
         silent = np.asarray(store.loss_counts) == 0
-        if (silent & keep).any():
+        keep = ~over & ~silent
+        if over.any() and too_long == "error":
+            _report_too_long(store, over, lengths, max_tokens, too_long)  # raises, naming each
+        if not keep.any():  # one error that says why, rather than warnings and then an error
+            raise DataError([_nothing_left(store, lengths, over, silent, max_tokens)])
+        if over.any():
+            _report_too_long(store, over, lengths, max_tokens, too_long)
+        if (silent & ~over).any():
             warnings.warn(
-                f"{store.source}: dropped {int((silent & keep).sum())} sample(s) with no "
+                f"{store.source}: dropped {int((silent & ~over).sum())} sample(s) with no "
                 "loss-counted token (every label after the first is -100)",
                 DataWarning,
                 stacklevel=2,
             )
-            keep &= ~silent
-        if not keep.any():
-            raise DataError([f"{store.source}: no sample is left to train on"])
         self.kept = np.flatnonzero(keep)
         self.lengths = lengths[self.kept]
         self.loss_counts = np.asarray(store.loss_counts)[self.kept]
@@ -98,6 +100,34 @@ class SampleDataset:
 
     def location(self, index: int) -> str:
         return self.store.location(int(self.kept[index]))
+
+
+def _nothing_left(
+    store: TokenStore,
+    lengths: np.ndarray,
+    over: np.ndarray,
+    silent: np.ndarray,
+    max_tokens: int | None,
+) -> str:
+    """Why no sample of ``store`` can be trained on, and what to change."""
+    head = f"{store.source}: no sample is left to train on"
+    masked = "every label after the first is -100 (nothing to learn)"
+    unmask = "give samples labels to learn (their token ids; -100 only where nothing is learnt)"
+    if over.all():
+        shortest = int(lengths.min())
+        return (
+            f"{head}: all {len(store)} sample(s) are longer than max_tokens_per_gpu="
+            f"{max_tokens} (the shortest has {shortest} tokens); raise max_tokens_per_gpu to at "
+            f"least {shortest} or shorten the samples"
+        )
+    if not over.any():
+        return f"{head}: in each of its {len(store)} sample(s) {masked}; {unmask}"
+    learnable = int(lengths[~silent].min())
+    return (
+        f"{head}: {int(over.sum())} sample(s) are longer than max_tokens_per_gpu={max_tokens} "
+        f"and in the other {int((silent & ~over).sum())} {masked}; raise max_tokens_per_gpu to "
+        f"at least {learnable} (the shortest sample with labels) or {unmask}"
+    )
 
 
 def _report_too_long(

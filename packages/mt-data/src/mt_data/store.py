@@ -151,7 +151,8 @@ class TokenStore:
         if problems:
             raise DataError(
                 problems,
-                header=f"{self.source}: {len(problems)} problem(s) with vocabulary size {vocab_size}",
+                header=f"{self.source}: {len(problems)} problem(s) with vocabulary size "
+                f"{vocab_size}; was the data tokenized with this model's tokenizer?",
             )
 
     def _span(self, i: int) -> tuple[int, int]:

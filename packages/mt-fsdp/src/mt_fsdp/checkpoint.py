@@ -11,8 +11,10 @@ leaves either the new checkpoint or none of it; :func:`latest_checkpoint` never 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +25,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 __all__ = [
@@ -136,7 +143,12 @@ def load_checkpoint(
     state = {"model": model_state, "optimizer": optimizer_state}
     if extra_tensors:
         state["extra"] = extra_tensors
-    dcp.load(state, checkpoint_id=folder)
+    try:
+        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafePlanner())
+    except CheckpointException as error:  # a BaseException: it would pass every handler
+        failure = next(iter(error.failures.values()), error)
+        reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else repr(failure)
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({reason})") from None
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
@@ -164,3 +176,60 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
         json.dump(record, out, indent=1, sort_keys=True)
         out.flush()
         os.fsync(out.fileno())
+
+
+# DCP's own reader unpickles .metadata and its planner loads non-tensor items (optimizer
+# hyperparameters) with weights_only=False: a checkpoint folder from elsewhere could run code.
+# These two read the same files but accept only the classes a DCP checkpoint holds.
+_METADATA_GLOBALS = {
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex",
+            "StorageMeta", "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING",
+        )
+    ),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        try:
+            with open(Path(self.path) / name, "rb") as file:
+                metadata = _MetadataUnpickler(file).load()
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(
+                f"{self.path} is not a checkpoint mt can read safely ({error})"
+            ) from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{self.path}/{name} is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        # DefaultLoadPlanner.load_bytes with weights_only=True: plain values and containers only
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded

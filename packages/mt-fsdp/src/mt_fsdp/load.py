@@ -17,7 +17,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-__all__ = ["load_hf_weights", "materialize", "parameters_on_meta"]
+__all__ = ["load_hf_weights", "materialize", "parameters_on_meta", "safetensors_files"]
+
+# Weight files mt never reads: they are Python pickles, and unpickling runs code.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 @contextlib.contextmanager
@@ -57,13 +60,32 @@ def materialize(model: nn.Module, device: torch.device, init: Callable[[nn.Modul
     init(model)
 
 
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The ``*.safetensors`` files of an HF model folder; a ValueError that says why when there
+    are none. Weights are only ever read from safetensors, never from pickled files (such as
+    ``pytorch_model.bin``), which would run code while loading."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        found = f" (it has {', '.join(pickled[:3])})" if pickled else ""
+        raise ValueError(
+            f"{folder} holds no *.safetensors weights{found}; mt reads weights from safetensors "
+            "only, never from pickled files: use a folder saved with safetensors (a model you "
+            "trust can be converted with save_pretrained(..., safe_serialization=True))"
+        )
+    return files
+
+
 def load_hf_weights(model: nn.Module, folder: str | Path) -> None:
     """Fill every parameter of the (sharded, materialised) model from HF safetensors files.
 
     Tensors are converted to each parameter's dtype on the way in. Tied weights absent from the
     files (an LM head tied to the input embeddings) are filled through the parameter they share.
-    A parameter that is in neither the files nor tied to one raises, naming it.
+    A parameter that is in neither the files nor tied to one raises, naming it. Only
+    ``*.safetensors`` files are read (see :func:`safetensors_files`).
     """
+    safetensors_files(folder)
     reader = dcp.HuggingFaceStorageReader(str(folder))
     available = set(reader.read_metadata().state_dict_metadata)
     state = get_model_state_dict(model)
