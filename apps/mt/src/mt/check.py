@@ -1,0 +1,317 @@
+"""``mt check RUN.toml``: will this run fit, and how long will it take? On a laptop, before the job.
+
+The run file is read and the data validated exactly as ``mt run`` does (mt_core.data.build_data:
+the same store, the same path:line errors, the same dropping of too-long samples), into the same
+cache (``output_dir/data_cache``), so the run that follows starts at once. The model is built from
+its config.json on the meta device (exact parameter counts, no weights). Then a few global
+batches are drawn by the run's own sampler and split by the real packer over the planned ranks,
+which gives the tokens and minibatches per step and, at a stated MFU, the step time; and
+:mod:`mt.memory` estimates each GPU's peak memory. :mod:`mt.check_report` prints it all.
+
+Exit status: 0 when the run fits the GPU, 1 when it does not (the report says what to change),
+2 for a mistake in the run file, the data or the options.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from mt.errors import CommandError, Verdict
+from mt.memory import Gpu, Memory, ModelShape, Settings, estimate, gpu, recompute_factor, step_flops
+from mt_core.config import TrainingArgs, load_run_file
+from mt_core.progress_state import planned_steps
+from mt_data import DataWarning, PretrainingBlocks
+
+__all__ = ["Plan", "check", "make_plan"]
+
+DEFAULT_MFU = 0.4
+DEFAULT_BATCHES = 20
+
+
+@dataclass
+class StepSample:
+    """One global batch drawn by the run's sampler, packed as the run would pack it."""
+
+    tokens: int
+    loss_tokens: int
+    minibatches: int
+    largest: int  # tokens of the fullest minibatch on one GPU
+    time_s: float  # at the stated MFU, the busiest rank of each minibatch setting the pace
+
+
+@dataclass
+class Plan:
+    """Everything ``mt check`` found out about one run on one GPU type and world size."""
+
+    run_file: str
+    args: TrainingArgs
+    model_config: str
+    shape: ModelShape
+    gpu: Gpu
+    nproc_per_node: int
+    nnodes: int
+    mfu: float
+    settings: Settings
+    memory: Memory
+    memory_ac: Memory  # the same run with activation checkpointing on
+    memory_no_ac: Memory  # ... and off
+    items: str  # "samples" or "blocks"
+    file_samples: int
+    file_tokens: int
+    file_loss_tokens: int | None
+    dropped_long: int
+    dropped_silent: int
+    train_items: int
+    validation_items: int
+    longest: int
+    steps: list[StepSample]
+    steps_per_epoch: int
+    total_steps: int | None
+    cache_note: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.peak <= self.gpu.usable_gib * 2**30
+
+
+def check(
+    run_file: str,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    gpu: str = "H100",
+    mfu: float = DEFAULT_MFU,
+    batches: int = DEFAULT_BATCHES,
+    **overrides: Any,
+) -> None:
+    """Validate RUN_FILE and its data as a run would, and print the plan; exit 1 if it does not
+    fit. Run-file keys may be overridden by name (--max_tokens_per_gpu=8192), as with mt run."""
+    from mt.check_report import render  # the model stack loads after the options are checked
+
+    args = load_run_file(str(run_file), overrides)
+    plan = make_plan(args, str(run_file), nproc_per_node, nnodes, gpu, mfu, batches)
+    print(render(plan), end="", flush=True)
+    if not plan.fits:
+        raise Verdict(1)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CommandError(f"--{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def make_plan(
+    args: TrainingArgs,
+    run_file: str,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    gpu_name: str = "H100",
+    mfu: float = DEFAULT_MFU,
+    batches: int = DEFAULT_BATCHES,
+) -> Plan:
+    """The plan of ``args`` on ``nnodes`` x ``nproc_per_node`` GPUs of type ``gpu_name``."""
+    nproc_per_node = _positive_int("nproc_per_node", nproc_per_node)
+    nnodes = _positive_int("nnodes", nnodes)
+    batches = _positive_int("batches", batches)
+    if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
+        raise CommandError(f"--mfu: expected a fraction in (0, 1], e.g. 0.4, got {mfu!r}")
+    try:
+        device = gpu(gpu_name)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    world = nproc_per_node * nnodes
+
+    from mt.model_shape import liger_supports, load_model_config, model_shape  # torch, ...
+
+    config = load_model_config(args.model_name_or_path, args.trust_remote_code)
+    shape = model_shape(
+        config, osft=_osft_settings(args), master=args.train_dtype,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+    notes = []
+    # unset: on, as on any CUDA machine with mt, where Liger has kernels for the architecture
+    liger = args.use_liger_kernels is not False
+    if liger and liger_supports(config.model_type) is False:
+        liger = False
+        notes.append(
+            f"liger-kernel has no kernels for model_type {config.model_type!r}: the logits are "
+            "materialised (the loss row)"
+        )
+    settings = Settings(
+        max_tokens=args.max_tokens_per_gpu,
+        world_size=world,
+        master=args.train_dtype,
+        liger=liger,
+        checkpointing=args.activation_checkpointing,
+        cpu_offload=args.cpu_offload,
+    )
+    with ExitStack() as stack:
+        output_dir, cache_note = _cache_dir(args, stack)
+        train, sampler, caught, counts = _data_plan(
+            args, config.get_text_config().vocab_size, world, output_dir
+        )
+    steps = _sample_steps(args, train, sampler, world, shape, device, mfu, batches)
+    per_epoch = sampler.batches_per_epoch()
+    notes += [str(w.message) for w in caught if not issubclass(w.category, DataWarning)]
+    if args.osft and args.osft_adaptive_ratios:
+        notes.append(
+            "OSFT adaptive ratios are measured at the start of the run: the trainable count and "
+            "OSFT memory are for the midpoint of osft_min_ratio and osft_max_ratio"
+        )
+    if shape.moe:
+        notes.append(
+            "a mixture-of-experts model: the activation estimate assumes one dense MLP per "
+            "layer and is only a guide"
+        )
+    return Plan(
+        run_file=run_file,
+        args=args,
+        model_config=str(Path(args.model_name_or_path) / "config.json")
+        if Path(args.model_name_or_path).is_dir()
+        else f"{args.model_name_or_path} (hub config)",
+        shape=shape,
+        gpu=device,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        mfu=float(mfu),
+        settings=settings,
+        memory=estimate(shape, settings),
+        memory_ac=estimate(shape, replace(settings, checkpointing=True)),
+        memory_no_ac=estimate(shape, replace(settings, checkpointing=False)),
+        steps=steps,
+        steps_per_epoch=per_epoch,
+        total_steps=planned_steps(args, train.lengths, per_epoch),
+        cache_note=cache_note,
+        notes=notes,
+        **counts,
+    )
+
+
+def _osft_settings(args: TrainingArgs):
+    """The run's OSFT settings when it uses OSFT (``osft = true``); adaptive per-layer ratios are
+    only known once measured on the GPU, so the midpoint of their range stands for them."""
+    from mt.model_shape import OsftSettings
+
+    if not args.osft:
+        return None
+    ratio = args.osft_unfreeze_rank_ratio
+    if args.osft_adaptive_ratios:
+        ratio = (args.osft_min_ratio + args.osft_max_ratio) / 2
+    patterns = args.osft_target_patterns
+    return OsftSettings(
+        ratio=float(ratio),
+        target_patterns=tuple(patterns) if patterns else None,
+        upcast_bytes=8 if args.osft_upcast_dtype == "float64" else 4,
+    )
+
+
+def _cache_dir(args: TrainingArgs, stack: ExitStack) -> tuple[Path, str]:
+    """Where the validated store goes: beside the run's output, where ``mt run`` will look for
+    it; a temporary folder when output_dir cannot be written here (another machine's path)."""
+    output_dir = Path(args.output_dir)
+    try:
+        (output_dir / "data_cache").mkdir(parents=True, exist_ok=True)
+        probe = output_dir / "data_cache" / ".mt-check-probe"
+        probe.write_text("")
+        probe.unlink()
+        return output_dir, f"validated data cached in {output_dir / 'data_cache'} for the run"
+    except OSError:
+        temporary = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-check-")))
+        return (
+            temporary,
+            f"output_dir {output_dir} is not writable here: data checked in a temporary cache",
+        )
+
+
+def _data_plan(args: TrainingArgs, vocab_size: int, world: int, output_dir: Path):
+    """The run's data as ``mt run`` builds it (the same function), with what it dropped."""
+    from mt_core.data import build_data
+
+    ctx = SimpleNamespace(world_size=world, rank=0, is_main=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = build_data(args, ctx, vocab_size, output_dir)
+    source = data.train
+    base = getattr(source, "source", source)  # under a validation split: the whole source
+    store = base.store
+    lengths = np.asarray(store.lengths)
+    if isinstance(base, PretrainingBlocks):
+        items, long, silent = "blocks", 0, 0
+    else:
+        items = "samples"
+        long = int((lengths > args.max_tokens_per_gpu).sum())
+        silent = len(store) - len(base) - long
+    counts = dict(
+        items=items,
+        file_samples=len(store),
+        file_tokens=int(store.num_tokens),
+        file_loss_tokens=None if store.loss_counts is None else int(np.sum(store.loss_counts)),
+        dropped_long=long,
+        dropped_silent=silent,
+        train_items=len(source),
+        validation_items=0 if data.validation is None else len(data.validation),
+        longest=int(lengths.max()) if lengths.size else 0,
+    )
+    return source, data.sampler, caught, counts
+
+
+def _context_sums(source, ids: np.ndarray) -> np.ndarray:
+    """Per item, the sum over its tokens of the positions each attends to (documents reset)."""
+    base = getattr(source, "source", source)
+    if isinstance(base, PretrainingBlocks):
+        sums = []
+        for i in ids:
+            segments = source.item(int(i))[2].astype(np.float64)
+            sums.append(float((segments * (segments + 1) / 2).sum()))
+        return np.asarray(sums)
+    lengths = source.lengths[ids].astype(np.float64)
+    return lengths * (lengths + 1) / 2
+
+
+def _sample_steps(
+    args: TrainingArgs, train, sampler, world: int, shape: ModelShape, device: Gpu, mfu: float,
+    count: int,
+) -> list[StepSample]:  # fmt: skip
+    """The first ``count`` global batches of the run, packed over ``world`` ranks."""
+    from mt_packing import pack_minibatches
+
+    steps = []
+    rate = device.peak_flops * mfu
+    for batch in itertools.islice(iter(sampler), count):
+        batch = np.asarray(batch, dtype=np.int64)
+        lengths = train.lengths[batch]
+        contexts = _context_sums(train, batch)
+        plan = pack_minibatches(lengths, args.max_tokens_per_gpu, world, rank=None)
+        busiest = 0.0
+        largest = max(int(lengths[ranks[m]].sum()) for ranks in plan for m in range(len(ranks)))
+        for minibatch in range(len(plan[0])):
+            busiest += max(
+                step_flops(shape, lengths[ranks[minibatch]].sum(), contexts[ranks[minibatch]].sum())
+                for ranks in plan
+            )
+        if args.activation_checkpointing:
+            busiest *= recompute_factor(shape, lengths.sum(), contexts.sum())
+        steps.append(
+            StepSample(
+                tokens=int(lengths.sum()),
+                loss_tokens=int(train.loss_counts[batch].sum()),
+                minibatches=len(plan[0]),
+                largest=largest,
+                time_s=busiest / rate,
+            )
+        )
+    return steps

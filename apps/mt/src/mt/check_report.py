@@ -1,0 +1,255 @@
+"""The text ``mt check`` prints: the model, the data, memory per GPU, steps and time, a verdict,
+and when the run does not fit, what to change (each change with its own estimate)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from mt.check import Plan
+from mt.memory import GIB, RESERVED_GIB, estimate, largest_fitting_tokens
+
+__all__ = ["render", "suggestions"]
+
+TIGHT = 0.85  # of the usable memory: fits, but little room for a longer sample mix or a new kernel
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _count(value: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return str(value)
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f}" if value < 10 * GIB else f"{value / GIB:.1f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.2g} ms"
+    if seconds < 120:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def render(plan: Plan) -> str:
+    lines = [f"mt check {plan.run_file}", ""]
+    lines += _model_lines(plan) + [""] + _data_lines(plan) + [""]
+    lines += _memory_lines(plan) + [""] + _step_lines(plan) + [""]
+    lines += _verdict_lines(plan)
+    return "\n".join(lines) + "\n"
+
+
+def _model_lines(plan: Plan) -> list[str]:
+    s = plan.shape
+    if s.trainable == s.params:
+        trainable = "all trainable"
+    else:
+        trainable = f"{_count(s.trainable)} trainable under OSFT ({s.trainable / s.params:.1%})"
+    return [
+        f"model   {s.architecture} from {plan.model_config}",
+        f"        {_count(s.params)} parameters ({_n(s.params)}), {trainable}",
+        f"        {s.layers} layers, hidden {s.hidden}, {s.heads} heads ({s.kv_heads} key/value, "
+        f"dim {s.head_dim}), MLP {s.intermediate}, vocabulary {_n(s.vocab)}",
+    ]
+
+
+def _data_lines(plan: Plan) -> list[str]:
+    a = plan.args
+    loss = ""
+    if plan.file_loss_tokens is not None and plan.file_tokens:
+        loss = f", {plan.file_loss_tokens / plan.file_tokens:.0%} of them loss-counted"
+    lines = [
+        f"data    {a.data_path}: {_n(plan.file_samples)} samples, {_n(plan.file_tokens)} tokens{loss}; "
+        f"longest {_n(plan.longest)}"
+    ]
+    if plan.items == "blocks":
+        lines.append(
+            f"        pretraining: {_n(plan.train_items + plan.validation_items)} blocks of "
+            f"{a.pretraining.block_size} tokens"
+        )
+    else:
+        verb = "refused" if a.too_long_samples == "error" else "dropped"
+        lines.append(
+            f"        {verb}: {_n(plan.dropped_long)} longer than max_tokens_per_gpu = "
+            f"{_n(a.max_tokens_per_gpu)}, {_n(plan.dropped_silent)} without a loss-counted token"
+        )
+    if plan.validation_items:
+        lines.append(
+            f"        validation: {_n(plan.validation_items)} {plan.items} held out "
+            f"(validation_split = {a.validation_split})"
+        )
+    lines.append(f"        {_n(plan.train_items)} {plan.items} to train on; {plan.cache_note}")
+    return lines + [f"        note: {note}" for note in plan.notes]
+
+
+def _memory_lines(plan: Plan) -> list[str]:
+    m, s, run = plan.memory, plan.shape, plan.settings
+    w = plan.world_size
+    shard = f"1/{w} shard" if w > 1 else "one shard"
+    master = plan.args.train_dtype
+    where = " (in host memory: cpu_offload)" if run.cpu_offload else ""
+    ac_on, ac_off = plan.memory_ac, plan.memory_no_ac
+    this = "this run: " + ("on" if run.checkpointing else "off")
+    loss = (
+        "Liger fused linear cross-entropy: no logits"
+        if run.liger
+        else f"logits {_n(run.max_tokens)} x {_n(s.vocab)} (fp32, log-softmax, gradient)"
+    )
+    rows = [
+        ("weights", f"{master} master, {shard}{where}", m.weights, None),
+        ("gradients", f"{master}, {shard}{where}", m.gradients, None),
+        ("optimizer state", f"AdamW: 2 x {master}, {shard}{where}", m.optimizer, None),
+    ]
+    if m.osft:
+        rows.append(("OSFT", "frozen weights and singular bases", m.osft, None))
+    rows += [
+        ("compute copies", "bf16: root + 2 blocks gathered, in-flight grads", m.copies, None),
+        (
+            "activations",
+            f"{_n(run.max_tokens)} tokens x {s.layers} layers, Liger {'on' if run.liger else 'off'}",
+            ac_off.activations,
+            ac_on.activations,
+        ),
+        ("loss", loss, m.loss, None),
+        ("peak", f"at the {m.peak_at}", ac_off.peak, ac_on.peak),
+    ]
+    lines = [
+        f"memory per GPU (GiB) at max_tokens_per_gpu = {_n(run.max_tokens)}, "
+        f"activation checkpointing off | on ({this})"
+    ]
+    for name, what, off, on in rows:
+        if on is None:
+            lines.append(f"  {name:<16}{what:<58}{_gib(off):>7}")
+        else:
+            lines.append(f"  {name:<16}{what:<58}{_gib(off):>7} | {_gib(on)}")
+    largest = max(step.largest for step in plan.steps)
+    if largest < 0.9 * run.max_tokens:
+        seen = estimate(s, replace(run, max_tokens=largest))
+        lines.append(
+            f"  (the fullest minibatch of the sampled steps holds {_n(largest)} tokens on one GPU: "
+            f"peak {_gib(seen.peak)} GiB there; the verdict assumes a full {_n(run.max_tokens)})"
+        )
+    if run.cpu_offload:
+        lines.append(
+            f"  host memory     weights, gradients and optimizer state: {_gib(m.host)} GiB per "
+            f"GPU, {_gib(m.host * plan.nproc_per_node)} GiB per node"
+        )
+    return lines
+
+
+def _step_lines(plan: Plan) -> list[str]:
+    a = plan.args
+    steps = plan.steps
+    tokens = np.array([step.tokens for step in steps])
+    loss = np.array([step.loss_tokens for step in steps])
+    minibatches = np.array([step.minibatches for step in steps])
+    times = np.array([step.time_s for step in steps])
+    w = plan.world_size
+    node = "node" if plan.nnodes == 1 else "nodes"
+    gpus = "GPU" if plan.nproc_per_node == 1 else "GPUs"
+    lines = [
+        f"steps   {plan.nnodes} {node} x {plan.nproc_per_node} {gpus} = {w} rank{'s' * (w > 1)}; "
+        f"{len(steps)} global batches of {a.batch_size} drawn by the run's sampler and packed",
+        f"        tokens per step {_n(tokens.mean())} (from {_n(tokens.min())} to "
+        f"{_n(tokens.max())}), {_n(loss.mean())} loss-counted",
+        f"        minibatches per GPU per step {minibatches.mean():.2g} (from {minibatches.min()} to "
+        f"{minibatches.max()}), at most {_n(a.max_tokens_per_gpu)} tokens each",
+    ]
+    if plan.total_steps is None:
+        total = f"{a.training_mode} mode: no end"
+    elif a.training_mode == "epoch":
+        total = f"{_n(plan.total_steps)} in all ({a.max_epochs} epoch{'s' * (a.max_epochs > 1)})"
+    else:
+        total = f"{_n(plan.total_steps)} in all (training_mode = {a.training_mode!r})"
+    lines.append(f"        steps per epoch {_n(plan.steps_per_epoch)}; {total}")
+    rate = f"{plan.mfu:.0%} MFU of {plan.gpu.peak_flops / 1e12:,.0f} TFLOP/s ({plan.gpu.name} bf16 peak)"
+    extra = (
+        ", with the recomputation of activation checkpointing" if a.activation_checkpointing else ""
+    )
+    time = f"time    {_duration(times.mean())} per step at {rate}{extra}"
+    if plan.total_steps:
+        time += f"; {_duration(times.mean() * plan.total_steps)} for the run"
+    lines.append(time)
+    return lines
+
+
+def _verdict_lines(plan: Plan) -> list[str]:
+    usable = plan.gpu.usable_gib * GIB
+    peak = plan.memory.peak
+    capacity = (
+        f"{plan.gpu.label}: {plan.gpu.memory_gib:.1f} GiB, usable {plan.gpu.usable_gib:.1f} after "
+        f"{RESERVED_GIB} for CUDA and NCCL and room for fragmentation"
+    )
+    share = peak / usable
+    if plan.fits:
+        word = "fits, with little room to spare" if share > TIGHT else "fits"
+        return [
+            f"verdict {word}: peak {_gib(peak)} GiB per GPU = {share:.0%} of usable ({capacity})"
+        ]
+    lines = [
+        f"verdict DOES NOT FIT: peak {_gib(peak)} GiB per GPU, {share:.0%} of usable ({capacity})",
+        "        change one of these (each estimated alone):",
+    ]
+    return lines + [f"          - {line}" for line in suggestions(plan)]
+
+
+def suggestions(plan: Plan) -> list[str]:
+    """Changes that would make the run fit, each with its estimated peak: one change at a time,
+    and where none is enough alone, each together with activation checkpointing."""
+    found = _changes(plan, plan.settings, "")
+    if plan.settings.checkpointing or any(line.endswith(", fits") for line in found):
+        return found
+    with_ac = replace(plan.settings, checkpointing=True)
+    combined = [line for line in _changes(plan, with_ac, "activation_checkpointing = true and ")
+                if line.endswith(", fits")]  # fmt: skip
+    return (
+        found + combined
+        if combined
+        else found + ["a GPU with more memory (--gpu=H200), or more GPUs with cpu_offload"]
+    )
+
+
+def _changes(plan: Plan, run, prefix: str) -> list[str]:
+    shape, usable = plan.shape, plan.gpu.usable_gib * GIB
+    found = []
+
+    def peak_of(**changes) -> str:
+        memory = estimate(shape, replace(run, **changes))
+        word = "fits" if memory.peak <= usable else "still too much"
+        return f"peak {_gib(memory.peak)} GiB, {word}"
+
+    if not prefix and not run.checkpointing:
+        found.append(f"activation_checkpointing = true: {peak_of(checkpointing=True)}")
+    if not prefix and not run.liger:
+        found.append(f"use_liger_kernels = true (no logits in memory): {peak_of(liger=True)}")
+    tokens = largest_fitting_tokens(shape, run, usable)
+    if 0 < tokens < run.max_tokens:
+        drop = ""
+        if tokens < plan.longest and plan.items == "samples":
+            drop = f"; samples longer than that (up to {_n(plan.longest)} tokens) are dropped"
+        found.append(
+            f"{prefix}max_tokens_per_gpu = {_n(tokens)}{drop}: {peak_of(max_tokens=tokens)}"
+        )
+    if not run.cpu_offload:
+        host = estimate(shape, replace(run, cpu_offload=True)).host * plan.nproc_per_node
+        found.append(
+            f"{prefix}cpu_offload = true (slower; {_gib(host)} GiB of host memory per node): "
+            f"{peak_of(cpu_offload=True)}"
+        )
+    for nodes in range(plan.nnodes + 1, 4 * plan.nnodes + 65):
+        world = nodes * plan.nproc_per_node
+        if estimate(shape, replace(run, world_size=world)).peak <= usable:
+            found.append(f"{prefix}--nnodes={nodes} ({world} GPUs): {peak_of(world_size=world)}")
+            break
+    return found

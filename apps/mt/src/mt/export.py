@@ -1,0 +1,179 @@
+"""``mt export CHECKPOINT --out=DIR``: a training-state checkpoint -> a Hugging Face model folder.
+
+A checkpoint (``OUTPUT_DIR/checkpoints/step_<N>``) is a PyTorch distributed checkpoint written by
+every rank of the run, the model under the key "model" beside the optimizer. Distributed
+checkpoints reshard on load, so one CPU process reads it whatever the world size that wrote it:
+the model is rebuilt from the run's resolved run file and its model's config.json (parameters on
+the meta device, then given CPU memory), only the model's tensors are read (the optimizer state,
+twice the model's size, stays on disk), and mt_fsdp.export_hf writes the folder atomically with
+the tokenizer files of the run's model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mt.errors import CommandError
+
+__all__ = ["export", "export_checkpoint"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export(
+    checkpoint: str,
+    out: str | None = None,
+    dtype: str | None = None,
+    save_dtype: str | None = None,
+    model: str | None = None,
+    **unknown: Any,
+) -> None:
+    """Write CHECKPOINT's model as a HF folder at --out (see ``mt export --help``)."""
+    for key in unknown:
+        raise CommandError(
+            f"export: unknown option --{key}; the options are --out, --dtype, --model"
+        )
+    if out is None:
+        raise CommandError("export needs --out=DIR, the folder to write")
+    if dtype is not None and save_dtype is not None and dtype != save_dtype:
+        raise CommandError("--dtype and --save_dtype disagree; give one")
+    chosen = dtype or save_dtype
+    if chosen is not None and str(chosen).removeprefix("torch.") not in _DTYPES:
+        raise CommandError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {chosen!r}")
+    folder = export_checkpoint(
+        str(checkpoint), Path(str(out)), None if chosen is None else str(chosen).removeprefix("torch."),
+        model,
+    )  # fmt: skip
+    print(f"wrote {folder}")
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    """The checkpoint itself, or the newest one of a run's output_dir."""
+    if (path / "trainer_state.json").is_file():
+        return path
+    from mt_fsdp import latest_checkpoint
+
+    newest = latest_checkpoint(path / "checkpoints") if path.is_dir() else None
+    if newest is not None:
+        print(f"newest checkpoint of {path}: {newest}")
+        return newest
+    if not path.exists():
+        raise CommandError(f"{path}: no such checkpoint folder")
+    raise CommandError(
+        f"{path} is not a complete mt checkpoint (no trainer_state.json); give "
+        "OUTPUT_DIR/checkpoints/step_<N> or a run's OUTPUT_DIR"
+    )
+
+
+def _model_folder(name: str, trust_remote_code: bool = False) -> Path:
+    """A local model folder with config.json; for a hub name, its config and tokenizer only."""
+    from mt_core.config import ConfigError
+    from mt_fsdp import TOKENIZER_FILES
+
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CommandError(f"--model: {path} has no config.json")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CommandError(
+            f"the run's model {name} is not here; give its config and tokenizer with --model=PATH"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:  # the config and tokenizer: never the weights, the checkpoint has them
+        patterns = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+        patterns += ["*.py"] if trust_remote_code else []  # the model's own code, when trusted
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as error:
+        raise ConfigError(
+            [f"model {name!r} is no local folder and its config could not be downloaded "
+             f"({type(error).__name__}); give it with --model=PATH"]
+        ) from error  # fmt: skip
+
+
+def export_checkpoint(
+    checkpoint: str, target: Path, dtype: str | None = None, model_path: str | None = None
+) -> Path:
+    """Export ``checkpoint``'s model to ``target`` in ``dtype`` (None: the run's save_dtype, else
+    the model's own dtype); returns ``target``."""
+    folder = _checkpoint_folder(Path(checkpoint))
+    if target.exists():
+        raise CommandError(f"--out: {target} exists already; choose a new folder")
+    run_file = folder.parent.parent / "run.toml"
+    if not run_file.is_file():
+        raise CommandError(
+            f"{run_file} is missing: mt export reads the run file that wrote {folder} "
+            "(OUTPUT_DIR/run.toml) to rebuild its model"
+        )
+    from mt_core.config import load_run_file
+
+    args = load_run_file(run_file)
+    source = _model_folder(model_path or args.model_name_or_path, args.trust_remote_code)
+
+    import torch  # the model stack: only once the paths are good
+    from transformers import AutoConfig
+
+    from mt_core.model import TORCH_DTYPES
+    from mt_fsdp import export_hf
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+    network = _load_model(folder, config, TORCH_DTYPES[args.train_dtype], args.trust_remote_code)
+    # the trainer's own rule for its exports: save_dtype, else OSFT's output dtype, else the model's
+    name = dtype or args.save_dtype or (args.osft and args.osft_output_dtype)
+    if not name:
+        own = getattr(config, "dtype", None) or torch.float32
+        save = getattr(torch, own) if isinstance(own, str) else own
+    else:
+        save = TORCH_DTYPES[name]
+    export_hf(network, target, save_dtype=save, source_folder=source)
+    return target
+
+
+def _load_model(folder: Path, config, master, trust_remote_code: bool):
+    """The model of ``config`` on the CPU, its weights read from the distributed checkpoint."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from transformers import AutoModelForCausalLM
+
+    from mt_fsdp import CheckpointError, materialize, parameters_on_meta
+
+    # the reader and planner mt's resume uses: they unpickle nothing but DCP's own classes
+    from mt_fsdp.checkpoint import _SafePlanner, _SafeReader
+
+    with parameters_on_meta():
+        network = AutoModelForCausalLM.from_config(
+            config, dtype=master, trust_remote_code=trust_remote_code
+        )
+    materialize(network, torch.device("cpu"), lambda module: None)
+    reader = _SafeReader(folder)
+    try:
+        stored = reader.read_metadata().state_dict_metadata
+    except (CheckpointError, OSError) as error:  # unsafe or unreadable metadata
+        raise CommandError(f"{folder}: cannot read this checkpoint ({error})") from None
+    state = network.state_dict()
+    # a parameter tied to another (the LM head to the embeddings) is filled through its owner
+    owners = {name for name, _ in network.named_parameters()}
+    missing = sorted(name for name in owners if f"model.{name}" not in stored)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CommandError(
+            f"{folder}: the checkpoint lacks {len(missing)} weight(s) of the run's model "
+            f"({shown}); is --model the model this run trained?"
+        )
+    wanted = {name: tensor for name, tensor in state.items() if f"model.{name}" in stored}
+    try:
+        with warnings.catch_warnings():  # "no process group: loading in one process" - meant so
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": wanted}, storage_reader=reader, planner=_SafePlanner())
+    except CheckpointException as error:  # a BaseException: it would pass every handler
+        failure = next(iter(error.failures.values()), error)
+        reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else repr(failure)
+        raise CommandError(
+            f"{folder}: cannot read the model from this checkpoint ({reason})"
+        ) from None
+    network.eval()
+    return network

@@ -1,0 +1,224 @@
+"""The memory and compute model behind ``mt check``: what one GPU holds at its peak, and FLOPs.
+
+Everything here is arithmetic on a :class:`ModelShape` (read from a model's config.json, the model
+built on the meta device: exact parameter counts, no weights) and the run's settings. The formulas
+are those of docs/commands.md, "How mt check estimates memory"; the figures are what PyTorch's
+caching allocator reports as allocated (``torch.cuda.max_memory_allocated``, the trainer's
+``peak_mem_gib``), so the CUDA context, NCCL buffers and allocator fragmentation come on top and
+are covered by the GPU's headroom (:data:`RESERVED_GIB`, :data:`FIT_FRACTION`).
+
+Per GPU, with P parameters (P_g of them with gradients), world size W, master bytes m (train_dtype:
+4 for float32) and compute bytes c = 2 (bf16):
+
+* weights m·P/W, gradients m·P_g/W, AdamW state 2·m·P_g/W (FSDP2 shards all three);
+* compute copies: the bf16 root group (embeddings, final norm, LM head) gathered for the whole step,
+  two gathered decoder blocks (the running one and the prefetched one), the LM head's bf16
+  gradient (it exists from the start of the backward pass) and one block's gradient in transit
+  (bf16, and its float32 copy for the reduce-scatter);
+* activations of T = max_tokens_per_gpu tokens, per token and decoder layer (bytes, a Llama-like
+  block: hidden h, attention width q = heads·head_dim, key/value width k, MLP width i):
+  with Liger's kernels ``a = c·(4h + 2q + 2k + 3i) + 4·heads``; without them HF's RMSNorm keeps a
+  float32 copy (+4h per norm, two norms) and SwiGLU one more tensor (+c·i). With activation
+  checkpointing each layer keeps only its input (c·h) and one layer is recomputed at a time;
+* the loss: Liger's fused linear cross-entropy never holds the logits (about 4·c·T·h of chunks and
+  gradients); without it the float32 logits, their log-softmax and its gradient, 12·T·V bytes.
+
+The peak is the larger of two moments: the start of the backward pass (all activations and the
+loss alive, gradients not yet made) and its end (every gradient made, one layer's activations
+left). The optimizer step itself (fused AdamW) needs nothing beyond weights, gradients and state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+GIB = 2**30
+COMPUTE_BYTES = 2  # bf16 forward/backward on a GPU (FSDP2 mixed precision)
+MASTER_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RESERVED_GIB = 1.5  # CUDA context, NCCL and cuBLAS workspaces: outside torch's allocator
+FIT_FRACTION = 0.92  # of the rest: the allocator's fragmentation needs some room
+
+# What torch.cuda reports as total memory (GiB), and the dense bf16 datasheet peak (FLOP/s).
+GPUS = {
+    "H100": (79.2, 989e12, "H100 80 GB"),
+    "H200": (139.7, 989e12, "H200 141 GB"),
+    "A100": (79.2, 312e12, "A100 80 GB"),
+    "A100-40": (39.4, 312e12, "A100 40 GB"),
+}
+GPU_ALIASES = {"H100-80": "H100", "A100-80": "A100", "H200-141": "H200"}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    label: str
+    memory_gib: float
+    peak_flops: float
+
+    @property
+    def usable_gib(self) -> float:
+        """What a run may allocate and still be called fitting."""
+        return (self.memory_gib - RESERVED_GIB) * FIT_FRACTION
+
+
+def gpu(name: str) -> Gpu:
+    """The GPU of ``--gpu`` (H100, H200, A100, A100-40; case and a trailing 'GB' ignored)."""
+    key = str(name).upper().removesuffix("GB").replace("_", "-").rstrip("-")
+    key = GPU_ALIASES.get(key, key)
+    if key not in GPUS:
+        known = ", ".join(GPUS)
+        raise ValueError(f"--gpu: unknown GPU {name!r}; choose one of {known}")
+    memory, peak, label = GPUS[key]
+    return Gpu(key, label, memory, peak)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model (from its config, built on meta)."""
+
+    architecture: str
+    params: int  # every parameter, a tied one once
+    grad_params: int  # parameters with gradients (and optimizer state)
+    trainable: int  # dimension of what training can change (OSFT: the trainable subspaces)
+    matmul_params: int  # N of the 6N FLOPs rule
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    block_params: int  # the largest decoder block
+    root_params: int  # outside the blocks: embeddings, final norm, LM head
+    head_params: int  # the LM head's weight (the tied embedding when tied)
+    osft_extra_bytes: int = 0  # OSFT's frozen copies and bases, whole model (sharded over W)
+    moe: bool = False  # mixture of experts: the activation formula is only a guide
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's choices that move memory."""
+
+    max_tokens: int
+    world_size: int
+    master: str = "float32"  # train_dtype
+    liger: bool = True
+    checkpointing: bool = False
+    cpu_offload: bool = False
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU, each part at its own largest; ``peak`` is the sum at the worst moment."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    osft: float
+    copies: float
+    activations: float  # all layers, at the start of the backward pass
+    activations_end: float  # left at the end of the backward pass
+    loss: float
+    peak: float
+    peak_at: str  # "start of backward" or "end of backward"
+    host: float  # bytes per GPU process kept in host memory (cpu_offload)
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, liger: bool) -> float:
+    """Bytes one token keeps for the backward pass in one decoder layer (no checkpointing)."""
+    c = COMPUTE_BYTES
+    h, i = shape.hidden, shape.intermediate
+    q, k = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    # norm input, normed x (q/k/v input), q, k, v, attention output, norm input, normed x,
+    # gate, up, SwiGLU output; plus the attention's float32 log-sum-exp per head
+    per = c * (4 * h + 2 * q + 2 * k + 3 * i) + 4 * shape.heads
+    if not liger:
+        per += 2 * 4 * h + c * i  # HF RMSNorm's float32 copies; SwiGLU's activation output
+    return per
+
+
+def loss_bytes(shape: ModelShape, tokens: int, liger: bool) -> float:
+    """The loss head's memory at its peak (plus the final norm's saved input)."""
+    if liger:  # chunked logits (about T·h elements), the input gradient, the norm's input
+        return 4 * COMPUTE_BYTES * tokens * shape.hidden
+    # float32 logits' log-softmax, its gradient and the gradient of its input: 12 bytes each,
+    # and the final norm as HF computes it (float32 copy and the bf16 result)
+    return 12 * tokens * shape.vocab + (4 + 2 * COMPUTE_BYTES) * tokens * shape.hidden
+
+
+def estimate(shape: ModelShape, run: Settings) -> Memory:
+    """Peak memory per GPU of one training step of ``run`` (see the module docstring)."""
+    w = run.world_size
+    m = MASTER_BYTES[run.master]
+    c = COMPUTE_BYTES
+    weights = m * shape.params / w
+    gradients = m * shape.grad_params / w
+    optimizer = 2 * m * shape.grad_params / w
+    osft = shape.osft_extra_bytes / w
+    copies = c * (shape.root_params + 2 * shape.block_params + shape.head_params)
+    copies += (c + 4) * shape.block_params  # one block's gradient on its way to the shards
+
+    per_layer = activation_bytes_per_token_layer(shape, run.liger)
+    t = run.max_tokens
+    if run.checkpointing:  # each layer keeps its input; one layer is recomputed at a time
+        activations = t * (shape.layers * c * shape.hidden + per_layer)
+        activations_end = t * (c * shape.hidden + per_layer)
+    else:
+        activations = t * shape.layers * per_layer
+        activations_end = t * per_layer
+    loss = loss_bytes(shape, t, run.liger)
+
+    resident = weights + optimizer + osft  # on the GPU unless offloaded
+    host = 0.0
+    if run.cpu_offload:
+        host = resident + gradients
+        resident, grads_on_gpu = 0.0, 0.0
+    else:
+        grads_on_gpu = gradients
+    start = resident + copies + activations + loss
+    end = resident + grads_on_gpu + copies + activations_end
+    peak, peak_at = (start, "start of backward") if start >= end else (end, "end of backward")
+    return Memory(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        osft=osft,
+        copies=copies,
+        activations=activations,
+        activations_end=activations_end,
+        loss=loss,
+        peak=peak,
+        peak_at=peak_at,
+        host=host,
+    )
+
+
+def largest_fitting_tokens(shape: ModelShape, run: Settings, budget_bytes: float) -> int:
+    """The largest max_tokens_per_gpu whose peak stays within ``budget_bytes`` (0 if none)."""
+    if estimate(shape, replace(run, max_tokens=1)).peak > budget_bytes:
+        return 0
+    low, high = 1, max(run.max_tokens, 2)
+    while estimate(shape, replace(run, max_tokens=high)).peak <= budget_bytes:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if estimate(shape, replace(run, max_tokens=middle)).peak <= budget_bytes:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def step_flops(shape: ModelShape, tokens: float, context_sum: float) -> float:
+    """Model FLOPs of a step's tokens: 6N per token plus attention, 12·layers·hidden per attended
+    position (``context_sum`` is the sum over tokens of the positions each attends to); the
+    trainer's MFU counts the same."""
+    return 6.0 * shape.matmul_params * tokens + 12.0 * shape.layers * shape.hidden * context_sum
+
+
+def recompute_factor(shape: ModelShape, tokens: float, context_sum: float) -> float:
+    """How much more the GPU computes with activation checkpointing: the forward pass again,
+    2N per token plus 4·layers·hidden per attended position."""
+    base = step_flops(shape, tokens, context_sum)
+    extra = 2.0 * shape.matmul_params * tokens + 4.0 * shape.layers * shape.hidden * context_sum
+    return (base + extra) / base if base else 1.0

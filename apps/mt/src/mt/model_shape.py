@@ -1,0 +1,144 @@
+"""A model's shape from its config.json alone: built on the meta device (no memory, no weights),
+so parameter counts are exact for any architecture transformers knows, from a laptop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from mt.memory import MASTER_BYTES, ModelShape
+from mt_core.config import ConfigError
+from mt_core.model import matmul_parameter_count
+from mt_fsdp import decoder_blocks
+
+__all__ = ["OsftSettings", "liger_supports", "load_model_config", "model_shape"]
+
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class OsftSettings:
+    """The OSFT keys of a run, where it uses OSFT."""
+
+    ratio: float
+    target_patterns: tuple[str, ...] | None = None
+    upcast_bytes: int = 4
+
+
+def load_model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of ``model_name_or_path``: a local folder's config.json, or only the config of
+    a hub model (never its weights). One clear ConfigError when neither can be had."""
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError([f"model_name_or_path: {name} has no config.json"])
+    elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError([f"model_name_or_path: {name} is not a folder"])
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as error:  # offline, unknown name, unknown model type: one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            [
+                f"model_name_or_path: cannot read the config of {name!r} ({type(error).__name__}: {first})"
+            ]
+        ) from error
+
+
+def liger_supports(model_type: str) -> bool | None:
+    """Whether liger-kernel has kernels for ``model_type`` (None: liger-kernel is not installed
+    here, so it cannot say; a GPU machine with mt has it)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # not installed, or its import needs what this machine lacks
+        return None
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def _build_on_meta(config: PretrainedConfig, trust_remote_code: bool) -> torch.nn.Module:
+    quiet = logging.getLogger("transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+    except Exception as error:
+        raise ConfigError(
+            [f"model_name_or_path: transformers cannot build a causal LM from this config "
+             f"({type(error).__name__}: {error})"]
+        ) from error  # fmt: skip
+    finally:
+        quiet.setLevel(level)
+
+
+def model_shape(
+    config: PretrainedConfig,
+    *,
+    osft: OsftSettings | None = None,
+    master: str = "float32",
+    trust_remote_code: bool = False,
+) -> ModelShape:
+    """Counts and widths of the model of ``config``; with ``osft``, what OSFT trains and keeps."""
+    model = _build_on_meta(config, trust_remote_code)
+    text = config.get_text_config()
+    params = {id(p): p for p in model.parameters()}  # a tied parameter once
+    total = sum(p.numel() for p in params.values())
+    blocks = decoder_blocks(model)
+    block_sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
+    in_blocks = sum(block_sizes)
+    head = model.get_output_embeddings()
+    heads = int(text.num_attention_heads)
+    hidden = int(text.hidden_size)
+    grad_params, trainable, extra = total, total, 0
+    if osft is not None:
+        grad_params, trainable, extra = _osft_counts(model, config, osft, total, master)
+    return ModelShape(
+        architecture=type(model).__name__,
+        params=total,
+        grad_params=grad_params,
+        trainable=trainable,
+        matmul_params=matmul_parameter_count(model),
+        layers=int(text.num_hidden_layers),
+        hidden=hidden,
+        intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden),
+        heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+        vocab=int(text.vocab_size),
+        block_params=max(block_sizes, default=0),
+        root_params=total - in_blocks,
+        head_params=head.weight.numel() if head is not None else 0,
+        osft_extra_bytes=extra,
+        moe=any((getattr(text, key, 0) or 0) > 1 for key in _MOE_KEYS),
+    )
+
+
+def _osft_counts(
+    model: torch.nn.Module, config: PretrainedConfig, osft: OsftSettings, total: int, master: str
+) -> tuple[int, int, int]:
+    """(parameters with gradients, trainable dimension, bytes of frozen copies and bases)."""
+    from mt_osft import default_target_patterns, match_targets, plan_subspace, trainable_rank
+
+    try:
+        patterns = list(osft.target_patterns or default_target_patterns(config.model_type))
+        names = match_targets(model, patterns)
+    except ValueError as error:
+        raise ConfigError([str(error)]) from error
+    modules = dict(model.named_modules())
+    grad_params, trainable, extra = total, total, 0
+    for name in names:
+        out, inn = modules[name].weight.shape
+        plan = plan_subspace((out, inn), trainable_rank(min(out, inn), osft.ratio))
+        trainable -= out * inn - plan.trainable_elements
+        if plan.n_train == 0:  # frozen outright: no gradient, no optimizer state
+            grad_params -= out * inn
+        if plan.projected:  # the original weight, and the bases of the frozen directions
+            extra += MASTER_BYTES[master] * out * inn
+            extra += osft.upcast_bytes * (out * plan.left_cols + inn * plan.right_cols)
+    return grad_params, trainable, extra

@@ -1,0 +1,316 @@
+"""mt check: exact model counts from config.json alone, the memory formula, the plan drawn with
+the run's own sampler and packer, the verdict and its exit status."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from mt import cli
+from mt.check import make_plan
+from mt.check_report import render, suggestions
+from mt.errors import CommandError
+from mt.memory import GIB, ModelShape, Settings, estimate, gpu, largest_fitting_tokens
+from mt.model_shape import OsftSettings, model_shape
+from mt_core.config import load_run_file
+from mt_core.model import matmul_parameter_count
+from mt_data import InfiniteSampler
+from mt_osft import trainable_rank
+from mt_packing import pack_minibatches
+
+# Llama-3.2-1B as mt check sees it (the counts are what model_shape gives for its config)
+ONE_B = ModelShape(
+    architecture="LlamaForCausalLM", params=1_235_814_400, grad_params=1_235_814_400,
+    trainable=1_235_814_400, matmul_params=1_235_814_400, layers=16, hidden=2048,
+    intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256,
+    block_params=60_821_504, root_params=262_668_288 + 2048, head_params=262_668_288,
+)  # fmt: skip
+LLAMA_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+)  # fmt: skip
+SMALL = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=96,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_counts_from_the_config_equal_the_real_models(tied):
+    config = LlamaConfig(**SMALL, tie_word_embeddings=tied)
+    real = AutoModelForCausalLM.from_config(config)
+    shape = model_shape(config)
+    assert shape.params == sum(p.numel() for p in real.parameters())  # a tied weight once
+    assert shape.matmul_params == matmul_parameter_count(real)
+    assert shape.block_params == sum(p.numel() for p in real.model.layers[0].parameters())
+    assert shape.root_params == shape.params - 3 * shape.block_params
+    assert shape.head_params == 96 * 32
+    assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.head_dim) == (
+        3,
+        32,
+        4,
+        2,
+        8,
+    )
+
+
+def test_the_1b_shape_is_what_model_shape_reads():
+    assert model_shape(LlamaConfig(**LLAMA_1B)) == ONE_B
+
+
+def test_osft_counts_the_trainable_subspace_and_its_extra_memory():
+    config = LlamaConfig(**SMALL)
+    full = model_shape(config)
+    assert model_shape(config, osft=OsftSettings(ratio=1.0)) == full  # ratio 1: full fine-tuning
+    frozen = model_shape(config, osft=OsftSettings(ratio=0.0))
+    targets = 3 * (32 * 32 + 2 * 16 * 32 + 32 * 32 + 3 * 32 * 64)  # q, k, v, o, gate, up, down
+    assert frozen.grad_params == frozen.trainable == full.params - targets
+    assert frozen.osft_extra_bytes == 0
+    quarter = model_shape(config, osft=OsftSettings(ratio=0.25))
+    shapes = [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64)]
+    lost = 0
+    for out, inn in shapes:
+        k = min(out, inn) - trainable_rank(min(out, inn), 0.25)
+        lost += out * inn - (out - k) * (inn - k)
+    assert quarter.trainable == full.params - 3 * lost
+    assert quarter.grad_params == full.params  # dense gradients and optimizer state
+    assert quarter.osft_extra_bytes > 4 * targets  # a float32 copy of each target, and bases
+
+
+def test_memory_parts_follow_the_documented_formula():
+    t, w = 16384, 8
+    m = estimate(ONE_B, Settings(max_tokens=t, world_size=w))
+    p = ONE_B.params
+    assert (m.weights, m.gradients, m.optimizer) == (4 * p / w, 4 * p / w, 8 * p / w)
+    per_layer = 2 * (4 * 2048 + 2 * 2048 + 2 * 512 + 3 * 8192) + 4 * 32
+    assert m.activations == t * 16 * per_layer
+    assert m.loss == 8 * t * 2048
+    copies = 2 * (ONE_B.root_params + 2 * ONE_B.block_params + ONE_B.head_params)
+    assert m.copies == copies + 6 * ONE_B.block_params
+    assert m.peak == m.weights + m.optimizer + m.copies + m.activations + m.loss
+    assert m.peak_at == "start of backward"
+
+    plain = estimate(ONE_B, Settings(max_tokens=t, world_size=w, liger=False))
+    assert plain.loss - m.loss == pytest.approx(12 * t * 128256, rel=1e-3)  # the logits
+    assert plain.activations - m.activations == t * 16 * (8 * 2048 + 2 * 8192)
+
+    ac = estimate(ONE_B, Settings(max_tokens=t, world_size=w, checkpointing=True))
+    assert ac.activations == t * (16 * 2 * 2048 + per_layer)
+    assert ac.peak < m.peak
+
+
+def test_sharding_divides_the_states_but_not_the_activations():
+    one = estimate(ONE_B, Settings(max_tokens=8192, world_size=1))
+    eight = estimate(ONE_B, Settings(max_tokens=8192, world_size=8))
+    assert eight.weights * 8 == one.weights and eight.optimizer * 8 == one.optimizer
+    assert eight.activations == one.activations and eight.copies == one.copies
+
+
+def test_the_peak_moves_to_the_end_of_backward_when_activations_are_small():
+    m = estimate(ONE_B, Settings(max_tokens=512, world_size=1, checkpointing=True))
+    assert m.peak_at == "end of backward"
+    assert m.peak == m.weights + m.optimizer + m.gradients + m.copies + m.activations_end
+
+
+def test_cpu_offload_keeps_only_compute_copies_and_activations_on_the_gpu():
+    run = Settings(max_tokens=4096, world_size=2, cpu_offload=True)
+    m = estimate(ONE_B, run)
+    assert m.peak == m.copies + m.activations + m.loss
+    assert m.host == m.weights + m.gradients + m.optimizer
+
+
+def test_largest_fitting_tokens_is_the_boundary():
+    run = Settings(max_tokens=65536, world_size=1)
+    budget = 40 * GIB
+    tokens = largest_fitting_tokens(ONE_B, run, budget)
+    assert estimate(ONE_B, replace(run, max_tokens=tokens)).peak <= budget
+    assert estimate(ONE_B, replace(run, max_tokens=tokens + 1)).peak > budget
+    assert largest_fitting_tokens(ONE_B, run, 1 * GIB) == 0  # the states alone do not fit
+
+
+def test_gpu_names():
+    assert gpu("h100").memory_gib == gpu("H100-80GB").memory_gib
+    assert gpu("A100-40").memory_gib < 40 < gpu("A100").memory_gib
+    with pytest.raises(ValueError, match="unknown GPU 'V100'"):
+        gpu("V100")
+
+
+# --- the plan on a real (tiny) run --------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_model, kit):
+    rows = kit.token_rows(40, low=5, high=60, seed=1)
+    rows += [{"input_ids": [1] * 80, "labels": [1] * 80}] * 3  # longer than max_tokens_per_gpu
+    data = kit.write_jsonl(tmp_path / "data.jsonl", rows)
+    return kit.run_toml(
+        tmp_path,
+        tiny_model,
+        data,
+        batch_size=8,
+        training_mode="epoch",
+        max_epochs=2,
+        max_steps=None,
+    )
+
+
+def test_the_plan_uses_the_runs_sampler_and_packer(tiny_run):
+    args = load_run_file(tiny_run)
+    plan = make_plan(args, str(tiny_run), nproc_per_node=2, batches=5)
+    assert (plan.file_samples, plan.dropped_long, plan.train_items) == (43, 3, 40)
+    assert plan.steps_per_epoch == 5 and plan.total_steps == 10
+    # the same batches, drawn and packed independently
+    lengths = np.array([len(row) for row in _kept_lengths(tiny_run)])
+    sampler = InfiniteSampler(40, 8, seed=args.seed)
+    for step in plan.steps:
+        batch = next(sampler)
+        assert step.tokens == int(lengths[batch].sum())
+        plan_of_step = pack_minibatches(lengths[batch], 64, 2)
+        assert step.minibatches == len(plan_of_step[0])
+        loads = [int(lengths[batch][ids].sum()) for rank in plan_of_step for ids in rank]
+        assert step.largest == max(loads) <= 64
+    assert plan.fits and plan.world_size == 2
+    assert (tiny_run.parent / "out" / "data_cache").is_dir()  # where mt run finds the store
+
+
+def _kept_lengths(run_file):
+    import json
+
+    args = load_run_file(run_file)
+    lines = [json.loads(x) for x in Path(args.data_path).read_text().splitlines()]
+    return [row["input_ids"] for row in lines if len(row["input_ids"]) <= args.max_tokens_per_gpu]
+
+
+def test_check_prints_the_plan_and_exits_0(tiny_run, kit):
+    result = kit.mt("check", str(tiny_run), "--nproc_per_node=2", "--gpu=A100-40")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "model   LlamaForCausalLM from" in out
+    assert "dropped: 3 longer than max_tokens_per_gpu = 64, 0 without a loss-counted token" in out
+    assert "activation checkpointing off | on (this run: off)" in out
+    for part in ("weights", "gradients", "optimizer state", "activations", "loss", "peak"):
+        assert f"\n  {part}" in out
+    assert "steps per epoch 5; 10 in all (2 epochs)" in out
+    assert "verdict fits" in out and "A100 40 GB" in out
+    assert "Traceback" not in result.stderr
+
+
+def test_a_run_that_does_not_fit_exits_1_and_says_what_to_change(tmp_path, kit):
+    # the config of Llama-3.1-8B and no weights at all: mt check needs none
+    model = tmp_path / "llama-8b"
+    LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256,
+    ).save_pretrained(model)  # fmt: skip
+    data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
+    run = kit.run_toml(tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768)
+    result = kit.mt("check", str(run), "--nproc_per_node=4", "--gpu=A100-40")
+    assert result.returncode == 1, result.stderr
+    out = result.stdout
+    assert "8.03 B parameters" in out
+    assert "verdict DOES NOT FIT" in out
+    for change in (
+        "activation_checkpointing = true: peak 40.7 GiB, still too much",
+        "activation_checkpointing = true and --nnodes=2 (8 GPUs): peak 29.4 GiB, fits",
+        "activation_checkpointing = true and cpu_offload = true (slower; 119.7 GiB of host memory",
+    ):
+        assert f"- {change}" in out, change
+    # on 8 H100s a shorter row is enough too
+    plan = make_plan(load_run_file(run), str(run), nproc_per_node=8, batches=2)
+    assert not plan.fits
+    changes = suggestions(plan)
+    assert changes[:2] == [
+        "activation_checkpointing = true: peak 29.4 GiB, fits",
+        "max_tokens_per_gpu = 13,214: peak 71.5 GiB, fits",
+    ]
+    assert result.stderr == ""
+
+
+def test_mistakes_exit_2_without_a_traceback(tmp_path, tiny_model, kit, capsys):
+    rows = kit.token_rows(6)
+    rows[3] = {"input_ids": [1, 2, 3], "labels": [1, 2]}
+    data = kit.write_jsonl(tmp_path / "data.jsonl", rows)
+    run = kit.run_toml(tmp_path, tiny_model, data)
+    cases = [
+        ([str(run)], f"mt: error: {data}:4: 'labels' has 2 entries but 'input_ids' has 3"),
+        (
+            [str(run), "--gpu=V100"],
+            "mt: error: --gpu: unknown GPU 'V100'; choose one of H100, H200, A100, A100-40",
+        ),
+        (
+            [str(run), "--nproc_per_nod=2"],
+            "mt: error: check: unknown option --nproc_per_nod; did you mean --nproc_per_node?",
+        ),
+        (
+            [str(run), "--batch_sise=3"],
+            "mt: error: command line: unknown key 'batch_sise'; did you mean 'batch_size'?",
+        ),
+        (
+            [str(run), "--model_name_or_path=" + str(tmp_path)],
+            f"mt: error: model_name_or_path: {tmp_path} has no config.json",
+        ),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["check", *arguments])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (arguments, err)
+        assert message in err.splitlines(), err
+
+
+def test_option_values_are_checked(tiny_run):
+    args = load_run_file(tiny_run)
+    with pytest.raises(CommandError, match="--nnodes: expected a positive integer"):
+        make_plan(args, str(tiny_run), nnodes=0)
+    with pytest.raises(CommandError, match=r"--mfu: expected a fraction"):
+        make_plan(args, str(tiny_run), mfu=40)
+
+
+def test_bf16_training_halves_the_states():
+    fp32 = estimate(ONE_B, Settings(max_tokens=1024, world_size=1))
+    bf16 = estimate(ONE_B, Settings(max_tokens=1024, world_size=1, master="bfloat16"))
+    assert bf16.weights * 2 == fp32.weights and bf16.optimizer * 2 == fp32.optimizer
+    assert torch.tensor(0).dtype == torch.int64  # torch imported for the model tests above
+
+
+def test_the_runs_osft_keys_reach_the_count(tiny_run):
+    from mt.check import _osft_settings
+
+    assert _osft_settings(load_run_file(tiny_run)) is None  # osft = false
+    args = load_run_file(tiny_run, {"osft": True, "osft_upcast_dtype": "float64"})
+    assert _osft_settings(args) == OsftSettings(ratio=0.25, upcast_bytes=8)
+    adaptive = load_run_file(
+        tiny_run,
+        {"osft": True, "osft_adaptive_ratios": True, "osft_target_patterns": ["*.q_proj"]},
+    )
+    assert _osft_settings(adaptive) == OsftSettings(ratio=0.3, target_patterns=("*.q_proj",))
+    plan = make_plan(args, str(tiny_run), batches=1)
+    assert plan.shape.trainable < plan.shape.params and plan.memory.osft > 0
+    assert "OSFT" in render(plan)
+
+
+def test_an_output_dir_not_writable_here_checks_in_a_temporary_cache(tiny_run, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    args = load_run_file(tiny_run, {"output_dir": str(tmp_path / "a-file" / "out")})
+    plan = make_plan(args, str(tiny_run), batches=1)
+    assert "is not writable here: data checked in a temporary cache" in plan.cache_note
+    assert plan.train_items == 40
+
+
+def test_an_architecture_without_liger_kernels_counts_its_logits(tmp_path, kit):
+    from transformers import GPT2Config
+
+    model = tmp_path / "gpt2"
+    GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=128).save_pretrained(
+        model
+    )
+    data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(16))
+    run = kit.run_toml(tmp_path, model, data)
+    plan = make_plan(load_run_file(run), str(run), batches=2)
+    assert plan.shape.architecture == "GPT2LMHeadModel" and plan.shape.intermediate == 128
+    assert not plan.settings.liger
+    assert plan.memory.loss == 12 * 64 * 64 + 8 * 64 * 32
+    assert any("no kernels for model_type 'gpt2'" in note for note in plan.notes)
