@@ -124,3 +124,10 @@ def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace):
         assert torch.equal(resumed[name], tensor), name  # bitwise, CPU float32
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 7))
+
+
+def test_adaptive_ratios_run_through_mt_run(workspace):
+    """Layer importance needs a forward pass of the sharded model; OSFT then finds every weight
+    resharded (a block kept gathered after that forward once broke this)."""
+    weights = run(workspace, workspace / "adaptive", "--osft_adaptive_ratios=true", "--max_steps=2")
+    assert all(torch.isfinite(t).all() for t in weights.values())

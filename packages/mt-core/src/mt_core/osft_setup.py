@@ -13,6 +13,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.loss import minibatch_tensors
@@ -86,6 +87,11 @@ def _adaptive(
     blocks = {name: m for name, m in model.named_modules() if m in set(decoder_blocks(model))}
     with torch.no_grad():
         chosen = adaptive_ratios(model, blocks, batches, args.osft_min_ratio, args.osft_max_ratio)
+    # The last block stays gathered after a forward (it is needed again at once in training);
+    # OSFT must see every weight sharded, so put the gathered ones back.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     if ctx.is_main:
         for name in blocks:
             print(
