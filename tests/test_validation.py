@@ -117,3 +117,14 @@ def test_best_validation_loss_is_exported(run_file, tmp_path):
             expected.append(f"samples_{line['samples_seen']}")
     exported = sorted(p.name for p in (tmp_path / "best" / "hf_format").iterdir())
     assert exported == sorted(expected) and expected
+
+
+def test_a_separate_validation_file_with_epoch_and_final_triggers(run_file, tmp_path):
+    root = run_file.parent
+    held_out = tmp_path / "val.jsonl"
+    held_out.write_text("".join((root / "data.jsonl").read_text().splitlines(True)[:6]))
+    lines = run(run_file, tmp_path / "file", "--validation_split=0.0",
+                f"--validation_data_path={held_out}", "--validation_frequency=None",
+                "--validate_at_final=true", "--min_samples_per_validation=16")  # fmt: skip
+    # every 16 samples (8 per step: steps 2, 4, 6) and at the end (step 6): once per step
+    assert [s["step"] for s in lines if "val_loss" in s] == [2, 4, 6]

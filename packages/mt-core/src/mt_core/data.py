@@ -41,25 +41,33 @@ def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir
              "so some rank would get no sample in any step; set batch_size to at least "
              f"{ctx.world_size} or start fewer processes"]
         )  # fmt: skip
-    if not Path(args.data_path).is_file():
-        raise DataError(
-            [f"{args.data_path}: data_path does not exist or is not a file; set data_path to a "
-             "JSONL file of tokenized samples"]
-        )  # fmt: skip
-    store = open_token_store(
-        args.data_path,
-        cache_dir=output_dir / "data_cache",
-        require_labels=args.pretraining is None,
-    )
-    store.check_token_range(vocab_size)
-    if args.pretraining is not None:
-        source: TokenSource = PretrainingBlocks(
-            store, args.pretraining.block_size, args.pretraining.segment_documents
-        )
-    else:
-        source = SampleDataset(store, args.max_tokens_per_gpu, args.too_long_samples)
+    source = _source(args.data_path, "data_path", args, vocab_size, output_dir)
     train, validation = split_validation(source, args.validation_split, args.seed)
+    if args.validation_data_path is not None:
+        validation = _source(
+            args.validation_data_path, "validation_data_path", args, vocab_size, output_dir
+        )
     sampler_type = EpochSampler if args.training_mode == "epoch" else InfiniteSampler
     sampler = sampler_type(len(train), args.batch_size, seed=args.seed)
     loader = StepLoader(train, sampler, args.max_tokens_per_gpu, ctx.world_size, ctx.rank)
     return RunData(train, validation, sampler, loader)
+
+
+def _source(
+    path: str, key: str, args: TrainingArgs, vocab_size: int, output_dir: Path
+) -> TokenSource:
+    """One JSONL file as training items: samples, or pretraining blocks."""
+    if not Path(path).is_file():
+        raise DataError(
+            [f"{path}: {key} does not exist or is not a file; set {key} to a JSONL file of "
+             "tokenized samples"]
+        )  # fmt: skip
+    store = open_token_store(
+        path, cache_dir=output_dir / "data_cache", require_labels=args.pretraining is None
+    )
+    store.check_token_range(vocab_size)
+    if args.pretraining is not None:
+        return PretrainingBlocks(
+            store, args.pretraining.block_size, args.pretraining.segment_documents
+        )
+    return SampleDataset(store, args.max_tokens_per_gpu, args.too_long_samples)
