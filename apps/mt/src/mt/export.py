@@ -113,22 +113,15 @@ def export_checkpoint(
     args = load_run_file(run_file)
     source = _model_folder(model_path or args.model_name_or_path, args.trust_remote_code)
 
-    import torch  # the model stack: only once the paths are good
     from transformers import AutoConfig
 
-    from mt_core.model import TORCH_DTYPES
+    from mt_core.model import TORCH_DTYPES, export_dtype
     from mt_fsdp import export_hf
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     network = _load_model(folder, config, TORCH_DTYPES[args.train_dtype], args.trust_remote_code)
-    # the trainer's own rule for its exports: save_dtype, else OSFT's output dtype, else the model's
-    name = dtype or args.save_dtype or (args.osft and args.osft_output_dtype)
-    if not name:
-        own = getattr(config, "dtype", None) or torch.float32
-        save = getattr(torch, own) if isinstance(own, str) else own
-    else:
-        save = TORCH_DTYPES[name]
-    export_hf(network, target, save_dtype=save, source_folder=source)
+    # the trainer's own rule for its exports, with --dtype first
+    export_hf(network, target, save_dtype=export_dtype(args, config, dtype), source_folder=source)
     return target
 
 

@@ -29,6 +29,7 @@ from mt_fsdp.load import safetensors_files
 __all__ = [
     "TORCH_DTYPES",
     "build_model",
+    "export_dtype",
     "liger_available",
     "load_config",
     "locate_model",
@@ -154,6 +155,16 @@ def build_model(
         "on" if use_liger else "off",
     )
     return model, backend
+
+
+def export_dtype(args, config: PretrainedConfig, override: str | None = None) -> torch.dtype:
+    """The dtype of an HF export: ``override`` (a command-line choice), else save_dtype, else
+    OSFT's output dtype, else the dtype the model was published in (its config's)."""
+    name = override or args.save_dtype or (args.osft and args.osft_output_dtype)
+    if name:
+        return TORCH_DTYPES[name]
+    own = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, own) if isinstance(own, str) else own
 
 
 def matmul_parameter_count(model: nn.Module) -> int:

@@ -38,6 +38,7 @@ from mt_core.metrics import (
 from mt_core.model import (
     TORCH_DTYPES,
     build_model,
+    export_dtype,
     liger_available,
     load_config,
     locate_model,
@@ -382,11 +383,7 @@ def _export(
     """``hf_format/samples_<N>`` as mini_trainer names it, in save_dtype or else the dtype the
     model was published in."""
     target = output_dir / "hf_format" / f"samples_{samples_seen}"
-    if args.save_dtype or (args.osft and args.osft_output_dtype):
-        save_dtype = TORCH_DTYPES[args.save_dtype or args.osft_output_dtype]
-    else:
-        own = getattr(model.config, "dtype", None) or torch.float32
-        save_dtype = getattr(torch, own) if isinstance(own, str) else own
+    save_dtype = export_dtype(args, model.config)
     export_hf(model, target, save_dtype=save_dtype, source_folder=model_folder)
     logger.info("exported %s", target)
     return target
