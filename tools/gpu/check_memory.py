@@ -25,46 +25,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig
 
 from mt.memory import GIB, Settings, estimate
 from mt.model_shape import model_shape
 from mt_core import args_from_dict, train
 
-SHAPES = {
-    # Llama-3.2-1B: 16 layers, hidden 2048, GQA 32/8, MLP 8192, vocab 128,256, tied embeddings
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072),
-    # Llama-3.2-3B: 28 layers, hidden 3072, GQA 24/8, MLP 8192, vocab 128,256, tied embeddings
-    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-               num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
-               tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
-}  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
+from random_model import SHAPES, make_model  # noqa: E402
+
 # (shape, Liger, activation checkpointing, max_tokens_per_gpu)
 CASES = (
-    ("1b", True, False, 16384),
-    ("1b", True, True, 16384),
-    ("1b", False, False, 8192),
-    ("3b", True, True, 16384),
-    ("3b", True, False, 4096),
+    ("llama-3.2-1b", True, False, 16384),
+    ("llama-3.2-1b", True, True, 16384),
+    ("llama-3.2-1b", False, False, 8192),
+    ("llama-3.2-3b", True, True, 16384),
+    ("llama-3.2-3b", True, False, 4096),
     ("tiny", False, False, 1024),
     ("tiny", False, True, 1024),
 )
 SAMPLES_PER_STEP = 8
-
-
-def make_model(folder: Path, shape: str, device: str) -> None:
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def make_data(path: Path, max_tokens: int, vocab: int, steps: int) -> None:
@@ -129,7 +109,7 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--one-case":
         return one_case(sys.argv[2])
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", default="1b,3b")
+    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3.2-3b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
@@ -151,7 +131,7 @@ def main() -> int:
             name = f"{shape} liger={'on' if liger else 'off'} ac={'on' if ac else 'off'} T={max_tokens}"
             print(f"== {name}", flush=True)
             data = options.out / f"data-{shape}-{max_tokens}.jsonl"
-            make_data(data, max_tokens, SHAPES[shape]["vocab_size"], options.steps)
+            make_data(data, max_tokens, SHAPES[shape][1]["vocab_size"], options.steps)
             run_dir = options.out / f"run-{shape}-{int(liger)}{int(ac)}-{max_tokens}"
             settings = Settings(max_tokens=max_tokens, world_size=1, liger=liger, checkpointing=ac)
             memory = estimate(dims, settings)

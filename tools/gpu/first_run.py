@@ -24,41 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mt_core import args_from_dict, train
 from mt_data import InfiniteSampler, SampleDataset, open_token_store
 
-SHAPES = {
-    # Llama-3.2-1B: 16 layers, hidden 2048, GQA 32/8, vocab 128,256, tied embeddings.
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
-}  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
+from random_model import SHAPES, make_model, make_sft_data  # noqa: E402
+
 LOSS_RTOL = 2e-2  # bf16 compute: step-1 loss within 2% of the per-sample bf16 SDPA reference
-
-
-def make_model(folder: Path, shape: str, device: str) -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape])
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-
-
-def make_data(path: Path, num_samples: int, vocab: int, max_len: int) -> None:
-    rng = np.random.default_rng(0)
-    sigma = 1.0
-    mu = np.log(600) - sigma**2 / 2  # mean ~600 tokens
-    lengths = np.clip(rng.lognormal(mu, sigma, num_samples), 16, max_len).astype(int)
-    with path.open("w") as out:
-        for length in lengths:
-            tokens = rng.integers(0, vocab, int(length)).tolist()
-            prompt = int(length * rng.uniform(0.1, 0.6))
-            labels = [-100] * prompt + tokens[prompt:]
-            out.write(json.dumps({"input_ids": tokens, "labels": labels}) + "\n")
 
 
 def reference_loss(folder: Path, data: Path, batch_size: int, seed: int, device: str) -> float:
@@ -95,7 +69,9 @@ def liger_empty_minibatch_is_exact(device: str) -> str:
         return "needs CUDA and liger-kernel"
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES["tiny"])).to(device)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SHAPES["tiny"][1])).to(
+        device
+    )
     _apply_liger_kernel_to_instance(model=model)
     use_padding_free_attention(model, "torch_varlen" if device == "cuda" else "sdpa")
     empty = torch.zeros((1, 0), dtype=torch.long, device=device)
@@ -135,7 +111,7 @@ def run(name: str, keys: dict, out: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=6)
@@ -153,7 +129,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     folder, data = out / "model", out / "data.jsonl"
     make_model(folder, options.shape, options.device)
-    make_data(data, 1024, SHAPES[options.shape]["vocab_size"], min(8192, options.max_tokens))
+    make_sft_data(data, 1024, SHAPES[options.shape][1]["vocab_size"], min(8192, options.max_tokens))
     reference = reference_loss(folder, data, options.batch_size, 1, options.device)
 
     keys = dict(

@@ -32,50 +32,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-SHAPES = {
-    # Llama-3.2-1B: 16 layers, hidden 2048, GQA 32/8, vocab 128,256, tied embeddings.
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-               tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072),
-    # ~29 M parameters: a CPU step takes seconds, the whole comparison a few minutes.
-    "mid": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=4, vocab_size=8192,
-                tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
-}  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
+from random_model import SHAPES, make_model, make_sft_data  # noqa: E402
+
 # Defaults per shape: batch_size, max_tokens_per_gpu, mean sample length, steps.
-DEFAULTS = {"1b": (32, 16384, 600, 6), "mid": (8, 4096, 256, 6), "tiny": (4, 2048, 128, 3)}
-
-
-def make_model(folder: Path, shape: str, device: str) -> None:
-    """Random init on ``device`` (fast for 1B on a GPU), saved in bf16; the memory is released
-    before the children start."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def make_data(path: Path, num_samples: int, vocab: int, max_len: int, mean: int) -> None:
-    """first_run.py's SFT mix: log-normal lengths (sigma 1) around ``mean``, 10-60% prompt."""
-    rng = np.random.default_rng(0)
-    sigma = 1.0
-    mu = np.log(mean) - sigma**2 / 2
-    lengths = np.clip(rng.lognormal(mu, sigma, num_samples), 16, max_len).astype(int)
-    with path.open("w") as out:
-        for length in lengths:
-            tokens = rng.integers(0, vocab, int(length)).tolist()
-            prompt = int(length * rng.uniform(0.1, 0.6))
-            labels = [-100] * prompt + tokens[prompt:]
-            out.write(json.dumps({"input_ids": tokens, "labels": labels}) + "\n")
+DEFAULTS = {
+    "llama-3.2-1b": (32, 16384, 600, 6),
+    "mid": (8, 4096, 256, 6),
+    "tiny": (4, 2048, 128, 3),
+}
 
 
 # ---------------------------------------------------------------- one contestant (child process)
@@ -167,7 +134,7 @@ def machine(device: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(DEFAULTS))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--ratios", default="0.25,0.5", help="OSFT unfreeze ratios")
@@ -194,8 +161,8 @@ def main() -> int:
     folder, data = out / "model", out / "data.jsonl"
     started = time.perf_counter()
     make_model(folder, options.shape, options.device)
-    vocab = SHAPES[options.shape]["vocab_size"]
-    make_data(data, max(256, 4 * batch_size * steps), vocab, min(8192, max_tokens), mean_len)
+    vocab = SHAPES[options.shape][1]["vocab_size"]
+    make_sft_data(data, max(256, 4 * batch_size * steps), vocab, min(8192, max_tokens), mean_len)
     print(f"model and data in {time.perf_counter() - started:.0f} s", flush=True)
 
     keys = dict(
