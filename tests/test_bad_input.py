@@ -58,6 +58,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from mt.cli import run as mt_run
 from mt_core import ConfigError, RunError, load_run_file, train
 from mt_data import DataError, DataWarning
 
@@ -272,7 +273,7 @@ def test_batch_size_below_the_rank_count_under_torchrun(workspace, earlier):
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("mt: ")]
     assert set(ours) == {
-        "mt: error: batch_size: 1 is less than the 2 ranks of this run, so some rank would get "
+        "mt: error: command line: batch_size: 1 is less than the 2 ranks of this run, so some rank would get "
         "no sample in any step; set batch_size to at least 2 or start fewer processes"
     }
     assert "mt_core" not in result.stderr  # no frame of mt's code: no traceback of ours
@@ -300,6 +301,19 @@ BAD_CONFIG = {
         {}, "[pretraining]\nblock_size = -4\n", "block_size",
         "pretraining.block_size: must be > 1, got -4",
     ),
+    "OSFT ratio above 1": (
+        {"osft": True, "osft_unfreeze_rank_ratio": 1.5}, "", "osft_unfreeze_rank_ratio",
+        "osft_unfreeze_rank_ratio: must be <= 1, got 1.5",
+    ),
+    "OSFT patterns that match nothing": (
+        {"osft": True, "osft_unfreeze_rank_ratio": 0.5, "osft_target_patterns": ["*.nothing"]},
+        "", "osft_target_patterns", "osft_target_patterns: '*.nothing' match no module",
+    ),
+    "OSFT target that is not 2-D": (
+        {"osft": True, "osft_unfreeze_rank_ratio": 0.5,
+         "osft_target_patterns": ["*.input_layernorm"]},
+        "", "osft_target_patterns", "whose weight is 1-D (16,); OSFT targets 2-D matrices only",
+    ),
 }  # fmt: skip
 
 
@@ -312,7 +326,7 @@ def test_bad_config_is_one_error(workspace, earlier, case):
     run = write_run_file(out.parent / "bad.toml", keys, appended)
     line = line_of(run, key)
     with pytest.raises(ConfigError) as raised:
-        train(load_run_file(run))
+        mt_run(str(run))  # what `mt run` does: checks needing the model are placed too
     assert str(raised.value).startswith(f"{run}:{line}: "), str(raised.value)
     assert expected in str(raised.value)
     assert len(raised.value.problems) == 1
@@ -425,7 +439,9 @@ def test_two_runs_on_one_output_dir_at_once(workspace, tmp_path):
         winner = 1 - loser
         assert processes[loser].returncode == 2, logs[loser][1].read_text()
         refusal = logs[loser][1].read_text()
-        assert refusal.startswith(f"mt: error: output_dir: {out} is in use by another run (pid ")
+        assert refusal.startswith(
+            f"mt: error: command line: output_dir: {out} is in use by another run (pid "
+        )
         assert len(refusal.splitlines()) == 1 and "Traceback" not in refusal
         metrics = out / "metrics.jsonl"
         while time.time() < deadline and not (metrics.is_file() and metrics.read_text()):

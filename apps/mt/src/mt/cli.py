@@ -25,7 +25,7 @@ from mt.export import export
 from mt.help_text import COMMAND_HELP, COMMANDS_HELP, OTHER_USAGE, USAGE, usage_of
 from mt.plot import plot
 from mt.prepare import prepare
-from mt_core.config import ConfigError, load_run_file, render_help
+from mt_core.config import ConfigError, load_run_file, place_problems, render_help
 from mt_core.errors import RunError
 from mt_data import DataError
 
@@ -40,7 +40,10 @@ def run(run_file: str, **overrides: Any) -> None:
     args = load_run_file(str(run_file), overrides)  # fire reads `mt run 2024` as a number
     from mt_core import train  # torch and the model stack load only once the config is good
 
-    train(args)
+    try:
+        train(args)
+    except ConfigError as error:  # found with the model or data: placed in the run file
+        raise place_problems(error, run_file, overrides) from None
 
 
 def _check(run_file: str, *extra: Any, **options: Any) -> None:

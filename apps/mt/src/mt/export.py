@@ -11,7 +11,6 @@ the tokenizer files of the run's model.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,45 +127,19 @@ def export_checkpoint(
 def _load_model(folder: Path, config, master, trust_remote_code: bool):
     """The model of ``config`` on the CPU, its weights read from the distributed checkpoint."""
     import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
     from transformers import AutoModelForCausalLM
 
-    from mt_fsdp import CheckpointError, materialize, parameters_on_meta
-
-    # the reader and planner mt's resume uses: they unpickle nothing but DCP's own classes
-    from mt_fsdp.checkpoint import _SafePlanner, _SafeReader
+    from mt_fsdp import CheckpointError, load_model_weights, materialize, parameters_on_meta
 
     with parameters_on_meta():
         network = AutoModelForCausalLM.from_config(
             config, dtype=master, trust_remote_code=trust_remote_code
         )
     materialize(network, torch.device("cpu"), lambda module: None)
-    reader = _SafeReader(folder)
     try:
-        stored = reader.read_metadata().state_dict_metadata
-    except (CheckpointError, OSError) as error:  # unsafe or unreadable metadata
-        raise CommandError(f"{folder}: cannot read this checkpoint ({error})") from None
-    state = network.state_dict()
-    # a parameter tied to another (the LM head to the embeddings) is filled through its owner
-    owners = {name for name, _ in network.named_parameters()}
-    missing = sorted(name for name in owners if f"model.{name}" not in stored)
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise CommandError(
-            f"{folder}: the checkpoint lacks {len(missing)} weight(s) of the run's model "
-            f"({shown}); is --model the model this run trained?"
-        )
-    wanted = {name: tensor for name, tensor in state.items() if f"model.{name}" in stored}
-    try:
-        with warnings.catch_warnings():  # "no process group: loading in one process" - meant so
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": wanted}, storage_reader=reader, planner=_SafePlanner())
-    except CheckpointException as error:  # a BaseException: it would pass every handler
-        failure = next(iter(error.failures.values()), error)
-        reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else repr(failure)
-        raise CommandError(
-            f"{folder}: cannot read the model from this checkpoint ({reason})"
-        ) from None
+        load_model_weights(folder, network)
+    except CheckpointError as error:
+        hint = "; is --model the model this run trained?" if "lacks" in str(error) else ""
+        raise CommandError(f"{error}{hint}") from None
     network.eval()
     return network

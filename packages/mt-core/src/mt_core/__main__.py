@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(argv) != 2 or argv[0] != "run":
         print(USAGE, file=sys.stderr)
         return 2
-    from mt_core.config import ConfigError, load_run_file
+    from mt_core.config import ConfigError, load_run_file, place_problems
     from mt_core.errors import RunError
     from mt_data import DataError
 
@@ -28,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = load_run_file(argv[1])
         from mt_core.trainer import train  # torch and the model stack: only for a good config
 
-        train(args)
+        try:
+            train(args)
+        except ConfigError as error:  # found with the model or data: placed in the run file
+            raise place_problems(error, argv[1]) from None
     except (ConfigError, DataError, RunError) as error:
         for line in str(error).splitlines():
             print(f"mt: error: {line}", file=sys.stderr)

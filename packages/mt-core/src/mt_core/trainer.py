@@ -133,16 +133,16 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         cpu_offload=args.cpu_offload,
         trust_remote_code=args.trust_remote_code,
     )
-    # Model and data are good: only now may this run's resolved run file replace an earlier
-    # run's (a run refused for bad input leaves output_dir as it was).
-    if ctx.is_main:
-        write_run_file(args, output_dir / "run.toml")
 
     # 3. OSFT (after sharding, before the optimizer), then the optimizer and schedule.
     saved = _read_trainer_state(resume_from)
     osft = setup_osft(
         args, model, config.model_type, data.train, ctx, saved.get("osft_ratios") if saved else None
     )
+    # Model, data and OSFT targets are good: only now may this run's resolved run file replace
+    # an earlier run's (a run refused for bad input leaves output_dir as it was).
+    if ctx.is_main:
+        write_run_file(args, output_dir / "run.toml")
     optimizer = build_optimizer(
         model,
         lr=args.learning_rate,

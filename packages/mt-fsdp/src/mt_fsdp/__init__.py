@@ -5,6 +5,7 @@ from mt_fsdp.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    load_model_weights,
     save_checkpoint,
 )
 from mt_fsdp.distributed import DistContext, init_distributed, shutdown_distributed
@@ -17,6 +18,7 @@ __all__ = [
     "complete_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_model_weights",
     "save_checkpoint",
     "TOKENIZER_FILES",
     "DistContext",

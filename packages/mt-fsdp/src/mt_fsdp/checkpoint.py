@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "complete_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_model_weights",
     "save_checkpoint",
 ]
 
@@ -143,12 +145,7 @@ def load_checkpoint(
     state = {"model": model_state, "optimizer": optimizer_state}
     if extra_tensors:
         state["extra"] = extra_tensors
-    try:
-        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafePlanner())
-    except CheckpointException as error:  # a BaseException: it would pass every handler
-        failure = next(iter(error.failures.values()), error)
-        reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else repr(failure)
-        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({reason})") from None
+    _safe_load(state, _SafeReader(folder), f"{folder}: cannot resume from this checkpoint")
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
@@ -156,6 +153,44 @@ def load_checkpoint(
     rng_file = folder / f"rng_rank{_rank()}.safetensors"
     _set_rng_state(load_file(rng_file if rng_file.is_file() else folder / "rng_rank0.safetensors"))
     return json.loads(state_file.read_text())
+
+
+def load_model_weights(folder: str | Path, model: nn.Module) -> None:
+    """Fill an unsharded ``model`` (in one process, e.g. on the CPU) with the weights of the
+    checkpoint ``folder``, whatever number of ranks wrote it; the optimizer state is not read.
+    Raises :class:`CheckpointError` when the checkpoint lacks one of the model's parameters."""
+    folder = Path(folder)
+    reader = _SafeReader(folder)
+    try:
+        stored = reader.read_metadata().state_dict_metadata
+    except OSError as error:
+        raise CheckpointError(f"{folder}: cannot read this checkpoint ({error})") from None
+    # a parameter tied to another (the LM head to the embeddings) is filled through its owner
+    owners = {name for name, _ in model.named_parameters()}
+    missing = sorted(name for name in owners if f"model.{name}" not in stored)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(
+            f"{folder}: the checkpoint lacks {len(missing)} weight(s) of this model ({shown})"
+        )
+    wanted = {name: t for name, t in model.state_dict().items() if f"model.{name}" in stored}
+    with warnings.catch_warnings():  # "no process group: loading in one process" - meant so
+        warnings.simplefilter("ignore", UserWarning)
+        _safe_load(
+            {"model": wanted}, reader, f"{folder}: cannot read the model from this checkpoint"
+        )
+
+
+def _safe_load(state: dict[str, Any], reader: _SafeReader, failing: str) -> None:
+    """``dcp.load`` through the restricted reader and planner, its failure as one line."""
+    try:
+        dcp.load(state, storage_reader=reader, planner=_SafePlanner())
+    except CheckpointException as error:  # a BaseException: it would pass every handler
+        failure = next(iter(error.failures.values()), error)
+        if isinstance(failure, tuple):  # (exception, its traceback summary)
+            failure = failure[0]
+        reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else repr(failure)
+        raise CheckpointError(f"{failing} ({reason})") from None
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

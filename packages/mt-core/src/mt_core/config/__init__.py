@@ -26,6 +26,7 @@ from mt_core.config.runfile import (
     args_from_dict,
     args_to_dict,
     load_run_file,
+    place_problems,
     render_run_file,
     write_run_file,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "args_from_dict",
     "args_to_dict",
     "load_run_file",
+    "place_problems",
     "render_help",
     "render_run_file",
     "write_run_file",

@@ -145,17 +145,32 @@ def load_run_file(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(_toml_syntax_error(path, text, error)) from None
-    lines = _key_lines(text)
-    overridden: set[str] = set()
     problems = []
     for name, value in (overrides or {}).items():
-        dotted = name.replace("-", "_")
-        if dotted == "block_size":  # mini_trainer's flag: a flag set moves over unchanged
-            dotted = "pretraining.block_size"
+        dotted = _override_key(name)
         problem = _set_dotted(data, dotted.split("."), value)
         if problem:
             problems.append(f"command line: {dotted}: {problem}")
-        overridden.add(dotted)
+    where = _locator(path, text, overrides)
+    try:
+        args = _build(data, where)
+    except ConfigError as error:
+        raise ConfigError(problems + error.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return args
+
+
+def _override_key(name: str) -> str:
+    dotted = name.replace("-", "_")
+    # mini_trainer's flag: a flag set moves over unchanged
+    return "pretraining.block_size" if dotted == "block_size" else dotted
+
+
+def _locator(path: Path, text: str, overrides: Mapping[str, Any] | None) -> Callable[[str], str]:
+    """``where(dotted_key)``: "command line" for an overridden key, else ``path:line``."""
+    lines = _key_lines(text)
+    overridden = {_override_key(name) for name in overrides or {}}
 
     def where(key: str) -> str:
         parts = key.split(".")
@@ -165,13 +180,26 @@ def load_run_file(
         line = next((lines[prefix] for prefix in prefixes if prefix in lines), None)
         return str(path) if line is None else f"{path}:{line}"
 
-    try:
-        args = _build(data, where)
-    except ConfigError as error:
-        raise ConfigError(problems + error.problems) from None
-    if problems:
-        raise ConfigError(problems)
-    return args
+    return where
+
+
+_KEY_PROBLEM = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)?): ")
+
+
+def place_problems(
+    error: ConfigError, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None
+) -> ConfigError:
+    """``error``, raised after the run file was read (by checks that need the model or the
+    data, e.g. OSFT patterns that match no module), with each problem that starts with a key of
+    the run file placed at ``path:line`` or on the command line, as reading places its own."""
+    path = Path(path)
+    where = _locator(path, path.read_text(encoding="utf-8"), overrides)
+    known = set(_fields(TrainingArgs)) | {f"pretraining.{n}" for n in _fields(PretrainingConfig)}
+    placed = []
+    for problem in error.problems:
+        key = _KEY_PROBLEM.match(problem)
+        placed.append(f"{where(key[1])}: {problem}" if key and key[1] in known else problem)
+    return ConfigError(placed)
 
 
 def _set_dotted(data: dict, parts: list[str], value: Any) -> str | None:
