@@ -22,7 +22,7 @@ class Recorder(TrainerCallback):
     def _record(self, hook, **info):
         path = os.path.join(os.environ["HOOK_DIR"], f"rank{info['rank']}.txt")
         with open(path, "a") as out:
-            out.write(f"{hook} {info['step']}\\n")
+            out.write(f"{hook} {info['step']} {info['time']!r}\\n")
 
 for _hook in ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
               "on_step_begin", "on_step_end", "on_before_forward", "on_after_backward",
@@ -81,3 +81,6 @@ def test_hooks_run_in_order_on_every_rank_and_a_broken_callback_does_not_stop_tr
         assert sorted(names) == sorted(expected), rank
         assert names[:9] == expected[:9]
         assert names[-2:] == ["on_epoch_end", "on_train_end"]
+        # each hook carries the moment it fired, in order
+        stamps = [float(line.split()[2]) for line in hooks if line]
+        assert stamps == sorted(stamps) and stamps[0] < stamps[-1]

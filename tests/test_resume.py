@@ -245,7 +245,7 @@ def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
     def nan_at_step_3(model, max_norm):
         calls.append(1)
         norm = original(model, max_norm)
-        return float("nan") if len(calls) == 3 else norm
+        return torch.full_like(norm, float("nan")) if len(calls) == 3 else norm
 
     monkeypatch.setattr(trainer, "clip_gradients", nan_at_step_3)
     overrides = {"output_dir": str(tmp_path / "stop"), "save_final_checkpoint": True}

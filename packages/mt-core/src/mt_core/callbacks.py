@@ -13,6 +13,7 @@ import importlib
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from mt_core.config import ConfigError
@@ -40,7 +41,8 @@ HOOKS = (
 
 class TrainerCallback:
     """Override the hooks you need; each gets keyword arguments: always ``step`` (steps done so
-    far), ``epoch``, ``rank`` and ``world_size``; ``on_log`` also ``record`` (the metrics line),
+    far), ``epoch``, ``rank``, ``world_size`` and ``time`` (``time.perf_counter()`` when the
+    hook fired: hooks run later, on the callback's own thread); ``on_log`` also ``record`` (the metrics line),
     ``on_evaluate`` ``val_loss``, ``on_save`` ``path`` (an HF export or a checkpoint)."""
 
     def on_train_begin(self, **info: Any) -> None: ...
@@ -108,8 +110,12 @@ class CallbackRunner:
         self.common = {"rank": rank, "world_size": world_size}
 
     def __call__(self, hook: str, **info: Any) -> None:
+        if not self.workers:
+            return
+        # the moment the hook fired: a callback runs later, on its own thread
+        fired = {**self.common, "time": time.perf_counter(), **info}
         for worker in self.workers:
-            worker.queue.put((hook, {**self.common, **info}))
+            worker.queue.put((hook, fired))
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Let the callbacks finish their queued hooks (up to ``timeout_s`` each)."""

@@ -20,7 +20,6 @@ import signal
 from pathlib import Path
 from typing import IO
 
-import torch
 import torch.distributed as dist
 
 from mt_core.config import ConfigError, TrainingArgs
@@ -96,11 +95,11 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.received = number
 
-    def agreed(self, ctx: DistContext) -> bool:
-        """True on every rank when any rank was asked to stop (collective)."""
-        flag = torch.tensor([1 if self.received is not None else 0], device=ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    @property
+    def requested(self) -> bool:
+        """Whether this process was asked to stop. Ranks agree by summing it with the step's
+        loss (one collective a step): a stop is due when any rank's vote is in the sum."""
+        return self.received is not None
 
     def restore(self) -> None:
         for number, handler in self._previous.items():

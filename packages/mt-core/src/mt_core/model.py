@@ -19,6 +19,7 @@ from mt_core.config import ConfigError
 from mt_fsdp import (
     TOKENIZER_FILES,
     DistContext,
+    decoder_blocks,
     load_hf_weights,
     materialize,
     parameters_on_meta,
@@ -105,12 +106,17 @@ def liger_available() -> bool:
     return True
 
 
-def _apply_liger(model: PreTrainedModel) -> None:
+def _apply_liger(model: PreTrainedModel, loss_only: bool) -> None:
     """Liger's fused kernels for this architecture (RMSNorm, RoPE, SwiGLU, and the fused linear
-    cross-entropy that never materialises the logits)."""
+    cross-entropy that never materialises the logits). With ``loss_only`` just the loss: inside
+    compiled blocks torch.compile fuses the norms, RoPE and SwiGLU itself, and Liger's kernels
+    there fail to trace (measured: torch 2.11, liger-kernel 0.8.5)."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model)
+    inside_blocks = not loss_only
+    _apply_liger_kernel_to_instance(
+        model=model, rope=inside_blocks, rms_norm=inside_blocks, swiglu=inside_blocks
+    )
 
 
 def build_model(
@@ -123,6 +129,7 @@ def build_model(
     attn_backend: str = "auto",
     use_liger: bool = False,
     activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
     cpu_offload: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, str]:
@@ -136,11 +143,17 @@ def build_model(
     backend = resolve_attn_backend(attn_backend, ctx.device)
     use_padding_free_attention(model, backend)
     if use_liger:
-        _apply_liger(model)
+        _apply_liger(model, loss_only=compile_blocks)
     if activation_checkpointing:
         # Non-reentrant checkpointing per decoder block: activations inside a block are
         # recomputed in the backward pass, and it composes with FSDP2's hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile_blocks:
+        # Regional compilation: each decoder block's forward is compiled (the same code for
+        # every layer, so one graph is reused) and FSDP2's hooks stay outside the graphs. Packed
+        # rows change length every minibatch: dynamic shapes from the start, no recompiles.
+        for block in decoder_blocks(model):
+            block.compile(dynamic=True)
     model.config.use_cache = False
     param_dtype = None if compute_dtype == master_dtype else compute_dtype
     shard_model(model, ctx.mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
@@ -148,11 +161,12 @@ def build_model(
     load_hf_weights(model, folder)
     model.train()
     logger.info(
-        "model %s: %.1fM parameters, attention %s, liger %s",
+        "model %s: %.1fM parameters, attention %s, liger %s, compiled blocks %s",
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
         backend,
         "on" if use_liger else "off",
+        "on" if compile_blocks else "off",
     )
     return model, backend
 

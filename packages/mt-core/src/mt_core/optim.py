@@ -44,9 +44,10 @@ def build_scheduler(
     )
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """The gradients' global L2 norm over all shards of all ranks; clipped to ``max_norm`` unless
-    it is 0. Every rank gets the same value."""
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The gradients' global L2 norm over all shards of all ranks (a 0-d tensor on their
+    device: reading it waits for the GPU); clipped to ``max_norm`` unless it is 0. Every rank
+    gets the same value."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(norm, DTensor):  # sharded gradients: the norm of the local shards, reduced
@@ -54,4 +55,4 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     if max_norm > 0:
         params = [p for p in model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-    return float(norm)
+    return norm

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from mt_core.callbacks import CallbackRunner, load_callbacks
 from mt_core.config import TrainingArgs, write_run_file
@@ -117,19 +118,23 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     sampler = data.sampler
 
     # 2. Model: sharded, master weights in train_dtype, compute in bf16 on GPU.
+    # speed settings left unset take the fastest measured on a GPU (tools/bench/RESULTS.md)
+    on_gpu = ctx.device.type == "cuda"
     use_liger = args.use_liger_kernels
     if use_liger is None:
-        use_liger = ctx.device.type == "cuda" and liger_available()
+        use_liger = on_gpu and liger_available()
+    compile_blocks = on_gpu if args.torch_compile is None else args.torch_compile
     master_dtype = TORCH_DTYPES[args.train_dtype]
     model, _ = build_model(
         model_folder,
         config,
         ctx,
         master_dtype=master_dtype,
-        compute_dtype=torch.bfloat16 if ctx.device.type == "cuda" else master_dtype,
+        compute_dtype=torch.bfloat16 if on_gpu else master_dtype,
         attn_backend=args.attn_backend,
         use_liger=use_liger,
         activation_checkpointing=args.activation_checkpointing,
+        compile_blocks=compile_blocks,
         cpu_offload=args.cpu_offload,
         trust_remote_code=args.trust_remote_code,
     )
@@ -205,28 +210,41 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     try:
         done = finished(args, state)
         fire("on_train_begin", step=state.step, epoch=state.epochs_done)
+        clock = time.perf_counter()
         epoch_open = False
         while not done:
             if not epoch_open:
                 fire("on_epoch_begin", step=state.step, epoch=state.epochs_done)
                 epoch_open = True
             fire("on_step_begin", step=state.step, epoch=state.epochs_done)
-            started = time.perf_counter()
-            # an epoch sampler's new iterator starts with the next epoch once one has ended
-            batch = data.loader.step_batch(next(iter(sampler)))
+            # (the named ranges label a profiler trace: docs/performance.md)
+            with record_function("mt.data"):
+                # an epoch sampler's new iterator starts with the next epoch once one has ended
+                batch = data.loader.step_batch(next(iter(sampler)))
 
             hook = functools.partial(fire, step=state.step, epoch=state.epochs_done)
-            loss, context_sum = _forward_backward(model, batch, ctx, hook)
-            if osft is not None:
-                osft.project_gradients_()  # Adam's moments then see only trainable directions
-            grad_norm = clip_gradients(model, args.max_grad_norm)
+            with record_function("mt.forward_backward"):
+                totals = _forward_backward(model, batch, ctx, hook, stop.requested)
+            with record_function("mt.clip"):
+                if osft is not None:
+                    osft.project_gradients_()  # Adam's moments then see only trainable directions
+                norm = clip_gradients(model, args.max_grad_norm)
+            # The step's one host synchronisation: the optimizer must know whether the loss and
+            # gradients are finite. Its kernels then run while the host does the bookkeeping and
+            # prepares the next batch, so a step's time runs from one such point to the next.
+            loss, context_sum, stop_votes, grad_norm = torch.cat(
+                [totals, norm.reshape(1).to(totals.dtype)]
+            ).tolist()
+            now = time.perf_counter()
+            step_time, clock = now - clock, now
             lr = scheduler.get_last_lr()[0]
             state.step += 1
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 fire("on_before_optimizer_step", step=state.step - 1, epoch=state.epochs_done)
-                optimizer.step()
-                if osft is not None:
-                    osft.project_()  # the total change stays orthogonal to the frozen subspace
+                with record_function("mt.optimizer"):
+                    optimizer.step()
+                    if osft is not None:
+                        osft.project_()  # the total change stays orthogonal to the frozen subspace
                 fire("on_after_optimizer_step", step=state.step, epoch=state.epochs_done)
             elif args.skip_nonfinite_steps:
                 state.skipped_steps += 1  # no update; the data of this step is passed over
@@ -234,9 +252,6 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
                 raise NonFiniteError(_nonfinite_message(state.step, loss, grad_norm, checkpoints))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
-            step_time = time.perf_counter() - started
 
             state.samples_seen += batch.num_samples
             state.tokens_seen += batch.num_tokens
@@ -300,7 +315,8 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
             every = args.checkpoint_every_steps
             if every and state.step % every == 0 and not done:
                 checkpoint()
-            if not done and stop.agreed(ctx):
+            clock = time.perf_counter()  # validation, exports, checkpoints: not step time
+            if not done and stop_votes > 0:
                 folder = checkpoint()
                 if ctx.is_main:
                     print(
@@ -322,10 +338,15 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
 
 
 def _forward_backward(
-    model: torch.nn.Module, batch: StepBatch, ctx: DistContext, fire: Callable[..., None]
-) -> tuple[float, float]:
-    """Forward and backward over this rank's minibatches; returns the global batch's loss and
-    the sum over its tokens of their attended context (for the FLOP count)."""
+    model: torch.nn.Module,
+    batch: StepBatch,
+    ctx: DistContext,
+    fire: Callable[..., None],
+    stop_requested: bool,
+) -> torch.Tensor:
+    """Forward and backward over this rank's minibatches. Returns, summed over all ranks and
+    without waiting for the GPU: the global batch's loss, the sum over its tokens of their
+    attended context (for the FLOP count), and the number of ranks asked to stop."""
     local_loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     context_sum = 0.0
     count = len(batch.minibatches)
@@ -340,11 +361,10 @@ def _forward_backward(
         if not minibatch.is_empty:
             segments = np.diff(minibatch.cu_seqlens)
             context_sum += attended_context(segments) * minibatch.num_tokens
-    totals = torch.stack(
-        [local_loss, torch.tensor(context_sum, dtype=torch.float64, device=ctx.device)]
-    )
+    host = torch.tensor([context_sum, float(stop_requested)], dtype=torch.float64)
+    totals = torch.cat([local_loss.reshape(1), host.to(ctx.device, non_blocking=True)])
     dist.all_reduce(totals)
-    return float(totals[0]), float(totals[1])
+    return totals
 
 
 def _read_trainer_state(folder: Path | None) -> dict | None:

@@ -431,8 +431,8 @@ class TrainingArgs:
     )
     use_liger_kernels: bool | None = field(
         "Liger kernels: fused linear cross-entropy (logits are never materialised), RMSNorm, "
-        "RoPE, SwiGLU where the architecture has them. Not set = on when CUDA and liger-kernel "
-        "are available.",
+        "RoPE, SwiGLU where the architecture has them; with torch_compile only the fused loss "
+        "(compilation fuses the rest). Not set = on when CUDA and liger-kernel are available.",
         _SPEED,
         "boolean",
         default=None,
@@ -445,6 +445,14 @@ class TrainingArgs:
         "string",
         default="auto",
         choices=fixed(*ATTN_BACKENDS),
+    )
+    torch_compile: bool | None = field(
+        "Compile each decoder block with torch.compile (regional compilation: one block's graph "
+        "serves every layer, so compiling takes seconds, not minutes). Not set = on with CUDA.",
+        _SPEED,
+        "boolean",
+        default=None,
+        optional=True,
     )
     activation_checkpointing: bool = field(
         "Recompute each decoder block's activations during backward: much less memory, about "
