@@ -196,11 +196,11 @@ def summarize_trace(events: list[dict], step_time_s: float) -> dict:
         compute = [e for e in ops if e["name"] in _CPU_COMPUTE]
     start = min((e["ts"] for e in comm + compute), default=0.0)
     end = start + step_time_s * 1e6  # trace times are in microseconds
+    comm = [e for e in comm if start <= e["ts"] < end]
+    compute = [e for e in compute if start <= e["ts"] < end]
 
     def busy(chosen: list[dict]) -> list[tuple[float, float]]:
-        return _merged(
-            [(e["ts"], min(e["ts"] + e["dur"], end)) for e in chosen if start <= e["ts"] < end]
-        )
+        return _merged([(e["ts"], min(e["ts"] + e["dur"], end)) for e in chosen])
 
     compute_busy, comm_busy = busy(compute), busy(comm)
     overlap = _overlap(compute_busy, comm_busy)
