@@ -102,6 +102,7 @@ def make_sft_data(
         lengths = np.full(num_samples, fixed_len)
     else:
         lengths = sft_lengths(num_samples, max_len, mean, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as out:
         for length in lengths:
             tokens = rng.integers(0, vocab, int(length)).tolist()

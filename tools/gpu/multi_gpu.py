@@ -1,7 +1,7 @@
 """Issue #9 on one 2-GPU machine: parity, scaling, the 8B shape and a profiled step, all through
 ``mt run`` under torchrun.
 
-On a 2-GPU machine (see shared/GPU.md), from the repository root (~9 minutes on 2 H100s):
+On a 2-GPU machine (see shared/GPU.md), from the repository root (~8 minutes on 2 H100s, estimated):
 
     python3 tools/gpu/multi_gpu.py --out $OUT [--work /tmp/mt_multi_gpu] [--parts parity,scaling,large]
     python3 tools/gpu/multi_gpu.py --device cpu --shape tiny --out /tmp/mg    # CPU dry run, gloo
@@ -422,7 +422,7 @@ def large_rows(result: dict, model_bytes: int) -> list[list[str]]:
          f"({_pct(mfu and mfu * DATASHEET_PEAK / H100_MEASURED_PEAK)} of 795); "
          f"peak GPU GiB per rank {gpu_peaks or '-'}", f"MFU >= {MFU_GOAL:.0%}",
          "-" if mfu is None else ("ok" if mfu >= MFU_GOAL else "below")],
-        ["host memory per rank at the end of the load",
+        ["peak host memory per rank, start-up and sharded load",
          f"peak RSS (VmHWM) {host}; anonymous then {anon} GiB; checkpoint "
          f"{model_bytes / GIB:.1f} GiB", "< the checkpoint", verdict],
     ]  # fmt: skip
