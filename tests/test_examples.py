@@ -15,6 +15,7 @@ def test_examples_exist():
     assert {p.name for p in EXAMPLES} >= {
         "run.toml",
         "llama-3.1-8b-sft.toml",
+        "llama-3.1-8b-2gpu.toml",
         "qwen2.5-1.5b-pretrain.toml",
     }
 

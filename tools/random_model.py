@@ -68,7 +68,7 @@ def make_model(folder: Path, shape: str, device: str = "cpu", config_only: bool 
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size="5GB")  # files as the published ones are split
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -86,13 +86,25 @@ def sft_lengths(num_samples: int, max_len: int, mean: int = 600, seed: int = 0) 
 
 
 def make_sft_data(
-    path: Path, num_samples: int, vocab: int, max_len: int = 8192, mean: int = 600, seed: int = 0
+    path: Path,
+    num_samples: int,
+    vocab: int,
+    max_len: int = 8192,
+    mean: int = 600,
+    seed: int = 0,
+    fixed_len: int | None = None,
 ) -> Path:
-    """mt's JSONL with the :func:`sft_lengths` mix; a random 10-60% prompt share of each sample
-    is masked (-100), as chat data's prompts are."""
+    """mt's JSONL with the :func:`sft_lengths` mix, or every sample ``fixed_len`` tokens long (so
+    that a chosen batch fills each GPU's row exactly, for throughput); a random 10-60% prompt
+    share of each sample is masked (-100), as chat data's prompts are."""
     rng = np.random.default_rng(seed + 1)
+    if fixed_len:
+        lengths = np.full(num_samples, fixed_len)
+    else:
+        lengths = sft_lengths(num_samples, max_len, mean, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as out:
-        for length in sft_lengths(num_samples, max_len, mean, seed):
+        for length in lengths:
             tokens = rng.integers(0, vocab, int(length)).tolist()
             prompt = int(length * rng.uniform(0.1, 0.6))
             labels = [-100] * prompt + tokens[prompt:]
