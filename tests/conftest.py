@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from itertools import count
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from mt_data import SampleDataset, open_token_store
+from mt_core.loss import minibatch_loss, minibatch_tensors
+from mt_data import SampleDataset, collate_minibatch, open_token_store
 
 # Small enough for CPU tests in milliseconds, with grouped-query attention (2 KV heads for 4).
 TINY_SHAPE = {
@@ -51,3 +54,87 @@ def sft_dataset(tmp_path_factory) -> Callable[[list[dict]], SampleDataset]:
         return SampleDataset(open_token_store(path, cache_dir=folder / "cache"))
 
     return build
+
+
+# The padding-free equivalence pattern (test_padding_free.py, test_model_families.py): a packed
+# minibatch through mt's loss against the unmodified HF model run on each sample alone.
+
+
+def sft_rows(seed: int, vocab: int, num_samples: int = 6) -> list[dict]:
+    """Samples of 2..40 tokens; a prompt-like prefix and scattered positions are not learnt."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(num_samples):
+        length = int(rng.integers(2, 41))
+        tokens = rng.integers(0, vocab, length)
+        labels = tokens.copy()
+        labels[: int(rng.integers(0, length // 2 + 1))] = -100
+        labels[rng.random(length) < 0.2] = -100
+        labels[-1] = tokens[-1]  # at least one target, so the dataset keeps the sample
+        rows.append({"input_ids": tokens.tolist(), "labels": labels.tolist()})
+    return rows
+
+
+def packed(dataset: SampleDataset, ids, global_count: int) -> dict:
+    """The samples ``ids`` as one packed row: keyword arguments of minibatch_loss."""
+    minibatch = collate_minibatch(dataset, np.array(ids, dtype=np.int64), global_count)
+    return minibatch_tensors(minibatch, torch.device("cpu"))
+
+
+def global_count(dataset: SampleDataset, ids) -> int:
+    return int(sum(dataset.loss_counts[i] for i in ids))
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    """The gradients of the trained (not frozen) parameters."""
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def packed_loss_and_grads(model, minibatches) -> tuple[float, dict[str, torch.Tensor]]:
+    """Accumulates the gradients of ``minibatches`` (kwargs of minibatch_loss) as training does."""
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for minibatch in minibatches:
+        loss = minibatch_loss(model, **minibatch)
+        loss.backward()
+        total += loss.item()
+    return total, grads(model)
+
+
+def reference_loss_and_grads(model, dataset, ids) -> tuple[float, dict[str, torch.Tensor]]:
+    """The unmodified HF path: eager attention (its explicit causal / sliding-window mask is the
+    definition), each sample alone, labels unshifted (HF shifts them), HF's mean loss weighted
+    back to a sum and divided by the batch's target count."""
+    # Really switched back: the padding-free function would refuse these calls (no cu_seq_lens).
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    count = global_count(dataset, ids)
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in ids:
+        sample = dataset.kept[i]
+        input_ids = torch.from_numpy(np.asarray(dataset.store.tokens(sample), dtype=np.int64))
+        labels = torch.from_numpy(np.asarray(dataset.store.sample_labels(sample), dtype=np.int64))
+        loss = model(input_ids=input_ids[None], labels=labels[None]).loss
+        loss = loss * int(dataset.loss_counts[i]) / count
+        loss.backward()
+        total += loss.item()
+    return total, grads(model)
+
+
+def grad_difference(actual: dict, expected: dict) -> tuple[float, str]:
+    """The largest gradient difference relative to the largest expected gradient, and where."""
+    assert actual.keys() == expected.keys()
+    scale = max(g.abs().max().item() for g in expected.values())
+    assert scale > 0
+    return max(((actual[n] - g).abs().max().item() / scale, n) for n, g in expected.items())
+
+
+@pytest.fixture(scope="session")
+def equivalence() -> SimpleNamespace:
+    """The helpers above (importlib mode: test modules cannot import each other or conftest)."""
+    return SimpleNamespace(
+        sft_rows=sft_rows, packed=packed, global_count=global_count, grads=grads,
+        packed_loss_and_grads=packed_loss_and_grads,
+        reference_loss_and_grads=reference_loss_and_grads, grad_difference=grad_difference,
+    )  # fmt: skip

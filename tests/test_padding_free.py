@@ -12,7 +12,6 @@ least 10x the loss tolerance and 1000x the gradient tolerance.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -30,8 +29,7 @@ from mt_core.attention import (
     resolve_attn_backend,
     use_padding_free_attention,
 )
-from mt_core.loss import minibatch_loss, minibatch_tensors
-from mt_data import collate_minibatch
+from mt_core.loss import minibatch_loss
 
 CPU = torch.device("cpu")
 TINY_VOCAB = 128  # TINY_SHAPE's vocab_size in conftest.py
@@ -74,145 +72,82 @@ ARCHITECTURES = {
 }
 
 
-def sft_rows(seed: int, num_samples: int = 6) -> list[dict]:
-    """Samples of 2..40 tokens; a prompt-like prefix and scattered positions are not learnt."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(num_samples):
-        length = int(rng.integers(2, 41))
-        tokens = rng.integers(0, TINY_VOCAB, length)
-        labels = tokens.copy()
-        labels[: int(rng.integers(0, length // 2 + 1))] = -100
-        labels[rng.random(length) < 0.2] = -100
-        labels[-1] = tokens[-1]  # at least one target, so the dataset keeps the sample
-        rows.append({"input_ids": tokens.tolist(), "labels": labels.tolist()})
-    return rows
-
-
 @pytest.fixture
-def dataset(sft_dataset):
-    data = sft_dataset(sft_rows(seed=1))
+def dataset(sft_dataset, equivalence):
+    data = sft_dataset(equivalence.sft_rows(seed=1, vocab=TINY_VOCAB))
     assert len(data) == 6 and int(data.lengths.max()) > 8  # the windows of 8 tokens matter
     return data
 
 
-def packed(dataset, ids, global_count: int):
-    return minibatch_tensors(collate_minibatch(dataset, np.array(ids), global_count), CPU)
-
-
-def global_count(dataset, ids) -> int:
-    return int(sum(dataset.loss_counts[i] for i in ids))
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-def packed_loss_and_grads(model, minibatches) -> tuple[float, dict[str, torch.Tensor]]:
-    """Accumulates the gradients of ``minibatches`` (kwargs of minibatch_loss) as training does."""
-    model.zero_grad(set_to_none=True)
-    total = 0.0
-    for minibatch in minibatches:
-        loss = minibatch_loss(model, **minibatch)
-        loss.backward()
-        total += loss.item()
-    return total, grads(model)
-
-
-def reference_loss_and_grads(model, dataset, ids) -> tuple[float, dict[str, torch.Tensor]]:
-    """The unmodified HF path: eager attention (its explicit causal / sliding-window mask is the
-    definition), each sample alone, labels unshifted (HF shifts them), HF's mean loss weighted
-    back to a sum and divided by the batch's target count."""
-    # Really switched back: the padding-free function would refuse these calls (no cu_seq_lens).
-    model.set_attn_implementation("eager")
-    assert model.config._attn_implementation == "eager"
-    count = global_count(dataset, ids)
-    model.zero_grad(set_to_none=True)
-    total = 0.0
-    for i in ids:
-        sample = dataset.kept[i]
-        input_ids = torch.from_numpy(np.asarray(dataset.store.tokens(sample), dtype=np.int64))
-        labels = torch.from_numpy(np.asarray(dataset.store.sample_labels(sample), dtype=np.int64))
-        loss = model(input_ids=input_ids[None], labels=labels[None]).loss
-        loss = loss * int(dataset.loss_counts[i]) / count
-        loss.backward()
-        total += loss.item()
-    return total, grads(model)
-
-
-def grad_difference(actual: dict, expected: dict) -> tuple[float, str]:
-    """The largest gradient difference relative to the largest expected gradient, and where."""
-    assert actual.keys() == expected.keys()
-    scale = max(g.abs().max().item() for g in expected.values())
-    assert scale > 0
-    return max(((actual[n] - g).abs().max().item() / scale, n) for n, g in expected.items())
-
-
-def assert_grads_close(actual: dict, expected: dict) -> None:
-    difference, name = grad_difference(actual, expected)
+def assert_grads_close(eq, actual: dict, expected: dict) -> None:
+    difference, name = eq.grad_difference(actual, expected)
     assert difference <= GRAD_RTOL, f"{name}: gradients differ by {difference:.2e} of their scale"
 
 
-def assert_clearly_different(loss: float, grads: dict, ref_loss: float, ref_grads: dict) -> None:
+def assert_clearly_different(eq, loss, grads: dict, ref_loss, ref_grads: dict) -> None:
     assert abs(loss - ref_loss) > 10 * LOSS_RTOL * abs(ref_loss)
-    assert grad_difference(grads, ref_grads)[0] > 1000 * GRAD_RTOL
+    assert eq.grad_difference(grads, ref_grads)[0] > 1000 * GRAD_RTOL
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_packed_minibatch_equals_samples_alone(arch, tiny_causal_lm, dataset):
+def test_packed_minibatch_equals_samples_alone(arch, tiny_causal_lm, dataset, equivalence):
+    eq = equivalence
     config_class, overrides = ARCHITECTURES[arch]
     model = tiny_causal_lm(config_class, **overrides)
     ids = list(range(len(dataset)))
-    count = global_count(dataset, ids)
+    count = eq.global_count(dataset, ids)
 
     use_padding_free_attention(model, "sdpa")
-    loss, packed_grads = packed_loss_and_grads(model, [packed(dataset, ids, count)])
-    ref_loss, ref_grads = reference_loss_and_grads(model, dataset, ids)
+    loss, packed_grads = eq.packed_loss_and_grads(model, [eq.packed(dataset, ids, count)])
+    ref_loss, ref_grads = eq.reference_loss_and_grads(model, dataset, ids)
 
     assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL)
-    assert_grads_close(packed_grads, ref_grads)
+    assert_grads_close(eq, packed_grads, ref_grads)
 
     # Negative check: the same row as ONE document (attention crossing sample boundaries, as
     # plain causal attention over the row would) is far outside the tolerances above.
     use_padding_free_attention(model, "sdpa")
-    leaky = packed(dataset, ids, count)
+    leaky = eq.packed(dataset, ids, count)
     leaky["cu_seqlens"] = torch.tensor([0, leaky["input_ids"].shape[1]], dtype=torch.int32)
     leaky["max_seqlen"] = leaky["input_ids"].shape[1]
-    assert_clearly_different(*packed_loss_and_grads(model, [leaky]), ref_loss, ref_grads)
+    assert_clearly_different(eq, *eq.packed_loss_and_grads(model, [leaky]), ref_loss, ref_grads)
 
 
-def test_sliding_window_changes_the_result(tiny_causal_lm, dataset):
+def test_sliding_window_changes_the_result(tiny_causal_lm, dataset, equivalence):
     """The window cases above test something: with the same weights, a window of 8 tokens gives
     another loss and other gradients than no window on these samples."""
+    eq = equivalence
     ids = list(range(len(dataset)))
-    batch = packed(dataset, ids, global_count(dataset, ids))
+    batch = eq.packed(dataset, ids, eq.global_count(dataset, ids))
     results = []
     for window in (8, None):
         model = tiny_causal_lm(MistralConfig, sliding_window=window)
         use_padding_free_attention(model, "sdpa")
-        results.append(packed_loss_and_grads(model, [batch]))
-    assert_clearly_different(*results[0], *results[1])
+        results.append(eq.packed_loss_and_grads(model, [batch]))
+    assert_clearly_different(eq, *results[0], *results[1])
 
 
-def test_split_minibatches_accumulate_to_one(tiny_causal_lm, dataset):
+def test_split_minibatches_accumulate_to_one(tiny_causal_lm, dataset, equivalence):
+    eq = equivalence
     model = tiny_causal_lm(LlamaConfig)
     use_padding_free_attention(model, "sdpa")
     ids = list(range(len(dataset)))
-    count = global_count(dataset, ids)
-    whole_loss, whole = packed_loss_and_grads(model, [packed(dataset, ids, count)])
-    split_loss, split = packed_loss_and_grads(
-        model, [packed(dataset, ids[:2], count), packed(dataset, ids[2:], count)]
+    count = eq.global_count(dataset, ids)
+    whole_loss, whole = eq.packed_loss_and_grads(model, [eq.packed(dataset, ids, count)])
+    split_loss, split = eq.packed_loss_and_grads(
+        model, [eq.packed(dataset, ids[:2], count), eq.packed(dataset, ids[2:], count)]
     )
     assert split_loss == pytest.approx(whole_loss, rel=LOSS_RTOL)
-    assert_grads_close(split, whole)
+    assert_grads_close(eq, split, whole)
 
 
-def test_empty_minibatch_adds_exactly_nothing(tiny_causal_lm, dataset):
+def test_empty_minibatch_adds_exactly_nothing(tiny_causal_lm, dataset, equivalence):
+    eq = equivalence
     model = tiny_causal_lm(LlamaConfig, tie_word_embeddings=True)
     use_padding_free_attention(model, "sdpa")
     ids = list(range(len(dataset)))
-    count = global_count(dataset, ids)
-    empty = packed(dataset, [], count)
+    count = eq.global_count(dataset, ids)
+    empty = eq.packed(dataset, [], count)
     assert empty["input_ids"].shape == (1, 0)
 
     # alone, it still reaches every parameter (FSDP's collectives run), with zero loss and grad
@@ -224,7 +159,7 @@ def test_empty_minibatch_adds_exactly_nothing(tiny_causal_lm, dataset):
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
 
     # after a real minibatch, it leaves every gradient bit for bit as it was
-    _, before = packed_loss_and_grads(model, [packed(dataset, ids, count)])
+    _, before = eq.packed_loss_and_grads(model, [eq.packed(dataset, ids, count)])
     minibatch_loss(model, **empty).backward()
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, before[name]), name

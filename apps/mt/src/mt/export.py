@@ -114,27 +114,27 @@ def export_checkpoint(
 
     from transformers import AutoConfig
 
+    from mt_core.families import export_model
     from mt_core.model import TORCH_DTYPES, export_dtype
-    from mt_fsdp import export_hf
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     network = _load_model(folder, config, TORCH_DTYPES[args.train_dtype], args.trust_remote_code)
     # the trainer's own rule for its exports, with --dtype first
-    export_hf(network, target, save_dtype=export_dtype(args, config, dtype), source_folder=source)
+    export_model(
+        network, target, save_dtype=export_dtype(args, config, dtype), source_folder=source
+    )
     return target
 
 
 def _load_model(folder: Path, config, master, trust_remote_code: bool):
     """The model of ``config`` on the CPU, its weights read from the distributed checkpoint."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from mt_core.families import new_model
     from mt_fsdp import CheckpointError, load_model_weights, materialize, parameters_on_meta
 
     with parameters_on_meta():
-        network = AutoModelForCausalLM.from_config(
-            config, dtype=master, trust_remote_code=trust_remote_code
-        )
+        network = new_model(config, master, trust_remote_code)
     materialize(network, torch.device("cpu"), lambda module: None)
     try:
         load_model_weights(folder, network)

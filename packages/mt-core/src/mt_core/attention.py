@@ -17,6 +17,9 @@ Backends, all matching the model run on each document alone:
 * ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (the optional ``cuda`` extra);
 * ``torch_varlen``: PyTorch's built-in ``torch.nn.attention.varlen.varlen_attn`` (CUDA);
 * ``sdpa``: ``scaled_dot_product_attention`` once per document; runs anywhere (CPU tests).
+  It alone takes attention sinks (GPT-OSS's ``s_aux``: one more logit per head in each
+  softmax, attending to nothing), computed per document in plain tensor ops; ``auto`` picks it
+  for models with sinks, since neither varlen kernel has them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from transformers import AttentionInterface, PreTrainedModel
 
 __all__ = [
     "ATTN_BACKENDS",
+    "has_attention_sinks",
     "register_padding_free_attention",
     "resolve_attn_backend",
     "use_padding_free_attention",
@@ -64,15 +68,28 @@ def _torch_varlen_present() -> bool:
         return False
 
 
-def resolve_attn_backend(name: str, device: torch.device) -> str:
+def has_attention_sinks(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention has sinks (a ``sinks`` parameter per layer, as GPT-OSS)."""
+    return any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules())
+
+
+def resolve_attn_backend(name: str, device: torch.device, *, sinks: bool = False) -> str:
     """The concrete backend for ``name`` (one of :data:`ATTN_BACKENDS`) on ``device``.
 
     ``auto`` picks ``flash_attn`` when flash-attn is installed and ``device`` is CUDA, else
-    ``torch_varlen`` on CUDA when this torch has ``torch.nn.attention.varlen``, else ``sdpa``.
+    ``torch_varlen`` on CUDA when this torch has ``torch.nn.attention.varlen``, else ``sdpa``;
+    and always ``sdpa`` for a model with attention ``sinks``, which only it computes.
     An explicit choice that cannot run here raises ValueError saying what to install or choose.
     """
     device = torch.device(device)
     on_cuda = device.type == "cuda"
+    if sinks and name in ("flash_attn", "torch_varlen"):
+        raise ValueError(
+            f"attn_backend={name!r} cannot compute this model's attention sinks (GPT-OSS); "
+            "use attn_backend='sdpa' (or 'auto'), which computes them exactly per document"
+        )
+    if sinks and name == "auto":
+        return "sdpa"
     if name == "auto":
         if on_cuda and _flash_attn_installed():
             return "flash_attn"
@@ -184,12 +201,16 @@ def _documents(
             f"padding-free attention has no attention dropout (got {dropout}); set the model "
             "config's attention_dropout to 0"
         )
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(
-                f"padding-free attention does not support {unsupported} (used by this model's "
-                "attention); train it with another attention implementation"
-            )
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            "padding-free attention does not support softcap (used by this model's attention); "
+            "train it with another attention implementation"
+        )
+    if kwargs.get("s_aux") is not None:  # the sdpa backend takes them out before this check
+        raise ValueError(
+            "this varlen kernel cannot compute attention sinks (s_aux, used by this model's "
+            "attention); use attn_backend='sdpa'"
+        )
     return cu_q, cu_k, int(max_q), int(max_k)
 
 
@@ -205,6 +226,7 @@ def _sdpa_per_document(
     **kwargs: Any,
 ) -> AttentionOutput:
     """Causal SDPA on each document of the row in turn: exact, slow, runs on any device."""
+    sinks = kwargs.pop("s_aux", None)
     cu_q, cu_k, _, _ = _documents(module, query, key, attention_mask, dropout, kwargs)
     bounds = cu_q.tolist()
     if cu_k is not cu_q and cu_k.tolist() != bounds:
@@ -217,24 +239,42 @@ def _sdpa_per_document(
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         length = end - start
         mask = None
-        if sliding_window is not None and length > sliding_window:
+        if (sliding_window is not None and length > sliding_window) or sinks is not None:
             # transformers' sliding window: query i sees keys i - sliding_window < j <= i.
             i = torch.arange(length, device=query.device)[:, None]
             j = torch.arange(length, device=query.device)[None, :]
-            mask = (j <= i) & (j > i - sliding_window)
-        outputs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end],
-                key[:, :, start:end],
-                value[:, :, start:end],
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=scaling,
+            mask = (j <= i) & (j > i - (sliding_window or length))
+        q, k, v = (t[:, :, start:end] for t in (query, key, value))
+        if sinks is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
                 enable_gqa=key.shape[1] != query.shape[1],
-            )
-        )
+            )  # fmt: skip
+        else:
+            out = _with_sinks(q, k, v, mask, sinks, scaling)
+        outputs.append(out)
     # HF attention functions return (batch, tokens, heads, head_dim)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _with_sinks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention of one document whose softmax has one more logit per head, ``sinks``, that
+    attends to nothing (so a query may give little weight to every key). Materialises the
+    document's (heads, tokens, tokens) scores: SDPA has no place for the extra logit."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return weights.to(value.dtype) @ value
 
 
 def _kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:

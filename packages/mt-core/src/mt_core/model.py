@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from mt_core.attention import resolve_attn_backend, use_padding_free_attention
+from mt_core.attention import has_attention_sinks, resolve_attn_backend, use_padding_free_attention
 from mt_core.config import ConfigError
+from mt_core.families import freeze_untrained, load_weights, new_model
 from mt_fsdp import (
     TOKENIZER_FILES,
     DistContext,
     decoder_blocks,
-    load_hf_weights,
     materialize,
     parameters_on_meta,
     shard_model,
@@ -137,10 +137,9 @@ def build_model(
     (what the optimizer updates); and the attention backend used. Forward and backward compute
     in ``compute_dtype`` (FSDP mixed precision casts each gathered block)."""
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=master_dtype, trust_remote_code=trust_remote_code
-        )
-    backend = resolve_attn_backend(attn_backend, ctx.device)
+        model = new_model(config, master_dtype, trust_remote_code)
+    freeze_untrained(model)
+    backend = resolve_attn_backend(attn_backend, ctx.device, sinks=has_attention_sinks(model))
     use_padding_free_attention(model, backend)
     if use_liger:
         _apply_liger(model, loss_only=compile_blocks)
@@ -158,7 +157,7 @@ def build_model(
     param_dtype = None if compute_dtype == master_dtype else compute_dtype
     shard_model(model, ctx.mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
     materialize(model, torch.device("cpu") if cpu_offload else ctx.device, lambda m: None)
-    load_hf_weights(model, folder)
+    load_weights(model, folder)
     model.train()
     logger.info(
         "model %s: %.1fM parameters, attention %s, liger %s, compiled blocks %s",

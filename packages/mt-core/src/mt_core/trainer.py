@@ -27,6 +27,7 @@ from mt_core.callbacks import CallbackRunner, load_callbacks
 from mt_core.config import TrainingArgs, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
+from mt_core.families import export_model
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_core.metrics import (
@@ -60,7 +61,6 @@ from mt_data import StepBatch
 from mt_fsdp import (
     CheckpointError,
     DistContext,
-    export_hf,
     init_distributed,
     latest_checkpoint,
     load_checkpoint,
@@ -404,7 +404,7 @@ def _export(
     model was published in."""
     target = output_dir / "hf_format" / f"samples_{samples_seen}"
     save_dtype = export_dtype(args, model.config)
-    export_hf(model, target, save_dtype=save_dtype, source_folder=model_folder)
+    export_model(model, target, save_dtype=save_dtype, source_folder=model_folder)
     logger.info("exported %s", target)
     return target
 

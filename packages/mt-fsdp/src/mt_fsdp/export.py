@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from mt_fsdp import mxfp4
 
 __all__ = ["TOKENIZER_FILES", "export_hf"]
 
@@ -40,11 +43,15 @@ def export_hf(
     *,
     save_dtype: torch.dtype | None = None,
     source_folder: str | Path | None = None,
+    mxfp4_experts: Collection[str] = (),
 ) -> Path | None:
     """Write ``model`` (a HF PreTrainedModel, sharded or not) as a HF folder at ``target``.
 
     Every rank must call this (gathering the shards is collective); rank 0 writes and returns
     the folder, the others return None. ``save_dtype`` None keeps the parameters' dtype.
+    The stacked expert matrices ``(experts, in, out)`` named in ``mxfp4_experts`` are written
+    back as the MXFP4 ``<name>_blocks`` and ``<name>_scales`` they were read from (see
+    :func:`mt_fsdp.load_hf_weights`), quantized from the full-precision weights.
     """
     # Gather on the CPU so the GPU needs no room for a full copy. Rank 0 holds the whole model
     # in host memory for the duration of the write.
@@ -53,6 +60,9 @@ def export_hf(
     rank = dist.get_rank() if dist.is_initialized() else 0
     target = Path(target)
     if rank == 0:
+        for name in mxfp4_experts:
+            blocks, scales = mxfp4.quantize(state.pop(name).transpose(-1, -2))
+            state[f"{name}_blocks"], state[f"{name}_scales"] = blocks, scales
         if save_dtype is not None:
             state = {
                 name: t.to(save_dtype) if t.is_floating_point() else t for name, t in state.items()

@@ -9,13 +9,16 @@ holds the whole model (mini_trainer loads it whole on rank 0 and broadcasts).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from mt_fsdp import mxfp4
 
 __all__ = ["load_hf_weights", "materialize", "parameters_on_meta", "safetensors_files"]
 
@@ -77,26 +80,80 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_hf_weights(model: nn.Module, folder: str | Path) -> None:
+def load_hf_weights(
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    file_names: Mapping[str, str] | None = None,
+    mxfp4_experts: Collection[str] = (),
+) -> None:
     """Fill every parameter of the (sharded, materialised) model from HF safetensors files.
 
     Tensors are converted to each parameter's dtype on the way in. Tied weights absent from the
     files (an LM head tied to the input embeddings) are filled through the parameter they share.
     A parameter that is in neither the files nor tied to one raises, naming it. Only
     ``*.safetensors`` files are read (see :func:`safetensors_files`).
+
+    ``file_names`` maps a parameter to the name it has in the files where that differs (a
+    checkpoint layout the model renames on load); the parameter's own name is looked for too.
+    The parameters in ``mxfp4_experts`` are stacked expert matrices ``(experts, in, out)`` that
+    the files hold as MXFP4 ``<name>_blocks`` and ``<name>_scales`` of ``(experts, out, in)``
+    (GPT-OSS): each rank reads the blocks of its own experts only and dequantizes them.
     """
     safetensors_files(folder)
+    file_names = file_names or {}
     reader = dcp.HuggingFaceStorageReader(str(folder))
-    available = set(reader.read_metadata().state_dict_metadata)
+    stored = reader.read_metadata().state_dict_metadata
     state = get_model_state_dict(model)
+
+    def located(name: str) -> str | None:
+        for candidate in (name, file_names.get(name)):
+            if candidate in stored or (name in mxfp4_experts and f"{candidate}_blocks" in stored):
+                return candidate
+        return None
+
     # named_parameters lists a shared (tied) parameter once, under its first name.
     owners = {name for name, _ in model.named_parameters()}
-    missing = sorted(name for name in owners if name not in available)
+    missing = sorted(name for name in owners if located(name) is None)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(
             f"{folder}: the safetensors files lack {len(missing)} weight(s) of the model "
             f"({shown}); is this folder a checkpoint of this architecture?"
         )
-    wanted = {name: tensor for name, tensor in state.items() if name in available}
-    dcp.load(wanted, storage_reader=reader)
+    quantized = {name: located(name) for name in mxfp4_experts if located(name) not in stored}
+    dense = {
+        located(name): tensor
+        for name, tensor in state.items()
+        if name not in quantized and located(name) is not None
+    }
+    dcp.load(dense, storage_reader=reader)
+    for name, stem in quantized.items():
+        _load_mxfp4(state[name], stem, folder, stored)
+
+
+def _load_mxfp4(param: torch.Tensor, stem: str, folder: str | Path, stored: Mapping) -> None:
+    """Dequantizes ``stem``'s MXFP4 blocks into ``param`` (sharded on the experts, dim 0)."""
+    sizes = {part: tuple(stored[f"{stem}_{part}"].size) for part in ("blocks", "scales")}
+    experts, out_features, groups, _ = sizes["blocks"]
+    expected = (experts, groups * mxfp4.BLOCK, out_features)
+    if tuple(param.shape) != expected:
+        raise ValueError(
+            f"{folder}: the MXFP4 blocks of {stem} dequantize to {expected}, the model's "
+            f"parameter is {tuple(param.shape)}"
+        )
+    local = param.to_local() if isinstance(param, DTensor) else param
+    # buffers holding this rank's experts; DCP reads just those rows from the files
+    parts = {}
+    for part, size in sizes.items():
+        buffer = torch.empty((local.shape[0], *size[1:]), dtype=torch.uint8, device=local.device)
+        if isinstance(param, DTensor):
+            buffer = DTensor.from_local(
+                buffer, param.device_mesh, param.placements, shape=torch.Size(size),
+                stride=torch.empty(size, device="meta").stride(),
+            )  # fmt: skip
+        parts[f"{stem}_{part}"] = buffer
+    dcp.load(parts, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+    blocks, scales = (t.to_local() if isinstance(t, DTensor) else t for t in parts.values())
+    with torch.no_grad():
+        local.copy_(mxfp4.dequantize(blocks, scales, local.dtype).transpose(-1, -2))

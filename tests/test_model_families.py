@@ -1,0 +1,282 @@
+"""Model families beyond plain causal LMs (mt_core.families): vision-language models trained on
+text (Mistral3, Gemma3, Qwen3-VL) and GPT-OSS (MoE router, attention sinks, MXFP4 experts).
+
+For each, on a tiny random config in float32:
+* a packed minibatch gives the loss and gradients of the unmodified HF model run on each sample
+  alone (eager attention): loss to 2e-6 relative, every gradient element to 1e-5 of the
+  model's largest gradient (measured: <= 3e-7 for both, as for test_padding_free.py);
+* one step of ``mt_core.train`` on a folder written by save_pretrained equals AdamW applied by
+  hand to those reference gradients (to 1e-6 absolute at lr 1e-2), frozen weights (vision tower,
+  projector, router) are exported bit for bit as they were, and the export reloads with the
+  original class and gives the logits of the hand-stepped model (to 1e-5 absolute).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Gemma3Config,
+    GptOssConfig,
+    Mistral3Config,
+    Mxfp4Config,
+    Qwen3VLConfig,
+)
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from mt_core.attention import use_padding_free_attention
+from mt_core.families import freeze_untrained, mxfp4_experts, new_model
+from mt_fsdp.mxfp4 import dequantize, quantize
+
+VOCAB = 128
+LOSS_RTOL = 2e-6
+GRAD_RTOL = 1e-5  # of the largest gradient of the model
+STEP_ATOL = 1e-6
+LOGITS_ATOL = 1e-5
+LR, EPS = 1e-2, 1e-3  # eps far above the gradients' rounding noise (see test_training.py)
+
+TEXT = {
+    "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "max_position_embeddings": 128,
+}  # fmt: skip
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+# sliding windows of 8 tokens, shorter than most samples, on the first of the two layers
+WINDOWS = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
+
+FAMILIES = {
+    "mistral3": lambda: Mistral3Config(
+        text_config={"model_type": "mistral", **TEXT, "sliding_window": 8},
+        vision_config={"model_type": "pixtral", **VISION},
+    ),
+    "gemma3": lambda: Gemma3Config(
+        text_config={**TEXT, **WINDOWS, "query_pre_attn_scalar": 24},
+        vision_config=VISION,
+        mm_tokens_per_image=4,
+    ),  # fmt: skip
+    # text-only positions: the three M-RoPE axes all carry the token's position
+    "qwen3_vl": lambda: Qwen3VLConfig(
+        text_config={
+            **TEXT,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "mrope_section": [2, 3, 3],
+            },
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "deepstack_visual_indexes": [0],
+        },
+    ),  # fmt: skip
+    "gpt_oss": lambda: GptOssConfig(
+        **TEXT,
+        **WINDOWS,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    ),  # fmt: skip
+}
+VLMS = ("mistral3", "gemma3", "qwen3_vl")
+EXPERTS = [f"model.layers.{i}.mlp.experts.{kind}" for i in range(2)
+           for kind in ("gate_up_proj", "down_proj")]  # fmt: skip
+
+
+def tiny(family: str):
+    """The float32 random-init model of ``family``, built as mt builds it, frozen as mt trains
+    it; GPT-OSS's attention sinks made large enough to matter."""
+    torch.manual_seed(0)
+    model = new_model(FAMILIES[family](), torch.float32).train()
+    if family == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+    freeze_untrained(model)
+    return model
+
+
+@pytest.fixture
+def dataset(sft_dataset, equivalence):
+    data = sft_dataset(equivalence.sft_rows(seed=1, vocab=VOCAB))
+    assert int(data.lengths.max()) > 8  # the windows of 8 tokens matter
+    return data
+
+
+def frozen_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_what_is_frozen():
+    for family in VLMS:
+        model = tiny(family)
+        # trained: the text decoder and the LM head (tied or not); frozen: everything else
+        text = {*model.get_decoder().parameters(), *model.get_output_embeddings().parameters()}
+        trained = {p for p in model.parameters() if p.requires_grad}
+        assert trained == text, family
+        assert any(
+            n.startswith(("model.visual", "model.vision_tower")) for n in frozen_names(model)
+        )
+        assert type(model).__name__.endswith("ForConditionalGeneration")
+    gpt = tiny("gpt_oss")
+    assert frozen_names(gpt) == {
+        f"model.layers.{i}.mlp.router.{kind}" for i in range(2) for kind in ("weight", "bias")
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_minibatch_equals_samples_alone(family, dataset, equivalence):
+    eq = equivalence
+    model = tiny(family)
+    ids = list(range(len(dataset)))
+    count = eq.global_count(dataset, ids)
+    use_padding_free_attention(model, "sdpa")
+    loss, grads = eq.packed_loss_and_grads(model, [eq.packed(dataset, ids, count)])
+    ref_loss, ref_grads = eq.reference_loss_and_grads(model, dataset, ids)
+    assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL)
+    difference, name = eq.grad_difference(grads, ref_grads)
+    assert difference <= GRAD_RTOL, f"{name}: gradients differ by {difference:.2e} of their scale"
+    assert frozen_names(model).isdisjoint(grads)
+    if family == "gpt_oss":  # the sinks take part: without them the loss is another
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.fill_(-1e4)
+        use_padding_free_attention(model, "sdpa")
+        without, other = eq.packed_loss_and_grads(model, [eq.packed(dataset, ids, count)])
+        assert abs(without - ref_loss) > 10 * LOSS_RTOL * ref_loss
+        assert eq.grad_difference(other, ref_grads)[0] > 1000 * GRAD_RTOL
+
+
+def write_mxfp4(folder: Path) -> None:
+    """Rewrites a GPT-OSS folder as its release is stored: experts as MXFP4 blocks/scales."""
+    weights = load_file(folder / "model.safetensors")
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        weights[f"{name}_blocks"], weights[f"{name}_scales"] = quantize(
+            weights.pop(name).transpose(-1, -2)
+        )
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def reload(folder: Path, family: str, mxfp4: bool):
+    if mxfp4:  # transformers' own MXFP4 reader, dequantizing on the CPU (to bfloat16 in 5.17:
+        # exact, MXFP4 values have 2 significant bits)
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True)
+        ).float()
+    auto = AutoModelForImageTextToText if family in VLMS else AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=torch.float32)
+
+
+def logits(model) -> torch.Tensor:
+    model.set_attn_implementation("eager")
+    ids = (torch.arange(40).reshape(2, 20) * 7) % VOCAB
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def adamw_step(model, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights after mt's first step (AdamW, weight decay 0, no clipping): bias-corrected,
+    the update is lr * g / (|g| + eps)."""
+    with torch.no_grad():
+        return {
+            name: p - LR * grads[name] / (grads[name].abs() + EPS) if name in grads else p.clone()
+            for name, p in model.named_parameters()
+        }
+
+
+@pytest.mark.parametrize(
+    ("family", "mxfp4"), [*((f, False) for f in FAMILIES), ("gpt_oss", True)]
+)  # fmt: skip
+def test_one_step_through_mt_and_the_export(family, mxfp4, tmp_path, equivalence, sft_dataset):
+    from mt_core import args_from_dict, train
+
+    source = tmp_path / "model"
+    model = tiny(family)
+    model.save_pretrained(source)
+    if mxfp4:
+        write_mxfp4(source)
+        weights = load_file(source / "model.safetensors")
+        assert (
+            mxfp4_experts(new_model(AutoConfig.from_pretrained(source), torch.float32)) == EXPERTS
+        )
+        with torch.no_grad():  # what mt trains: the dequantized experts
+            for name in EXPERTS:
+                blocks, scales = weights[f"{name}_blocks"], weights[f"{name}_scales"]
+                model.get_parameter(name).copy_(
+                    dequantize(blocks, scales, torch.float32).transpose(-1, -2)
+                )
+    rows = equivalence.sft_rows(seed=2, vocab=VOCAB, num_samples=4)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = args_from_dict({
+        "model_name_or_path": str(source), "data_path": str(data),
+        "output_dir": str(tmp_path / "out"), "batch_size": 4, "max_tokens_per_gpu": 200,
+        "learning_rate": LR, "eps": EPS, "weight_decay": 0.0, "max_grad_norm": 0.0,
+        "lr_scheduler": "constant", "num_warmup_steps": 0, "training_mode": "step",
+        "max_steps": 1, "seed": 7, "train_dtype": "float32", "save_dtype": "float32",
+        "attn_backend": "sdpa",
+    })  # fmt: skip
+    result = train(args)
+    (export,) = result.exports
+
+    # the reference: the unmodified model's gradients over the same 4 samples, each alone
+    ref_loss, ref_grads = equivalence.reference_loss_and_grads(model, sft_dataset(rows), range(4))
+    assert result.last_loss == pytest.approx(ref_loss, rel=1e-5)
+    expected = adamw_step(model, ref_grads)
+
+    original = load_file(source / "model.safetensors")
+    saved = load_file(export / "model.safetensors")
+    assert saved.keys() == original.keys()  # the original layout, names and all
+    for name, tensor in saved.items():
+        assert tensor.dtype == original[name].dtype, name
+    frozen = frozen_names(model)
+    trained = reload(export, family, mxfp4)
+    for name, p in trained.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, expected[name]), f"{name} (frozen) moved"
+        elif not (mxfp4 and name in EXPERTS):
+            torch.testing.assert_close(
+                p, expected[name], rtol=0, atol=STEP_ATOL, msg=lambda m, n=name: f"{n}: {m}"
+            )
+    if mxfp4:
+        check_mxfp4_export(saved, original, expected)
+        # transformers reads back what was exported: the MXFP4 rounding of the trained weights
+        for name in EXPERTS:
+            expected[name] = dequantize(
+                saved[f"{name}_blocks"], saved[f"{name}_scales"], torch.float32
+            ).transpose(-1, -2)
+    stepped = tiny(family)
+    stepped.load_state_dict(expected, strict=False)
+    torch.testing.assert_close(logits(trained), logits(stepped), rtol=0, atol=LOGITS_ATOL)
+
+
+def check_mxfp4_export(saved: dict, original: dict, expected: dict) -> None:
+    """The export's experts are the trained weights rounded to MXFP4: within half a step of the
+    E2M1 grid at each block's scale (the largest step, 2 at scale 1, bounds it), read the same
+    by transformers' decoder, and training moved them (codes changed)."""
+    for name in [n.removesuffix("_blocks") for n in saved if n.endswith("_blocks")]:
+        blocks, scales = saved[f"{name}_blocks"], saved[f"{name}_scales"]
+        ours = dequantize(blocks, scales, torch.float32)
+        theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        assert torch.equal(theirs, ours.transpose(-1, -2)), name
+        step = torch.ldexp(torch.ones_like(scales, dtype=torch.float32), scales.int() - 127)
+        error = (ours - expected[name].transpose(-1, -2)).abs().unflatten(-1, (-1, 32))
+        assert (error <= step.unsqueeze(-1) + STEP_ATOL).all(), name
+        assert not torch.equal(blocks, original[f"{name}_blocks"]), name
