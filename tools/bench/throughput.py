@@ -284,6 +284,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="padded, mt 16k eager/compiled, dense")
     parser.add_argument("--only", help="comma-separated contestant names to run")
     parser.add_argument(
+        "--extra",
+        help="more mt contestants (JSON: name -> keys), e.g. "
+        '\'{"mt 32k bf16": {"max_tokens_per_gpu": 32768, '
+        '"train_dtype": "bfloat16"}}\'',
+    )
+    parser.add_argument(
         "--profile",
         help="also profile mt with these keys (JSON), e.g. "
         '\'{"max_tokens_per_gpu": 16384, "torch_compile": true}\'',
@@ -323,11 +329,13 @@ def main() -> int:
     rows = []
     wanted = set(options.only.split(",")) if options.only else None
     runs = contestants(options.quick)
+    extra = json.loads(options.extra) if options.extra else {}
+    runs += [{"name": name, "kind": "mt", "keys": keys} for name, keys in extra.items()]
     if options.profile:  # timed apart: the profiler slows the step it records
         runs.append({"name": "profile", "kind": "mt", "keys": json.loads(options.profile),
                      "profile": True})  # fmt: skip
     for contestant in runs:
-        if wanted and contestant["name"] not in wanted | {"profile"}:
+        if wanted and contestant["name"] not in wanted | {"profile", *extra}:
             continue
         place = out / contestant["name"].replace(" ", "_")
         shutil.rmtree(place, ignore_errors=True)  # a fresh run: no metrics of an earlier one

@@ -109,6 +109,14 @@ def test_sharding_divides_the_states_but_not_the_activations():
     assert eight.activations == one.activations and eight.copies == one.copies
 
 
+def test_a_deferred_gradient_sync_adds_the_unsharded_float32_gradients():
+    run = Settings(max_tokens=8192, world_size=8)
+    every, deferred = estimate(ONE_B, run), estimate(ONE_B, replace(run, deferred_sync=True))
+    assert deferred.peak - every.peak == 4 * ONE_B.grad_params
+    one = Settings(max_tokens=8192, world_size=1)  # one GPU: nothing to defer
+    assert estimate(ONE_B, replace(one, deferred_sync=True)).peak == estimate(ONE_B, one).peak
+
+
 def test_the_peak_moves_to_the_end_of_backward_when_activations_are_small():
     m = estimate(ONE_B, Settings(max_tokens=512, world_size=1, checkpointing=True))
     assert m.peak_at == "end of backward"

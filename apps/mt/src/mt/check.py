@@ -158,6 +158,7 @@ def make_plan(
         liger=liger,
         checkpointing=args.activation_checkpointing,
         cpu_offload=args.cpu_offload,
+        deferred_sync=args.sync_gradients_every_minibatch is False,
     )
     with ExitStack() as stack:
         output_dir, cache_note = _cache_dir(args, stack)

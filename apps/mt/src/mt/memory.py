@@ -10,7 +10,9 @@ are covered by the GPU's headroom (:data:`RESERVED_GIB`, :data:`FIT_FRACTION`).
 Per GPU, with P parameters (P_g of them with gradients), world size W, master bytes m (train_dtype:
 4 for float32) and compute bytes c = 2 (bf16):
 
-* weights m·P/W, gradients m·P_g/W, AdamW state 2·m·P_g/W (FSDP2 shards all three);
+* weights m·P/W, gradients m·P_g/W, AdamW state 2·m·P_g/W (FSDP2 shards all three); with the
+  gradient sync deferred to a step's last minibatch on several GPUs, 4·P_g more: the unsharded
+  float32 gradients accumulated until then;
 * compute copies: the bf16 root group (embeddings, final norm, LM head) gathered for the whole step,
   two gathered decoder blocks (the running one and the prefetched one), the LM head's bf16
   gradient (it exists from the start of the backward pass) and one block's gradient in transit
@@ -105,6 +107,7 @@ class Settings:
     liger: bool = True
     checkpointing: bool = False
     cpu_offload: bool = False
+    deferred_sync: bool = False  # gradients reduced once per step (sync_gradients_every_minibatch)
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,11 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
         resident, grads_on_gpu = 0.0, 0.0
     else:
         grads_on_gpu = gradients
-    start = resident + copies + activations + loss
-    end = resident + grads_on_gpu + copies + activations_end
+    # a deferred sync: FSDP2 accumulates whole float32 gradients from the first minibatch's
+    # backward to the step's last, alive at both moments of every later minibatch
+    accumulated = 4 * shape.grad_params if run.deferred_sync and w > 1 else 0.0
+    start = resident + accumulated + copies + activations + loss
+    end = resident + accumulated + grads_on_gpu + copies + activations_end
     peak, peak_at = (start, "start of backward") if start >= end else (end, "end of backward")
     return Memory(
         weights=weights,

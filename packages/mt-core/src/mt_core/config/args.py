@@ -461,6 +461,17 @@ class TrainingArgs:
         "boolean",
         default=False,
     )
+    sync_gradients_every_minibatch: bool | None = field(
+        "Reduce-scatter the gradients after every minibatch, so each GPU keeps only its shard "
+        "of them; false = once per step, after the last minibatch: less communication, but "
+        "every GPU holds the whole unsharded float32 gradient (4 bytes per parameter) between "
+        "minibatches. Not set = every minibatch on more than one GPU (on one it makes no "
+        "difference).",
+        _SPEED,
+        "boolean",
+        default=None,
+        optional=True,
+    )
     cpu_offload: bool = field(
         "Keep the sharded weights, gradients and optimizer state in CPU memory (FSDP2 CPU "
         "offload): fits larger models, runs slower.",
