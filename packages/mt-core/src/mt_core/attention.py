@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
+from mt_core.stateful import run_stateful_layers_per_document
+
 __all__ = [
     "ATTN_BACKENDS",
     "has_attention_sinks",
@@ -140,7 +142,8 @@ def register_padding_free_attention(backend: str) -> str:
 
 def use_padding_free_attention(model: PreTrainedModel, backend: str) -> str:
     """Switches ``model`` to the padding-free attention of a concrete ``backend``; returns the
-    attn_implementation name now in ``model.config``.
+    attn_implementation name now in ``model.config``. A hybrid model's state-space and
+    convolution layers run once per document (:mod:`mt_core.stateful`), or it is refused.
 
     From then on every forward call must pass ``cu_seq_lens_q``, ``cu_seq_lens_k``,
     ``max_length_q`` and ``max_length_k`` (see :func:`mt_core.loss.minibatch_loss`). Switch back
@@ -155,6 +158,7 @@ def use_padding_free_attention(model: PreTrainedModel, backend: str) -> str:
             f"{type(model).__name__} does not route its attention through transformers' "
             "AttentionInterface, so mt cannot make it padding-free"
         )
+    run_stateful_layers_per_document(model)
     return name
 
 
