@@ -135,11 +135,15 @@ def run_mt(spec: dict) -> dict:
     from mt_core import args_from_dict, train
 
     out = Path(spec["out"])
+    keys = dict(spec["keys"])
+    compile_kwargs = keys.pop("compile_kwargs", None)
+    if compile_kwargs:  # an experiment: other torch.compile arguments for mt's compiled blocks
+        _compile_blocks_with(compile_kwargs)
     keys = dict(
         model_name_or_path=spec["model"], data_path=spec["data"], output_dir=str(out / "run"),
         batch_size=spec["batch_size"], learning_rate=1e-5, lr_scheduler="constant",
         training_mode="step", max_steps=spec["steps"], seed=1, save_final_checkpoint=False,
-        callbacks=["throughput:StepClock"], **spec["keys"],
+        callbacks=["throughput:StepClock"], **keys,
     )  # fmt: skip
     if spec["kind"] == "dense":
         keys["pretraining"] = {"block_size": MAX_LEN, "segment_documents": False}
@@ -161,6 +165,24 @@ def run_mt(spec: dict) -> dict:
     records = [json.loads(line) for line in lines]
     stamps = json.loads((out / "stamps.json").read_text())
     return {"records": records, "stamps": stamps}
+
+
+def _compile_blocks_with(kwargs: dict) -> None:
+    """Make ``nn.Module.compile`` (what mt calls on each block) take ``kwargs`` instead of its
+    own: ``{"dynamic": null}``, ``{"options": {"guard_filter_fn": NAME}}`` with NAME a
+    ``torch.compiler`` function."""
+    import torch
+
+    options = dict(kwargs.get("options", {}))
+    if "guard_filter_fn" in options:
+        options["guard_filter_fn"] = getattr(torch.compiler, options["guard_filter_fn"])
+    original = torch.nn.Module.compile
+
+    def compile_with(module, *args, **own) -> None:
+        own.update({key: value for key, value in kwargs.items() if key != "options"})
+        original(module, *args, **own, **({"options": options} if options else {}))
+
+    torch.nn.Module.compile = compile_with
 
 
 def run_padded(spec: dict) -> dict:
@@ -216,22 +238,35 @@ def run_padded(spec: dict) -> dict:
             torch.cuda.empty_cache() if device.type == "cuda" else None
     if micro is None:
         raise RuntimeError("even one sample of the longest length does not fit")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
-    sampler = iter(InfiniteSampler(len(dataset), spec["batch_size"], seed=1))
-    stamps = []
-    for _ in range(spec["steps"]):
-        batch = [int(i) for i in next(sampler)]
-        groups = [batch[i : i + micro] for i in range(0, len(batch), micro)]
-        for group in groups:
-            micro_step(group, len(groups))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def padded_steps(micro: int) -> list[float]:
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+            torch.cuda.reset_peak_memory_stats()
+        sampler = iter(InfiniteSampler(len(dataset), spec["batch_size"], seed=1))
+        stamps = []
+        for _ in range(spec["steps"]):
+            batch = [int(i) for i in next(sampler)]
+            groups = [batch[i : i + micro] for i in range(0, len(batch), micro)]
+            for group in groups:
+                micro_step(group, len(groups))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+        return stamps
+
+    while True:  # the probe's worst case fits, yet a real step can still fragment its way out
+        try:
+            stamps = padded_steps(micro)
+            break
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro //= 2
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache() if device.type == "cuda" else None
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"stamps": stamps, "micro_batch": micro, "peak_mem_gib": peak}
 

@@ -44,6 +44,9 @@ def run(run_file: str, **overrides: Any) -> None:
         train(args)
     except ConfigError as error:  # found with the model or data: placed in the run file
         raise place_problems(error, run_file, overrides) from None
+    from mt_fsdp import exit_rank
+
+    exit_rank(0)  # a finished gloo rank leaves before teardown can abort it
 
 
 def _check(run_file: str, *extra: Any, **options: Any) -> None:

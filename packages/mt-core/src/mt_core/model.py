@@ -150,9 +150,11 @@ def build_model(
     if compile_blocks:
         # Regional compilation: each decoder block's forward is compiled (the same code for
         # every layer, so one graph is reused) and FSDP2's hooks stay outside the graphs. Packed
-        # rows change length every minibatch: dynamic shapes from the start, no recompiles.
+        # rows change length every minibatch: the first new length recompiles the block with
+        # that dimension dynamic, once. (Marking every dimension dynamic from the start, as
+        # dynamic=True does, measured 12% slower: tools/bench/RESULTS.md.)
         for block in decoder_blocks(model):
-            block.compile(dynamic=True)
+            block.compile()
     model.config.use_cache = False
     param_dtype = None if compute_dtype == master_dtype else compute_dtype
     shard_model(model, ctx.mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)

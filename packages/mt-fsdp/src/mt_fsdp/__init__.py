@@ -8,7 +8,7 @@ from mt_fsdp.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
-from mt_fsdp.distributed import DistContext, init_distributed, shutdown_distributed
+from mt_fsdp.distributed import DistContext, exit_rank, init_distributed, shutdown_distributed
 from mt_fsdp.export import TOKENIZER_FILES, export_hf
 from mt_fsdp.load import load_hf_weights, materialize, parameters_on_meta
 from mt_fsdp.shard import decoder_blocks, shard_model
@@ -23,6 +23,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "DistContext",
     "decoder_blocks",
+    "exit_rank",
     "export_hf",
     "init_distributed",
     "load_hf_weights",

@@ -8,6 +8,7 @@ is the only global state mt keeps.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -79,3 +80,15 @@ def shutdown_distributed() -> None:
     """Leave the process group (a no-op when there is none)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(status: int = 0) -> None:
+    """End a finished rank of a multi-process CPU (gloo) run now, skipping interpreter teardown:
+    gloo's threads can abort the process there ("terminate called without an active
+    exception"), after all the work is done, and torchrun would report the run as failed. Call
+    it once the run's files are written and closed; it returns (and does nothing) in a single
+    process or on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
