@@ -104,8 +104,10 @@ def _help_text(command: str | None) -> str:
 
 
 def _fail(message: str, usage: str | None = None, status: int = 2) -> NoReturn:
-    for line in message.splitlines():
-        print(f"mt: error: {line}", file=sys.stderr)
+    # the whole message in one write: torchrun's ranks share one stderr, and a line written in
+    # two pieces (text, then newline) can interleave with another rank's
+    sys.stderr.write("".join(f"mt: error: {line}\n" for line in message.splitlines()))
+    sys.stderr.flush()
     if usage:
         print(usage, end="", file=sys.stderr)
     sys.exit(status)

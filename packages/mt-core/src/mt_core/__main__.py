@@ -33,8 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as error:  # found with the model or data: placed in the run file
             raise place_problems(error, argv[1]) from None
     except (ConfigError, DataError, RunError) as error:
-        for line in str(error).splitlines():
-            print(f"mt: error: {line}", file=sys.stderr)
+        # one write: the ranks share one stderr (see mt.cli._fail)
+        sys.stderr.write("".join(f"mt: error: {line}\n" for line in str(error).splitlines()))
+        sys.stderr.flush()
         return 2
     from mt_fsdp import exit_rank
 
