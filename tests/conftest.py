@@ -138,3 +138,29 @@ def equivalence() -> SimpleNamespace:
         packed_loss_and_grads=packed_loss_and_grads,
         reference_loss_and_grads=reference_loss_and_grads, grad_difference=grad_difference,
     )  # fmt: skip
+
+
+# Runs mt's real train() but SIGKILLs itself inside step KILL_AT_STEP (an environment variable),
+# after the forward and backward passes and before the optimizer step: the worst moment to die.
+# Run as ``python killer.py RUN.toml OUTPUT_DIR``, also under torchrun.
+KILLER = """
+import os, signal, sys
+import mt_core.trainer as trainer
+from mt_core import load_run_file, train
+calls = 0
+original = trainer.clip_gradients
+def clip_then_die(model, max_norm):
+    global calls
+    calls += 1
+    if calls == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(model, max_norm)
+trainer.clip_gradients = clip_then_die
+train(load_run_file(sys.argv[1], {"output_dir": sys.argv[2]}))
+"""
+
+
+@pytest.fixture(scope="session")
+def killer_source() -> str:
+    """The text of a script that trains and kills itself mid-step (see :data:`KILLER`)."""
+    return KILLER

@@ -92,31 +92,15 @@ def test_osft_keeps_the_frozen_subspace_and_two_ranks_agree(workspace):
     assert checked == 2 * len(TARGETS)
 
 
-KILLER = """
-import os, signal, sys
-import mt_core.trainer as trainer
-from mt_core import load_run_file, train
-calls = 0
-original = trainer.clip_gradients
-def clip_then_die(model, max_norm):
-    global calls
-    calls += 1
-    if calls == 5:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(model, max_norm)
-trainer.clip_gradients = clip_then_die
-train(load_run_file(sys.argv[1], {"output_dir": sys.argv[2]}))
-"""
-
-
-def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace):
+def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace, killer_source):
     reference = workspace / "one"
     if not (reference / "metrics.jsonl").is_file():
         run(workspace, reference)
-    (workspace / "killer.py").write_text(KILLER)
+    (workspace / "killer.py").write_text(killer_source)
     out = workspace / "killed"
     killed = subprocess.run([sys.executable, str(workspace / "killer.py"),
-                             str(workspace / "run.toml"), str(out)], env=ENV, timeout=300)  # fmt: skip
+                             str(workspace / "run.toml"), str(out)],
+                            env={**ENV, "KILL_AT_STEP": "5"}, timeout=300)  # fmt: skip
     assert killed.returncode != 0
     resumed = run(workspace, out)
     want = load_file(next((reference / "hf_format").iterdir()) / "model.safetensors")

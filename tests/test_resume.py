@@ -21,27 +21,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
 
-# Runs mt's real train() but SIGKILLs itself inside step KILL_AT_STEP, after the forward and
-# backward passes and before the optimizer step: the worst moment to die.
-KILLER = """
-import os, signal, sys
-import mt_core.trainer as trainer
-from mt_core import load_run_file, train
-calls = 0
-original = trainer.clip_gradients
-def clip_then_die(model, max_norm):
-    global calls
-    calls += 1
-    if calls == int(os.environ["KILL_AT_STEP"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(model, max_norm)
-trainer.clip_gradients = clip_then_die
-train(load_run_file(sys.argv[1], {"output_dir": sys.argv[2]}))
-"""
-
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, killer_source):
     root = tmp_path_factory.mktemp("resume")
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -76,7 +58,7 @@ def workspace(tmp_path_factory):
     }
     run_file = root / "run.toml"
     run_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
-    (root / "killer.py").write_text(KILLER)
+    (root / "killer.py").write_text(killer_source)
     return root
 
 
@@ -160,19 +142,28 @@ def steps_safe(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def test_sigint_in_one_process_exits_0_with_a_checkpoint(workspace):
-    out = workspace / "sigint"
+def signal_after_two_steps(
+    workspace: Path, out: Path, number: int, *overrides: str
+) -> tuple[subprocess.Popen, str, str]:
+    """Start an endless `mt run` in one process, send it ``number`` once two steps are logged,
+    and wait for it to end; returns the process, its stdout and its stderr."""
     process = subprocess.Popen(
         ["mt", "run", str(workspace / "run.toml"), f"--output_dir={out}", "--max_steps=100000",
-         "--lr_scheduler=constant", "--num_warmup_steps=0"],
+         "--lr_scheduler=constant", "--num_warmup_steps=0", *overrides],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300  # start-up on a busy 2-core machine can be slow
     while time.time() < deadline and (not metrics.is_file() or len(steps_safe(metrics)) < 2):
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(number)
     stdout, stderr = process.communicate(timeout=120)
+    return process, stdout, stderr
+
+
+def test_sigint_in_one_process_exits_0_with_a_checkpoint(workspace):
+    out = workspace / "sigint"
+    process, stdout, stderr = signal_after_two_steps(workspace, out, signal.SIGINT)
     assert process.returncode == 0, stderr[-3000:]
     assert "resume" in stdout
     assert any(p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
@@ -267,18 +258,10 @@ def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
 
 def test_mini_trainer_on_demand_keys_checkpoint_on_sigusr1_and_resume(workspace):
     out = workspace / "on_demand"
-    process = subprocess.Popen(
-        ["mt", "run", str(workspace / "run.toml"), f"--output_dir={out}", "--max_steps=100000",
-         "--lr_scheduler=constant", "--num_warmup_steps=0", "--checkpoint_every_steps=None",
-         "--on_demand_checkpointing=true"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process, stdout, stderr = signal_after_two_steps(
+        workspace, out, signal.SIGUSR1, "--checkpoint_every_steps=None",
+        "--on_demand_checkpointing=true",
     )  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300  # start-up on a busy 2-core machine can be slow
-    while time.time() < deadline and (not metrics.is_file() or len(steps_safe(metrics)) < 2):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGUSR1)
-    stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     (checkpoint,) = (out / "checkpoints").iterdir()
     stopped_at = int(checkpoint.name.removeprefix("step_"))
