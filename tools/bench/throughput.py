@@ -139,6 +139,19 @@ def run_mt(spec: dict) -> dict:
     compile_kwargs = keys.pop("compile_kwargs", None)
     if compile_kwargs:  # an experiment: other torch.compile arguments for mt's compiled blocks
         _compile_blocks_with(compile_kwargs)
+    # an experiment: settings of the compiler's forward/backward partitioner, e.g.
+    # {"activation_memory_budget": 0.5} (recompute cheap activations to save memory)
+    for name, value in keys.pop("functorch_config", {}).items():
+        setattr(torch._functorch.config, name, value)
+    if keys.pop("keep_gathered", False):  # an experiment: no block resharded after its forward
+        import mt_fsdp.shard
+
+        shard = mt_fsdp.shard.fully_shard
+        mt_fsdp.shard.fully_shard = lambda module, **options: shard(
+            module, **{**options, "reshard_after_forward": False})  # fmt: skip
+    if keys.pop("keep_gradients", False):  # an experiment: zero the gradients, never free them
+        zero_grad = torch.optim.Optimizer.zero_grad
+        torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, False)
     keys = dict(
         model_name_or_path=spec["model"], data_path=spec["data"], output_dir=str(out / "run"),
         batch_size=spec["batch_size"], learning_rate=1e-5, lr_scheduler="constant",
@@ -164,7 +177,20 @@ def run_mt(spec: dict) -> dict:
     lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     stamps = json.loads((out / "stamps.json").read_text())
-    return {"records": records, "stamps": stamps}
+    return {"records": records, "stamps": stamps, **allocator_stats()}
+
+
+def allocator_stats() -> dict:
+    """What the CUDA caching allocator went through: retries (it freed its cache and tried
+    again, synchronising the device: a sign of fragmentation near the memory limit) and its
+    peak reserved memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"alloc_retries": stats.get("num_alloc_retries", 0),
+            "peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30}  # fmt: skip
 
 
 def _compile_blocks_with(kwargs: dict) -> None:
@@ -272,6 +298,10 @@ def run_padded(spec: dict) -> dict:
 
 
 def child(spec_file: Path) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("mt_core").setLevel(logging.INFO)  # the trainer's choices, in log.txt
     spec = json.loads(spec_file.read_text())
     result = run_padded(spec) if spec["kind"] == "padded" else run_mt(spec)
     (Path(spec["out"]) / "result.json").write_text(json.dumps(result))
@@ -292,7 +322,9 @@ def summarise(name: str, result: dict, lengths: list[np.ndarray], config, peak: 
     flops = sum(step_flops(config, lengths[i]) for i in measured)
     row = {"name": name, "tokens_per_s": tokens / seconds,
            "mfu": flops / seconds / peak if peak else None,
-           "peak_mem_gib": result.get("peak_mem_gib"), "micro_batch": result.get("micro_batch")}  # fmt: skip
+           "peak_mem_gib": result.get("peak_mem_gib"), "micro_batch": result.get("micro_batch"),
+           "alloc_retries": result.get("alloc_retries"),
+           "peak_reserved_gib": result.get("peak_reserved_gib")}  # fmt: skip
     records = result.get("records")
     if records:
         steps = [records[i] for i in measured]
@@ -322,7 +354,8 @@ def main() -> int:
         "--extra",
         help="more mt contestants (JSON: name -> keys), e.g. "
         '\'{"mt 32k bf16": {"max_tokens_per_gpu": 32768, '
-        '"train_dtype": "bfloat16"}}\'',
+        '"train_dtype": "bfloat16"}}\'; an "env" key holds environment variables for that '
+        "contestant's process",
     )
     parser.add_argument(
         "--profile",
@@ -365,7 +398,8 @@ def main() -> int:
     wanted = set(options.only.split(",")) if options.only else None
     runs = contestants(options.quick)
     extra = json.loads(options.extra) if options.extra else {}
-    runs += [{"name": name, "kind": "mt", "keys": keys} for name, keys in extra.items()]
+    runs += [{"name": name, "kind": "mt", "env": keys.pop("env", {}), "keys": keys}
+             for name, keys in extra.items()]  # fmt: skip
     if options.profile:  # timed apart: the profiler slows the step it records
         runs.append({"name": "profile", "kind": "mt", "keys": json.loads(options.profile),
                      "profile": True})  # fmt: skip
@@ -386,6 +420,7 @@ def main() -> int:
         # the baseline gets its best shot: less fragmentation between its padded shapes
         own_env = dict(env, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True") if (
             contestant["kind"] == "padded") else env  # fmt: skip
+        own_env = dict(own_env, **contestant.get("env", {}))
         with (place / "log.txt").open("w") as log:
             done = subprocess.run([sys.executable, __file__, "--child", str(place / "spec.json")],
                                   env=own_env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -424,7 +459,10 @@ def print_table(rows: list[dict], options, config, peak: float | None, dense_blo
           f"{options.batch_size} samples per step (dense: {dense_blocks} rows of {MAX_LEN}), "
           f"steps {options.warmup + 1}-{options.steps} timed; MFU of "
           f"{peak / 1e12 if peak else 0:.0f} TFLOP/s")  # fmt: skip
-    print("contestant | tokens/s | MFU | peak GiB | x padded | of dense | trainer's tokens/s, MFU")
+    print(
+        "contestant | tokens/s | MFU | peak GiB (allocated / reserved) | x padded | of dense | "
+        "trainer's tokens/s, MFU"
+    )
     bad = 0
     for r in rows:
         if "error" in r:
@@ -433,6 +471,7 @@ def print_table(rows: list[dict], options, config, peak: float | None, dense_blo
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        mem += f" / {r['peak_reserved_gib']:.1f}" if r.get("peak_reserved_gib") else ""
         ratio = f"{r['tokens_per_s'] / padded['tokens_per_s']:.2f}x" if padded else "-"
         of_dense = f"{r['tokens_per_s'] / dense['tokens_per_s']:.0%}" if dense else "-"
         own = "-"
@@ -444,6 +483,8 @@ def print_table(rows: list[dict], options, config, peak: float | None, dense_blo
             bad += not ok
             own = " ".join(f"{g:+.1%}" for g in gaps) + (" ok" if ok else " DISAGREE")
         extra = f" (micro-batch {r['micro_batch']})" if r.get("micro_batch") else ""
+        if r.get("alloc_retries"):  # each one synchronised the device: the row is slowed by it
+            extra += f" [{r['alloc_retries']} allocator retries]"
         print(f"{r['name']}{extra} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {ratio} | "
               f"{of_dense} | {own}")  # fmt: skip
     return 1 if bad else 0

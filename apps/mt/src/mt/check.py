@@ -6,7 +6,7 @@ cache (``output_dir/data_cache``), so the run that follows starts at once. The m
 its config.json on the meta device (exact parameter counts, no weights). Then a few global
 batches are drawn by the run's own sampler and split by the real packer over the planned ranks,
 which gives the tokens and minibatches per step and, at a stated MFU, the step time; and
-:mod:`mt.memory` estimates each GPU's peak memory. :mod:`mt.check_report` prints it all.
+:mod:`mt_core.memory` estimates each GPU's peak memory. :mod:`mt.check_report` prints it all.
 
 Exit status: 0 when the run fits the GPU, 1 when it does not (the report says what to change),
 2 for a mistake in the run file, the data or the options.
@@ -26,12 +26,22 @@ from typing import Any
 import numpy as np
 
 from mt.errors import CommandError, Verdict
-from mt.memory import Gpu, Memory, ModelShape, Settings, estimate, gpu, recompute_factor, step_flops
 from mt_core.config import TrainingArgs, load_run_file
+from mt_core.memory import (
+    Gpu,
+    Memory,
+    ModelShape,
+    Settings,
+    estimate,
+    fitting_activation_budget,
+    gpu,
+    recompute_factor,
+    step_flops,
+)
 from mt_core.progress_state import planned_steps
 from mt_data import DataWarning, PretrainingBlocks
 
-__all__ = ["Plan", "check", "make_plan"]
+__all__ = ["Plan", "activation_budget", "check", "make_plan"]
 
 DEFAULT_MFU = 0.4
 DEFAULT_BATCHES = 20
@@ -135,11 +145,16 @@ def make_plan(
         raise CommandError(str(error)) from error
     world = nproc_per_node * nnodes
 
-    from mt.model_shape import liger_supports, load_model_config, model_shape  # torch, ...
+    from mt_core.model_shape import (  # torch, ...
+        liger_supports,
+        load_model_config,
+        model_shape,
+        osft_settings,
+    )
 
     config = load_model_config(args.model_name_or_path, args.trust_remote_code)
     shape = model_shape(
-        config, osft=_osft_settings(args), master=args.train_dtype,
+        config, osft=osft_settings(args), master=args.train_dtype,
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     notes = []
@@ -166,6 +181,8 @@ def make_plan(
             args, config.get_text_config().vocab_size, world, output_dir
         )
     steps = _sample_steps(args, train, sampler, world, shape, device, mfu, batches)
+    settings = replace(settings, minibatches=max(step.minibatches for step in steps))
+    settings = replace(settings, activation_budget=activation_budget(args, shape, settings, device))
     per_epoch = sampler.batches_per_epoch()
     notes += [str(w.message) for w in caught if not issubclass(w.category, DataWarning)]
     if args.osft and args.osft_adaptive_ratios:
@@ -202,22 +219,16 @@ def make_plan(
     )
 
 
-def _osft_settings(args: TrainingArgs):
-    """The run's OSFT settings when it uses OSFT (``osft = true``); adaptive per-layer ratios are
-    only known once measured on the GPU, so the midpoint of their range stands for them."""
-    from mt.model_shape import OsftSettings
-
-    if not args.osft:
-        return None
-    ratio = args.osft_unfreeze_rank_ratio
-    if args.osft_adaptive_ratios:
-        ratio = (args.osft_min_ratio + args.osft_max_ratio) / 2
-    patterns = args.osft_target_patterns
-    return OsftSettings(
-        ratio=float(ratio),
-        target_patterns=tuple(patterns) if patterns else None,
-        upcast_bytes=8 if args.osft_upcast_dtype == "float64" else 4,
-    )
+def activation_budget(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) -> float:
+    """The share of their activations the compiled blocks keep in ``run``: the run file's, else
+    the one the trainer chooses on this GPU (blocks are compiled on a GPU unless torch_compile =
+    false)."""
+    if args.torch_compile is False or args.activation_checkpointing:
+        return 1.0
+    if args.activation_memory_budget is not None:
+        return args.activation_memory_budget
+    budget = fitting_activation_budget(shape, run, device.usable_gib * 2**30)
+    return 0.0 if budget is None else budget
 
 
 def _cache_dir(args: TrainingArgs, stack: ExitStack) -> tuple[Path, str]:

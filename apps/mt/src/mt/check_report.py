@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from mt.check import Plan
-from mt.memory import GIB, RESERVED_GIB, estimate, largest_fitting_tokens
+from mt_core.memory import GIB, RESERVED_GIB, estimate, largest_fitting_tokens
 
 __all__ = ["render", "suggestions"]
 
@@ -117,7 +117,8 @@ def _memory_lines(plan: Plan) -> list[str]:
         ("compute copies", "bf16: root + 2 blocks gathered, in-flight grads", m.copies, None),
         (
             "activations",
-            f"{_n(run.max_tokens)} tokens x {s.layers} layers, Liger {'on' if run.liger else 'off'}",
+            f"{_n(run.max_tokens)} tokens x {s.layers} layers, Liger {'on' if run.liger else 'off'}"
+            + (f", budget {run.activation_budget:.2f}" if run.activation_budget < 1 else ""),
             ac_off.activations,
             ac_on.activations,
         ),
@@ -133,6 +134,11 @@ def _memory_lines(plan: Plan) -> list[str]:
             lines.append(f"  {name:<16}{what:<58}{_gib(off):>7}")
         else:
             lines.append(f"  {name:<16}{what:<58}{_gib(off):>7} | {_gib(on)}")
+    if run.activation_budget < 1 and not run.checkpointing:
+        lines.append(
+            f"  (activation_memory_budget {run.activation_budget:.2f}: so that the row fits, the "
+            "compiled blocks keep that share\n   of their activations and recompute the rest)"
+        )
     largest = max(step.largest for step in plan.steps)
     if largest < 0.9 * run.max_tokens:
         seen = estimate(s, replace(run, max_tokens=largest))

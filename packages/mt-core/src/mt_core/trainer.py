@@ -8,6 +8,7 @@ clipping, AdamW and the schedule; rank 0 writes the metrics line and any due HF 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ from mt_core.config import TrainingArgs, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.families import export_model
+from mt_core.fit import activation_budget, activation_budget_scope
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_core.metrics import (
@@ -142,6 +144,13 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         trust_remote_code=args.trust_remote_code,
     )
 
+    # the share of activations compiled blocks keep, so that max_tokens_per_gpu fits the GPU
+    capacity = torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else None
+    budget = activation_budget(
+        args, config, capacity_bytes=capacity, world_size=ctx.world_size, compiled=compile_blocks,
+        liger=use_liger, sync_each=sync_each, lengths=data.train.lengths,
+    )  # fmt: skip
+
     # 3. OSFT (after sharding, before the optimizer), then the optimizer and schedule.
     saved = _read_trainer_state(resume_from)
     osft = setup_osft(
@@ -210,7 +219,9 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         fire("on_save", step=state.step, epoch=state.epochs_done, path=str(folder))
         return folder
 
+    scope = contextlib.ExitStack()
     try:
+        scope.enter_context(activation_budget_scope(budget))
         done = finished(args, state)
         fire("on_train_begin", step=state.step, epoch=state.epochs_done)
         clock = time.perf_counter()
@@ -330,6 +341,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
                 break
         fire("on_train_end", step=state.step, epoch=state.epochs_done)
     finally:
+        scope.close()
         fire.close()
         stop.restore()
         progress.close()

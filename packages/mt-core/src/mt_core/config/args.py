@@ -461,6 +461,19 @@ class TrainingArgs:
         "boolean",
         default=False,
     )
+    activation_memory_budget: float | None = field(
+        "Compiled blocks: the share of their activations kept for the backward pass; below 1 "
+        "the compiler recomputes the cheapest of the rest (between 1, nothing recomputed, and "
+        "0, about what activation_checkpointing keeps). Not set = on a GPU the largest share "
+        "with which max_tokens_per_gpu fits its memory by mt check's estimate (1 when it fits "
+        "as it is).",
+        _SPEED,
+        "float",
+        at_least(0),
+        at_most(1),
+        default=None,
+        optional=True,
+    )
     sync_gradients_every_minibatch: bool | None = field(
         "Reduce-scatter the gradients after every minibatch, so each GPU keeps only its shard "
         "of them; false = once per step, after the last minibatch: less communication, but "

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from mt.memory import MASTER_BYTES, ModelShape
-from mt_core.config import ConfigError
+from mt_core.config import ConfigError, TrainingArgs
+from mt_core.memory import MASTER_BYTES, ModelShape
 from mt_core.model import matmul_parameter_count
 from mt_fsdp import decoder_blocks
 
-__all__ = ["OsftSettings", "liger_supports", "load_model_config", "model_shape"]
+__all__ = ["OsftSettings", "liger_supports", "load_model_config", "model_shape", "osft_settings"]
 
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -57,6 +57,22 @@ def liger_supports(model_type: str) -> bool | None:
     except Exception:  # not installed, or its import needs what this machine lacks
         return None
     return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def osft_settings(args: TrainingArgs) -> OsftSettings | None:
+    """The run's OSFT settings when it uses OSFT (``osft = true``); adaptive per-layer ratios are
+    only known once measured on the GPU, so the midpoint of their range stands for them."""
+    if not args.osft:
+        return None
+    ratio = args.osft_unfreeze_rank_ratio
+    if args.osft_adaptive_ratios:
+        ratio = (args.osft_min_ratio + args.osft_max_ratio) / 2
+    patterns = args.osft_target_patterns
+    return OsftSettings(
+        ratio=float(ratio),
+        target_patterns=tuple(patterns) if patterns else None,
+        upcast_bytes=8 if args.osft_upcast_dtype == "float64" else 4,
+    )
 
 
 def _build_on_meta(config: PretrainedConfig, trust_remote_code: bool) -> torch.nn.Module:

@@ -21,13 +21,16 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
   block: hidden h, attention width q = heads·head_dim, key/value width k, MLP width i):
   with Liger's kernels ``a = c·(4h + 2q + 2k + 3i) + 4·heads``; without them HF's RMSNorm keeps a
   float32 copy (+4h per norm, two norms) and SwiGLU one more tensor (+c·i). With activation
-  checkpointing each layer keeps only its input (c·h) and one layer is recomputed at a time;
+  checkpointing each layer keeps only its input (c·h) and one layer is recomputed at a time.
+  Compiled blocks with an activation memory budget b < 1 keep at most ``c·h + b·(a - c·h)``: the
+  compiler recomputes the rest (measured on one H100 at b = 0.6 and 0.8: within this bound);
 * the loss: Liger's fused linear cross-entropy never holds the logits (about 4·c·T·h of chunks and
   gradients); without it the float32 logits, their log-softmax and its gradient, 12·T·V bytes.
 
 The peak is the larger of two moments: the start of the backward pass (all activations and the
-loss alive, gradients not yet made) and its end (every gradient made, one layer's activations
-left). The optimizer step itself (fused AdamW) needs nothing beyond weights, gradients and state.
+loss alive; gradients too when a step has more than one minibatch: those of the earlier ones) and
+its end (every gradient made, one layer's activations left). The optimizer step itself (fused
+AdamW) needs nothing beyond weights, gradients and state.
 """
 
 from __future__ import annotations
@@ -60,7 +63,13 @@ class Gpu:
     @property
     def usable_gib(self) -> float:
         """What a run may allocate and still be called fitting."""
-        return (self.memory_gib - RESERVED_GIB) * FIT_FRACTION
+        return usable_bytes(self.memory_gib * GIB) / GIB
+
+
+def usable_bytes(total_bytes: float) -> float:
+    """Of a GPU's memory, what torch may allocate and still leave room for what is outside its
+    allocator and for fragmentation."""
+    return (total_bytes - RESERVED_GIB * GIB) * FIT_FRACTION
 
 
 def gpu(name: str) -> Gpu:
@@ -108,6 +117,8 @@ class Settings:
     checkpointing: bool = False
     cpu_offload: bool = False
     deferred_sync: bool = False  # gradients reduced once per step (sync_gradients_every_minibatch)
+    minibatches: int = 1  # the most minibatches one GPU runs in a step
+    activation_budget: float = 1.0  # compiled blocks: the share of their activations kept
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,8 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
         activations = t * (shape.layers * c * shape.hidden + per_layer)
         activations_end = t * (c * shape.hidden + per_layer)
     else:
+        # the compiler keeps each block's input and at most this share of the rest
+        per_layer = c * shape.hidden + run.activation_budget * (per_layer - c * shape.hidden)
         activations = t * shape.layers * per_layer
         activations_end = t * per_layer
     loss = loss_bytes(shape, t, run.liger)
@@ -181,7 +194,9 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     # a deferred sync: FSDP2 accumulates whole float32 gradients from the first minibatch's
     # backward to the step's last, alive at both moments of every later minibatch
     accumulated = 4 * shape.grad_params if run.deferred_sync and w > 1 else 0.0
-    start = resident + accumulated + copies + activations + loss
+    # after a step's first minibatch its gradients (sharded, or the deferred whole ones) are alive
+    earlier = 0.0 if run.minibatches == 1 or accumulated else grads_on_gpu
+    start = resident + accumulated + earlier + copies + activations + loss
     end = resident + accumulated + grads_on_gpu + copies + activations_end
     peak, peak_at = (start, "start of backward") if start >= end else (end, "end of backward")
     return Memory(
@@ -213,6 +228,19 @@ def largest_fitting_tokens(shape: ModelShape, run: Settings, budget_bytes: float
         else:
             high = middle
     return low
+
+
+def fitting_activation_budget(
+    shape: ModelShape, run: Settings, budget_bytes: float
+) -> float | None:
+    """The largest activation memory budget (a multiple of 0.01 in [0, 1]) whose peak stays
+    within ``budget_bytes``: 1 when the run fits as it is, None when it does not fit even with
+    every activation recomputed but the blocks' inputs."""
+    if run.checkpointing:  # nothing for the compiler to choose: every block is recomputed
+        return 1.0
+    fits = [b / 100 for b in range(101)
+            if estimate(shape, replace(run, activation_budget=b / 100)).peak <= budget_bytes]  # fmt: skip
+    return max(fits) if fits else None
 
 
 def step_flops(shape: ModelShape, tokens: float, context_sum: float) -> float:
