@@ -213,6 +213,32 @@ def test_a_lower_activation_budget_keeps_less_and_trains_the_same(setup, monkeyp
     assert functorch_config.activation_memory_budget == 1.0  # put back after the run
 
 
+def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch):
+    """On one GPU with room to spare the blocks stay gathered from forward to backward (chosen
+    by the fit; forced here on CPU): the same losses, gradient norms, validation losses and
+    weights as resharding after every forward, with validation's forward-only passes between
+    the optimizer steps."""
+    import mt_core.trainer as trainer
+    from mt_core.fit import Fit
+
+    tmp_path, common = setup
+    make_data(tmp_path / "data.jsonl", [7, 19, 3, 25, 12, 9, 30, 16, 11, 22, 5, 14])
+    keys = dict(common, data_path=str(tmp_path / "data.jsonl"), batch_size=4,
+                max_tokens_per_gpu=32, max_steps=3, validation_split=0.25,
+                validation_frequency=1)  # fmt: skip
+    _, resharded = in_process(tmp_path, "resharded", **keys)
+    monkeypatch.setattr(trainer, "fit_to_gpu", lambda *args, **kwargs: Fit(keep_gathered=True))
+    _, gathered = in_process(tmp_path, "gathered", **keys)
+    assert len(gathered) == len(resharded) == 3
+    for a, b in zip(resharded, gathered, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
+    a, b = exported_weights(tmp_path / "resharded"), exported_weights(tmp_path / "gathered")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_the_bundled_example_learns(tmp_path):
     """The README's example: `mt run examples/tiny/run.toml` learns to count on CPU."""
     root = Path(__file__).resolve().parent.parent

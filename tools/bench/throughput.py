@@ -143,12 +143,13 @@ def run_mt(spec: dict) -> dict:
     # {"activation_memory_budget": 0.5} (recompute cheap activations to save memory)
     for name, value in keys.pop("functorch_config", {}).items():
         setattr(torch._functorch.config, name, value)
-    if keys.pop("keep_gathered", False):  # an experiment: no block resharded after its forward
+    reshard = keys.pop("reshard_after_forward", None)
+    if reshard is not None:  # an experiment: every block resharded after its forward, or none
         import mt_fsdp.shard
 
         shard = mt_fsdp.shard.fully_shard
         mt_fsdp.shard.fully_shard = lambda module, **options: shard(
-            module, **{**options, "reshard_after_forward": False})  # fmt: skip
+            module, **{**options, "reshard_after_forward": reshard})  # fmt: skip
     if keys.pop("keep_gradients", False):  # an experiment: zero the gradients, never free them
         zero_grad = torch.optim.Optimizer.zero_grad
         torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, False)

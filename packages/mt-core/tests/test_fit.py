@@ -9,7 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from mt_core import args_from_dict
-from mt_core.fit import activation_budget
+from mt_core.fit import Fit, choose_fit, fit_to_gpu
 from mt_core.memory import (
     COMPUTE_BYTES,
     GIB,
@@ -26,6 +26,8 @@ LLAMA_3B = LlamaConfig(
     hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
     num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
 )  # fmt: skip
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64)  # fmt: skip
 H100 = 81559 * 2**20  # what torch.cuda reports as the H100's total memory
 
 
@@ -90,26 +92,58 @@ def test_the_trainer_chooses_the_budget_for_its_gpu(tmp_path, shape, caplog):
     choose = dict(config=LLAMA_3B, world_size=1, liger=True, sync_each=False, lengths=lengths)
     args = _args(tmp_path)
     with caplog.at_level(logging.INFO, logger="mt_core.fit"):
-        assert activation_budget(args, capacity_bytes=H100, compiled=True, **choose) == 0.51
+        fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **choose)
+    assert fit == Fit(activation_budget=0.51, keep_gathered=False)  # no room to keep them
     assert "activation_memory_budget 0.51" in caplog.text and "16384 tokens" in caplog.text
     # one minibatch per step (the whole batch fits a row): no gradients of earlier ones
     one_row = dict(choose, lengths=np.full(1000, 200))
     run = Settings(max_tokens=16384, world_size=1)
     expected = fitting_activation_budget(shape, run, usable_bytes(H100))
-    assert activation_budget(args, capacity_bytes=H100, compiled=True, **one_row) == expected
-    assert expected > 0.51
+    fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **one_row)
+    assert fit.activation_budget == expected > 0.51
     # the run file's value wins; eager blocks, checkpointing and the CPU keep everything
     chosen = _args(tmp_path, activation_memory_budget=0.8)
-    assert activation_budget(chosen, capacity_bytes=H100, compiled=True, **choose) == 0.8
-    assert activation_budget(args, capacity_bytes=H100, compiled=False, **choose) == 1.0
+    assert fit_to_gpu(chosen, capacity_bytes=H100, compiled=True, **choose).activation_budget == 0.8
+    assert fit_to_gpu(chosen, capacity_bytes=None, compiled=True, **choose) == Fit(0.8)
+    assert fit_to_gpu(args, capacity_bytes=H100, compiled=False, **choose).activation_budget == 1
     ac = _args(tmp_path, activation_checkpointing=True)
-    assert activation_budget(ac, capacity_bytes=H100, compiled=True, **choose) == 1.0
-    assert activation_budget(args, capacity_bytes=None, compiled=True, **choose) == 1.0
+    assert fit_to_gpu(ac, capacity_bytes=H100, compiled=True, **choose).activation_budget == 1
+    assert fit_to_gpu(args, capacity_bytes=None, compiled=True, **choose) == Fit()
     # a row that cannot fit at all: recompute all the compiler can, and say what to change
     small = 40 * GIB
     with caplog.at_level(logging.WARNING, logger="mt_core.fit"):
-        assert activation_budget(args, capacity_bytes=small, compiled=True, **choose) == 0.0
-    assert "lower it or set activation_checkpointing = true" in caplog.text
+        assert fit_to_gpu(args, capacity_bytes=small, compiled=True, **choose) == Fit(0.0)
+    assert "even with the activations recomputed: lower it or set activation_checkpointing" in (
+        caplog.text
+    )
+
+
+def test_one_gpu_keeps_the_blocks_gathered_where_that_fits(shape):
+    one_b = model_shape(LLAMA_3B.__class__(**{**LLAMA_3B.to_dict(), **LLAMA_1B}))
+    usable = usable_bytes(H100)
+    run = Settings(max_tokens=16384, world_size=1, minibatches=2)
+    # 1B at 16k: every block's bf16 copy (2.0 GiB more) fits beside all activations
+    fit = choose_fit(one_b, run, usable, compiled=True, budget=None)
+    assert fit == Fit(activation_budget=1.0, keep_gathered=True)
+    kept = estimate(one_b, replace(run, gathered=True))
+    extra = (one_b.layers - 2) * COMPUTE_BYTES * one_b.block_params
+    assert kept.copies - estimate(one_b, run).copies == extra
+    assert kept.peak <= usable
+    # 3B at 16k: recomputing activations to make room for gathered blocks is not worth it
+    assert choose_fit(shape, run, usable, compiled=True, budget=None) == Fit(0.51, False)
+    # but at 4k rows everything fits
+    assert choose_fit(shape, replace(run, max_tokens=4096), usable, compiled=True, budget=None) == (
+        Fit(1.0, True)
+    )
+    # several GPUs (gathering means the whole model on each) and CPU offload: never
+    assert not choose_fit(
+        one_b, replace(run, world_size=2), usable, compiled=True, budget=None
+    ).keep_gathered
+    assert not choose_fit(
+        one_b, replace(run, cpu_offload=True), usable, compiled=True, budget=None
+    ).keep_gathered
+    # eager blocks: the same rule, no budget
+    assert choose_fit(one_b, run, usable, compiled=False, budget=None) == Fit(1.0, True)
 
 
 def test_the_budget_key_is_a_share(tmp_path):

@@ -6,36 +6,15 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from mt_fsdp import (
     export_hf,
-    init_distributed,
     load_hf_weights,
     materialize,
     parameters_on_meta,
     shard_model,
-    shutdown_distributed,
 )
-
-
-def tiny_config(tied: bool) -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        tie_word_embeddings=tied,
-    )
-
-
-@pytest.fixture
-def dist_ctx():
-    ctx = init_distributed("cpu")
-    yield ctx
-    shutdown_distributed()
 
 
 def sharded_copy(config, folder, ctx):
@@ -49,7 +28,7 @@ def sharded_copy(config, folder, ctx):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_sharded_load_gives_the_hf_logits_and_keeps_ties(tmp_path, dist_ctx, tied):
+def test_sharded_load_gives_the_hf_logits_and_keeps_ties(tmp_path, dist_ctx, tiny_config, tied):
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(tiny_config(tied))
     reference.to(torch.bfloat16).save_pretrained(tmp_path / "src")  # bf16 on disk, fp32 in training
@@ -64,7 +43,7 @@ def test_sharded_load_gives_the_hf_logits_and_keeps_ties(tmp_path, dist_ctx, tie
 
 
 @pytest.mark.parametrize("save_dtype", [None, torch.bfloat16])
-def test_export_reloads_with_the_in_memory_logits(tmp_path, dist_ctx, save_dtype):
+def test_export_reloads_with_the_in_memory_logits(tmp_path, dist_ctx, tiny_config, save_dtype):
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(tiny_config(True)).save_pretrained(tmp_path / "src")
     (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
@@ -99,7 +78,7 @@ def test_export_reloads_with_the_in_memory_logits(tmp_path, dist_ctx, save_dtype
             assert drift < 0.05  # bf16 rounding of weights only
 
 
-def test_missing_weights_are_named(tmp_path, dist_ctx):
+def test_missing_weights_are_named(tmp_path, dist_ctx, tiny_config):
     from safetensors.torch import save_file
 
     folder = tmp_path / "broken"

@@ -27,13 +27,13 @@ import numpy as np
 
 from mt.errors import CommandError, Verdict
 from mt_core.config import TrainingArgs, load_run_file
+from mt_core.fit import choose_fit, run_settings
 from mt_core.memory import (
     Gpu,
     Memory,
     ModelShape,
     Settings,
     estimate,
-    fitting_activation_budget,
     gpu,
     recompute_factor,
     step_flops,
@@ -41,7 +41,7 @@ from mt_core.memory import (
 from mt_core.progress_state import planned_steps
 from mt_data import DataWarning, PretrainingBlocks
 
-__all__ = ["Plan", "activation_budget", "check", "make_plan"]
+__all__ = ["Plan", "check", "fitted", "make_plan"]
 
 DEFAULT_MFU = 0.4
 DEFAULT_BATCHES = 20
@@ -166,15 +166,7 @@ def make_plan(
             f"liger-kernel has no kernels for model_type {config.model_type!r}: the logits are "
             "materialised (the loss row)"
         )
-    settings = Settings(
-        max_tokens=args.max_tokens_per_gpu,
-        world_size=world,
-        master=args.train_dtype,
-        liger=liger,
-        checkpointing=args.activation_checkpointing,
-        cpu_offload=args.cpu_offload,
-        deferred_sync=args.sync_gradients_every_minibatch is False,
-    )
+    settings = run_settings(args, world, liger, args.sync_gradients_every_minibatch is not False)
     with ExitStack() as stack:
         output_dir, cache_note = _cache_dir(args, stack)
         train, sampler, caught, counts = _data_plan(
@@ -182,7 +174,7 @@ def make_plan(
         )
     steps = _sample_steps(args, train, sampler, world, shape, device, mfu, batches)
     settings = replace(settings, minibatches=max(step.minibatches for step in steps))
-    settings = replace(settings, activation_budget=activation_budget(args, shape, settings, device))
+    settings = fitted(args, shape, settings, device)
     per_epoch = sampler.batches_per_epoch()
     notes += [str(w.message) for w in caught if not issubclass(w.category, DataWarning)]
     if args.osft and args.osft_adaptive_ratios:
@@ -219,16 +211,15 @@ def make_plan(
     )
 
 
-def activation_budget(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) -> float:
-    """The share of their activations the compiled blocks keep in ``run``: the run file's, else
-    the one the trainer chooses on this GPU (blocks are compiled on a GPU unless torch_compile =
-    false)."""
-    if args.torch_compile is False or args.activation_checkpointing:
-        return 1.0
-    if args.activation_memory_budget is not None:
-        return args.activation_memory_budget
-    budget = fitting_activation_budget(shape, run, device.usable_gib * 2**30)
-    return 0.0 if budget is None else budget
+def fitted(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) -> Settings:
+    """``run`` with the fit the trainer would choose on this GPU: the compiled blocks'
+    activation budget (blocks are compiled on a GPU unless torch_compile = false) and, on one
+    GPU, whether blocks stay gathered from forward to backward."""
+    fit = choose_fit(
+        shape, run, device.usable_gib * 2**30, compiled=args.torch_compile is not False,
+        budget=args.activation_memory_budget,
+    )  # fmt: skip
+    return replace(run, activation_budget=fit.activation_budget, gathered=fit.keep_gathered)
 
 
 def _cache_dir(args: TrainingArgs, stack: ExitStack) -> tuple[Path, str]:

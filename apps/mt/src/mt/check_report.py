@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from mt.check import Plan
+from mt.check import Plan, fitted
 from mt_core.memory import GIB, RESERVED_GIB, estimate, largest_fitting_tokens
 
 __all__ = ["render", "suggestions"]
@@ -114,7 +114,12 @@ def _memory_lines(plan: Plan) -> list[str]:
     if m.osft:
         rows.append(("OSFT", "frozen weights and singular bases", m.osft, None))
     rows += [
-        ("compute copies", "bf16: root + 2 blocks gathered, in-flight grads", m.copies, None),
+        (
+            "compute copies",
+            f"bf16: root + {'all' if run.gathered else '2'} blocks gathered, in-flight grads",
+            m.copies,
+            None,
+        ),
         (
             "activations",
             f"{_n(run.max_tokens)} tokens x {s.layers} layers, Liger {'on' if run.liger else 'off'}"
@@ -231,7 +236,8 @@ def _changes(plan: Plan, run, prefix: str) -> list[str]:
     found = []
 
     def peak_of(**changes) -> str:
-        memory = estimate(shape, replace(run, **changes))
+        # the changed run with its own fit, as the trainer would choose it
+        memory = estimate(shape, fitted(plan.args, shape, replace(run, **changes), plan.gpu))
         word = "fits" if memory.peak <= usable else "still too much"
         return f"peak {_gib(memory.peak)} GiB, {word}"
 

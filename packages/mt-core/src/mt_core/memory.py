@@ -14,7 +14,8 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
   gradient sync deferred to a step's last minibatch on several GPUs, 4·P_g more: the unsharded
   float32 gradients accumulated until then;
 * compute copies: the bf16 root group (embeddings, final norm, LM head) gathered for the whole step,
-  two gathered decoder blocks (the running one and the prefetched one), the LM head's bf16
+  two gathered decoder blocks (the running one and the prefetched one; all of them when they
+  stay gathered from forward to backward), the LM head's bf16
   gradient (it exists from the start of the backward pass) and one block's gradient in transit
   (bf16, and its float32 copy for the reduce-scatter);
 * activations of T = max_tokens_per_gpu tokens, per token and decoder layer (bytes, a Llama-like
@@ -119,6 +120,7 @@ class Settings:
     deferred_sync: bool = False  # gradients reduced once per step (sync_gradients_every_minibatch)
     minibatches: int = 1  # the most minibatches one GPU runs in a step
     activation_budget: float = 1.0  # compiled blocks: the share of their activations kept
+    gathered: bool = False  # blocks stay gathered (bf16) from their forward to their backward
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,8 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     gradients = m * shape.grad_params / w
     optimizer = 2 * m * shape.grad_params / w
     osft = shape.osft_extra_bytes / w
-    copies = c * (shape.root_params + 2 * shape.block_params + shape.head_params)
+    gathered = shape.layers if run.gathered else 2  # else the running and the prefetched one
+    copies = c * (shape.root_params + gathered * shape.block_params + shape.head_params)
     copies += (c + 4) * shape.block_params  # one block's gradient on its way to the shards
 
     per_layer = activation_bytes_per_token_layer(shape, run.liger)

@@ -131,6 +131,7 @@ def build_model(
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
     cpu_offload: bool = False,
+    keep_gathered: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, str]:
     """The sharded model of ``config``, its weights loaded from ``folder`` into ``master_dtype``
@@ -157,7 +158,10 @@ def build_model(
             block.compile()
     model.config.use_cache = False
     param_dtype = None if compute_dtype == master_dtype else compute_dtype
-    shard_model(model, ctx.mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
+    shard_model(
+        model, ctx.mesh, param_dtype=param_dtype, cpu_offload=cpu_offload,
+        reshard_after_forward=not keep_gathered,
+    )  # fmt: skip
     materialize(model, torch.device("cpu") if cpu_offload else ctx.device, lambda m: None)
     load_weights(model, folder)
     model.train()

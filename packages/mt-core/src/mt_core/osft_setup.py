@@ -13,12 +13,11 @@ import logging
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.loss import minibatch_tensors
 from mt_data import InfiniteSampler, StepLoader, TokenSource
-from mt_fsdp import DistContext, decoder_blocks
+from mt_fsdp import DistContext, decoder_blocks, reshard_all
 from mt_osft import OSFTConfig, OSFTState, adaptive_ratios, apply_osft
 
 __all__ = ["setup_osft"]
@@ -89,9 +88,7 @@ def _adaptive(
         chosen = adaptive_ratios(model, blocks, batches, args.osft_min_ratio, args.osft_max_ratio)
     # The last block stays gathered after a forward (it is needed again at once in training);
     # OSFT must see every weight sharded, so put the gathered ones back.
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    reshard_all(model)
     if ctx.is_main:
         for name in blocks:
             print(

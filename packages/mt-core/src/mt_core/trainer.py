@@ -29,7 +29,7 @@ from mt_core.config import TrainingArgs, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.families import export_model
-from mt_core.fit import activation_budget, activation_budget_scope
+from mt_core.fit import activation_budget_scope, fit_to_gpu
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_core.metrics import (
@@ -129,6 +129,13 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     sync_each = args.sync_gradients_every_minibatch
     if sync_each is None:  # the unsharded gradients of a deferred sync cost 4 bytes a parameter
         sync_each = ctx.world_size > 1
+    # how the run fits the GPU: the share of activations compiled blocks keep, and on one GPU
+    # whether blocks stay gathered from forward to backward
+    capacity = torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else None
+    fit = fit_to_gpu(
+        args, config, capacity_bytes=capacity, world_size=ctx.world_size, compiled=compile_blocks,
+        liger=use_liger, sync_each=sync_each, lengths=data.train.lengths,
+    )  # fmt: skip
     master_dtype = TORCH_DTYPES[args.train_dtype]
     model, _ = build_model(
         model_folder,
@@ -141,15 +148,9 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         activation_checkpointing=args.activation_checkpointing,
         compile_blocks=compile_blocks,
         cpu_offload=args.cpu_offload,
+        keep_gathered=fit.keep_gathered,
         trust_remote_code=args.trust_remote_code,
     )
-
-    # the share of activations compiled blocks keep, so that max_tokens_per_gpu fits the GPU
-    capacity = torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else None
-    budget = activation_budget(
-        args, config, capacity_bytes=capacity, world_size=ctx.world_size, compiled=compile_blocks,
-        liger=use_liger, sync_each=sync_each, lengths=data.train.lengths,
-    )  # fmt: skip
 
     # 3. OSFT (after sharding, before the optimizer), then the optimizer and schedule.
     saved = _read_trainer_state(resume_from)
@@ -221,7 +222,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
 
     scope = contextlib.ExitStack()
     try:
-        scope.enter_context(activation_budget_scope(budget))
+        scope.enter_context(activation_budget_scope(fit.activation_budget))
         done = finished(args, state)
         fire("on_train_begin", step=state.step, epoch=state.epochs_done)
         clock = time.perf_counter()

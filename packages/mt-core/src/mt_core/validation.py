@@ -10,7 +10,7 @@ from torch import nn
 
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_data import TokenSource, collate_minibatch
-from mt_fsdp import DistContext
+from mt_fsdp import DistContext, reshard_all
 from mt_packing import pack_minibatches
 
 __all__ = ["validation_loss"]
@@ -35,5 +35,6 @@ def validation_loss(
                 loss_sum += minibatch_loss(model, **minibatch_tensors(minibatch, ctx.device))
     finally:
         model.train(was_training)
+        reshard_all(model)  # no backward pass to put gathered blocks back in their shards
     dist.all_reduce(loss_sum)
     return float(loss_sum)

@@ -11,7 +11,7 @@ from mt_fsdp.checkpoint import (
 from mt_fsdp.distributed import DistContext, exit_rank, init_distributed, shutdown_distributed
 from mt_fsdp.export import TOKENIZER_FILES, export_hf
 from mt_fsdp.load import load_hf_weights, materialize, parameters_on_meta
-from mt_fsdp.shard import decoder_blocks, shard_model
+from mt_fsdp.shard import decoder_blocks, reshard_all, shard_model
 
 __all__ = [
     "CheckpointError",
@@ -29,6 +29,7 @@ __all__ = [
     "load_hf_weights",
     "materialize",
     "parameters_on_meta",
+    "reshard_all",
     "shard_model",
     "shutdown_distributed",
 ]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-__all__ = ["decoder_blocks", "shard_model"]
+__all__ = ["decoder_blocks", "reshard_all", "shard_model"]
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -36,13 +36,16 @@ def shard_model(
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype | None = torch.float32,
     cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
 ) -> nn.Module:
     """Apply ``fully_shard`` to every decoder block, then to the root; gradients are summed.
 
     The parameters stay in their own dtype (the fp32 master weights); ``param_dtype`` is the
     compute dtype FSDP casts them to when it gathers them (None: no cast), and gradients are
     reduced in ``reduce_dtype``. The model may live on the meta device: sharding first and
-    materialising after means no rank ever holds the whole model.
+    materialising after means no rank ever holds the whole model. ``reshard_after_forward=False``
+    keeps every block gathered from its forward to its backward pass: one gather (and cast) per
+    block and minibatch instead of two, for the memory of all blocks' compute copies.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     options: dict = {"mesh": mesh, "mp_policy": policy}
@@ -51,7 +54,8 @@ def shard_model(
     blocks = decoder_blocks(model)
     for index, block in enumerate(blocks):
         # The last block's weights are needed again at once by the backward pass: keep them.
-        fully_shard(block, reshard_after_forward=index < len(blocks) - 1, **options)
+        keep = not reshard_after_forward or index == len(blocks) - 1
+        fully_shard(block, reshard_after_forward=not keep, **options)
     fully_shard(model, **options)
     # mt normalises each rank's loss by the token count of the whole global batch, so the
     # gradients of the ranks must be summed, not averaged as FSDP does by default.
@@ -64,3 +68,12 @@ def shard_model(
         if hasattr(module, "set_force_sum_reduction_for_comms"):
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Put every gathered block back in its shards. A forward without backward (evaluation, a
+    probe) leaves the blocks that are not resharded after forward gathered; the backward pass
+    would have resharded them."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
