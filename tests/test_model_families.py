@@ -32,7 +32,9 @@ from transformers import (
     JambaConfig,
     Lfm2Config,
     Mistral3Config,
+    MixtralConfig,
     Mxfp4Config,
+    Qwen3MoeConfig,
     Qwen3NextConfig,
     Qwen3VLConfig,
 )
@@ -101,6 +103,9 @@ FAMILIES = {
         num_experts_per_tok=2,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4},
     ),  # fmt: skip
+    # experts that a checkpoint stores one by one (transformers fuses them on load)
+    "mixtral": lambda: MixtralConfig(**TEXT, **MOE, num_local_experts=4),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**TEXT, **MOE, num_experts=4, moe_intermediate_size=32),
     # hybrids: a stateful layer first, then attention
     "bamba": lambda: BambaConfig(**TEXT, **MAMBA2, attn_layer_indices=[1]),
     "granitemoehybrid": lambda: GraniteMoeHybridConfig(
@@ -112,12 +117,14 @@ FAMILIES = {
         shared_intermediate_size=32,
     ),  # fmt: skip
     "lfm2": lambda: Lfm2Config(**TEXT, **LARGE_INIT, layer_types=["conv", "full_attention"]),
-    # dense MLPs (mlp_only_layers): mt cannot yet read experts that a checkpoint stores one
-    # by one, as save_pretrained writes Qwen3-Next's
+    # experts (stored one by one, as save_pretrained writes them) and a shared expert
     "qwen3_next": lambda: Qwen3NextConfig(
         **TEXT,
+        **MOE,
+        num_experts=4,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
         layer_types=["linear_attention", "full_attention"],
-        mlp_only_layers=[0, 1],
         linear_key_head_dim=16,
         linear_value_head_dim=16,
         linear_num_key_heads=2,

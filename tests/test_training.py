@@ -124,6 +124,38 @@ def test_two_ranks_with_an_empty_slot_equal_one_process(setup):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_experts_stored_one_by_one_load_into_uneven_shards(setup):
+    """A Mixtral checkpoint stores each expert's matrices apart; the model fuses them. Three
+    experts on two ranks: rank 0 reads the pieces of experts 0-1, rank 1 those of expert 2, and
+    the step equals one process reading them all."""
+    from transformers import MixtralConfig
+
+    tmp_path, common = setup
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, num_local_experts=3, num_experts_per_tok=2,
+        router_aux_loss_coef=0.0,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    stored = load_file(tmp_path / "moe" / "model.safetensors")
+    assert "model.layers.0.block_sparse_moe.experts.2.w3.weight" in stored  # one by one
+    make_data(tmp_path / "data.jsonl", [7, 19, 3, 25, 12, 9, 30, 16])
+    keys = dict(common, model_name_or_path=str(tmp_path / "moe"),
+                data_path=str(tmp_path / "data.jsonl"), batch_size=8, max_tokens_per_gpu=64,
+                eps=1e-4)  # fmt: skip
+    run = write_run(tmp_path / "run.toml", **keys)
+    mt_run(run, f"--output_dir={tmp_path / 'one'}")
+    mt_run(run, f"--output_dir={tmp_path / 'two'}", nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
+    a, b = exported_weights(tmp_path / "one"), exported_weights(tmp_path / "two")
+    assert a.keys() == b.keys() == stored.keys()  # exported as stored: one by one
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled blocks"])
 def test_one_step_equals_adamw_by_hand(setup, compiled):
     tmp_path, common = setup

@@ -16,7 +16,10 @@ frozen, and how weights are read from and written back to the model's own checkp
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,22 +100,39 @@ def mxfp4_experts(model: PreTrainedModel) -> list[str]:
     return [name for name, _ in model.named_parameters() if name.endswith(_MXFP4_EXPERTS)]
 
 
-def _file_names(model: PreTrainedModel) -> dict[str, str]:
-    """Parameter name -> its name in the checkpoint's files, where transformers renames it."""
-    names = {}
+def _checkpoint_layout(
+    model: PreTrainedModel,
+) -> tuple[dict[str, str], dict[str, Callable[[], dict[str, torch.Tensor]]]]:
+    """How the checkpoint's files hold each parameter where transformers converts it on load:
+    under another name, or in pieces (experts stored one by one that the model fuses). For the
+    pieces, a function giving the positions of each stored tensor's elements in the flattened
+    parameter: the conversion run backwards on the parameter's own flat indices."""
+    names, pieces = {}, {}
     for name, param in model.named_parameters():
         # a shape on the meta device: names are all this needs, and no shard is touched
         saved = revert_weight_conversion(model, {name: torch.empty(param.shape, device="meta")})
+        if len(saved) > 1:
+            pieces[name] = functools.partial(_positions, model, name, tuple(param.shape))
+            continue
         (renamed,) = saved if len(saved) == 1 else (name,)
         if renamed != name:
             names[name] = renamed
-    return names
+    return names, pieces
+
+
+def _positions(
+    model: PreTrainedModel, name: str, shape: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    count = math.prod(shape)
+    flat = torch.arange(count, dtype=torch.int32 if count < 2**31 else torch.int64)
+    return revert_weight_conversion(model, {name: flat.reshape(shape)})
 
 
 def load_weights(model: PreTrainedModel, folder: str | Path) -> None:
-    """:func:`mt_fsdp.load_hf_weights` with this family's file names and MXFP4 experts."""
+    """:func:`mt_fsdp.load_hf_weights` with this family's file layout and MXFP4 experts."""
+    names, pieces = _checkpoint_layout(model)
     load_hf_weights(
-        model, folder, file_names=_file_names(model), mxfp4_experts=mxfp4_experts(model)
+        model, folder, file_names=names, mxfp4_experts=mxfp4_experts(model), pieces=pieces
     )
 
 

@@ -9,14 +9,16 @@ holds the whole model (mini_trainer loads it whole on rank 0 and broadcasts).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from mt_fsdp import mxfp4
 
@@ -86,6 +88,7 @@ def load_hf_weights(
     *,
     file_names: Mapping[str, str] | None = None,
     mxfp4_experts: Collection[str] = (),
+    pieces: Mapping[str, Callable[[], Mapping[str, torch.Tensor]]] | None = None,
 ) -> None:
     """Fill every parameter of the (sharded, materialised) model from HF safetensors files.
 
@@ -99,9 +102,15 @@ def load_hf_weights(
     The parameters in ``mxfp4_experts`` are stacked expert matrices ``(experts, in, out)`` that
     the files hold as MXFP4 ``<name>_blocks`` and ``<name>_scales`` of ``(experts, out, in)``
     (GPT-OSS): each rank reads the blocks of its own experts only and dequantizes them.
+
+    ``pieces`` names the parameters the files hold in several tensors (experts stored one by
+    one, fused into one parameter by the model): a function that gives, for each tensor in the
+    files, the positions its elements take in the flattened parameter (a tensor of indices in
+    the stored tensor's shape). Each rank reads just the pieces that land in its own shard.
     """
-    safetensors_files(folder)
+    files = safetensors_files(folder)
     file_names = file_names or {}
+    pieces = pieces or {}
     reader = dcp.HuggingFaceStorageReader(str(folder))
     stored = reader.read_metadata().state_dict_metadata
     state = get_model_state_dict(model)
@@ -114,7 +123,7 @@ def load_hf_weights(
 
     # named_parameters lists a shared (tied) parameter once, under its first name.
     owners = {name for name, _ in model.named_parameters()}
-    missing = sorted(name for name in owners if located(name) is None)
+    missing = sorted(name for name in owners if located(name) is None and name not in pieces)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(
@@ -122,14 +131,65 @@ def load_hf_weights(
             f"({shown}); is this folder a checkpoint of this architecture?"
         )
     quantized = {name: located(name) for name in mxfp4_experts if located(name) not in stored}
+    split = {name: pieces[name] for name in owners if located(name) is None and name in pieces}
     dense = {
         located(name): tensor
         for name, tensor in state.items()
-        if name not in quantized and located(name) is not None
+        if name not in quantized and name not in split and located(name) is not None
     }
     dcp.load(dense, storage_reader=reader)
     for name, stem in quantized.items():
         _load_mxfp4(state[name], stem, folder, stored)
+    if split:
+        where = {key: path for path in files for key in _keys(path)}
+        for name, positions in split.items():
+            _load_pieces(state[name], name, positions(), where, folder)
+
+
+def _keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def _load_pieces(
+    param: torch.Tensor,
+    name: str,
+    positions: Mapping[str, torch.Tensor],
+    where: Mapping[str, Path],
+    folder: str | Path,
+) -> None:
+    """Fills this rank's shard of ``param`` from the stored tensors whose elements
+    ``positions`` places in it (see :func:`load_hf_weights`)."""
+    absent = sorted(key for key in positions if key not in where)
+    if absent:
+        raise ValueError(
+            f"{folder}: the safetensors files lack {len(absent)} of the tensors that make up "
+            f"{name} ({', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''})"
+        )
+    local = param.to_local() if isinstance(param, DTensor) else param
+    first = 0
+    if isinstance(param, DTensor):  # FSDP2: rows split as torch.chunk splits them
+        if tuple(param.placements) != (Shard(0),):
+            raise ValueError(f"{name}: cannot load pieces into placements {param.placements}")
+        rows, ranks = param.shape[0], param.device_mesh.size()
+        first = min(param.device_mesh.get_local_rank() * -(-rows // ranks), rows)
+    low = first * math.prod(param.shape[1:])  # this shard's first element in the whole
+    high = low + local.numel()
+    flat = local.view(-1)
+    with torch.no_grad():
+        for key, places in positions.items():
+            places = places.reshape(-1)
+            mine = (places >= low) & (places < high)
+            if not bool(mine.any()):
+                continue  # another rank's piece
+            with safe_open(str(where[key]), framework="pt") as handle:
+                values = handle.get_tensor(key).reshape(-1)
+            if values.numel() != places.numel():
+                raise ValueError(
+                    f"{folder}: {key} has {values.numel()} elements, {name} expects "
+                    f"{places.numel()} from it"
+                )
+            flat[(places[mine] - low).to(flat.device)] = values[mine].to(flat)
 
 
 def _load_mxfp4(param: torch.Tensor, stem: str, folder: str | Path, stored: Mapping) -> None:
