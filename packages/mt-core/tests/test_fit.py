@@ -91,10 +91,10 @@ def test_the_trainer_chooses_the_budget_for_its_gpu(tmp_path, shape, caplog):
     lengths = np.full(1000, 600)  # 64 samples of 600 tokens: 38,400 tokens, 3 rows of 16,384
     choose = dict(config=LLAMA_3B, world_size=1, liger=True, sync_each=False, lengths=lengths)
     args = _args(tmp_path)
-    with caplog.at_level(logging.INFO, logger="mt_core.fit"):
-        fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **choose)
-    assert fit == Fit(activation_budget=0.51, keep_gathered=False)  # no room to keep them
-    assert "activation_memory_budget 0.51" in caplog.text and "16384 tokens" in caplog.text
+    fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **choose)
+    assert (fit.activation_budget, fit.keep_gathered) == (0.51, False)  # no room to keep them
+    assert fit.summary.startswith("activation_memory_budget 0.51: ")
+    assert "16,384 tokens per GPU fit (estimated peak 71.6 of 71.9 GiB usable)" in fit.summary
     # one minibatch per step (the whole batch fits a row): no gradients of earlier ones
     one_row = dict(choose, lengths=np.full(1000, 200))
     run = Settings(max_tokens=16384, world_size=1)
@@ -105,21 +105,29 @@ def test_the_trainer_chooses_the_budget_for_its_gpu(tmp_path, shape, caplog):
     chosen = _args(tmp_path, activation_memory_budget=0.8)
     assert fit_to_gpu(chosen, capacity_bytes=H100, compiled=True, **choose).activation_budget == 0.8
     assert fit_to_gpu(chosen, capacity_bytes=None, compiled=True, **choose) == Fit(0.8)
+    assert fit_to_gpu(chosen, capacity_bytes=H100, compiled=True, **choose).summary == ""
     assert fit_to_gpu(args, capacity_bytes=H100, compiled=False, **choose).activation_budget == 1
     ac = _args(tmp_path, activation_checkpointing=True)
     assert fit_to_gpu(ac, capacity_bytes=H100, compiled=True, **choose).activation_budget == 1
     assert fit_to_gpu(args, capacity_bytes=None, compiled=True, **choose) == Fit()
+    # the 1B shape fits as it is: blocks stay gathered, and the log says so
+    one_b = dict(choose, config=LlamaConfig(**{**LLAMA_3B.to_dict(), **LLAMA_1B}))
+    fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **one_b)
+    assert (fit.activation_budget, fit.keep_gathered) == (1.0, True)
+    assert fit.summary.startswith("decoder blocks stay gathered from forward to backward")
     # a row that cannot fit at all: recompute all the compiler can, and say what to change
     small = 40 * GIB
     with caplog.at_level(logging.WARNING, logger="mt_core.fit"):
-        assert fit_to_gpu(args, capacity_bytes=small, compiled=True, **choose) == Fit(0.0)
+        assert (
+            fit_to_gpu(args, capacity_bytes=small, compiled=True, **choose).activation_budget == 0
+        )
     assert "even with the activations recomputed: lower it or set activation_checkpointing" in (
         caplog.text
     )
 
 
 def test_one_gpu_keeps_the_blocks_gathered_where_that_fits(shape):
-    one_b = model_shape(LLAMA_3B.__class__(**{**LLAMA_3B.to_dict(), **LLAMA_1B}))
+    one_b = model_shape(LlamaConfig(**{**LLAMA_3B.to_dict(), **LLAMA_1B}))
     usable = usable_bytes(H100)
     run = Settings(max_tokens=16384, world_size=1, minibatches=2)
     # 1B at 16k: every block's bf16 copy (2.0 GiB more) fits beside all activations

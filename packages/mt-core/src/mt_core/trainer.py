@@ -136,6 +136,8 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         args, config, capacity_bytes=capacity, world_size=ctx.world_size, compiled=compile_blocks,
         liger=use_liger, sync_each=sync_each, lengths=data.train.lengths,
     )  # fmt: skip
+    if ctx.is_main and fit.summary:
+        print(fit.summary, flush=True)
     master_dtype = TORCH_DTYPES[args.train_dtype]
     model, _ = build_model(
         model_folder,
