@@ -131,28 +131,12 @@ class StepClock(TrainerCallback):
 
 def run_mt(spec: dict) -> dict:
     import torch
+    from experiments import apply_experiments  # levers tried that mt does not have
 
     from mt_core import args_from_dict, train
 
     out = Path(spec["out"])
-    keys = dict(spec["keys"])
-    compile_kwargs = keys.pop("compile_kwargs", None)
-    if compile_kwargs:  # an experiment: other torch.compile arguments for mt's compiled blocks
-        _compile_blocks_with(compile_kwargs)
-    # an experiment: settings of the compiler's forward/backward partitioner, e.g.
-    # {"activation_memory_budget": 0.5} (recompute cheap activations to save memory)
-    for name, value in keys.pop("functorch_config", {}).items():
-        setattr(torch._functorch.config, name, value)
-    reshard = keys.pop("reshard_after_forward", None)
-    if reshard is not None:  # an experiment: every block resharded after its forward, or none
-        import mt_fsdp.shard
-
-        shard = mt_fsdp.shard.fully_shard
-        mt_fsdp.shard.fully_shard = lambda module, **options: shard(
-            module, **{**options, "reshard_after_forward": reshard})  # fmt: skip
-    if keys.pop("keep_gradients", False):  # an experiment: zero the gradients, never free them
-        zero_grad = torch.optim.Optimizer.zero_grad
-        torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, False)
+    keys = apply_experiments(dict(spec["keys"]))
     keys = dict(
         model_name_or_path=spec["model"], data_path=spec["data"], output_dir=str(out / "run"),
         batch_size=spec["batch_size"], learning_rate=1e-5, lr_scheduler="constant",
@@ -192,24 +176,6 @@ def allocator_stats() -> dict:
     stats = torch.cuda.memory_stats()
     return {"alloc_retries": stats.get("num_alloc_retries", 0),
             "peak_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30}  # fmt: skip
-
-
-def _compile_blocks_with(kwargs: dict) -> None:
-    """Make ``nn.Module.compile`` (what mt calls on each block) take ``kwargs`` instead of its
-    own: ``{"dynamic": null}``, ``{"options": {"guard_filter_fn": NAME}}`` with NAME a
-    ``torch.compiler`` function."""
-    import torch
-
-    options = dict(kwargs.get("options", {}))
-    if "guard_filter_fn" in options:
-        options["guard_filter_fn"] = getattr(torch.compiler, options["guard_filter_fn"])
-    original = torch.nn.Module.compile
-
-    def compile_with(module, *args, **own) -> None:
-        own.update({key: value for key, value in kwargs.items() if key != "options"})
-        original(module, *args, **own, **({"options": options} if options else {}))
-
-    torch.nn.Module.compile = compile_with
 
 
 def run_padded(spec: dict) -> dict:
@@ -356,7 +322,7 @@ def main() -> int:
         help="more mt contestants (JSON: name -> keys), e.g. "
         '\'{"mt 32k bf16": {"max_tokens_per_gpu": 32768, '
         '"train_dtype": "bfloat16"}}\'; an "env" key holds environment variables for that '
-        "contestant's process",
+        "contestant's process; experiment keys: see experiments.py",
     )
     parser.add_argument(
         "--profile",
@@ -447,6 +413,14 @@ def main() -> int:
         (out / "results.json").write_text(json.dumps(rows, indent=1))  # kept if a later one hangs
 
     (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if options.device == "cuda":  # after the contestants: nothing of it is left in their way
+        from machine import machine_speed
+
+        speed = machine_speed()
+        (out / "machine.json").write_text(json.dumps(speed, indent=1))
+        print(f"\nmachine: {speed['gpu']}, bf16 matmul 8192^3 {speed['matmul_tflops']:.0f} "
+              f"TFLOP/s, device copy {speed['copy_gb_s']:,.0f} GB/s (the H100s lent differ: "
+              "compare rows of one call)")  # fmt: skip
     status = print_table(rows, options, config, peak, dense_blocks)
     if (out / "profile.txt").is_file():
         print("\n" + (out / "profile.txt").read_text())
