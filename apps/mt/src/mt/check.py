@@ -215,11 +215,10 @@ def fitted(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) ->
     """``run`` with the fit the trainer would choose on this GPU: the compiled blocks'
     activation budget (blocks are compiled on a GPU unless torch_compile = false) and, on one
     GPU, whether blocks stay gathered from forward to backward."""
-    fit = choose_fit(
+    return choose_fit(
         shape, run, device.usable_gib * 2**30, compiled=args.torch_compile is not False,
         budget=args.activation_memory_budget,
-    )  # fmt: skip
-    return replace(run, activation_budget=fit.activation_budget, gathered=fit.keep_gathered)
+    ).applied(run)  # fmt: skip
 
 
 def _cache_dir(args: TrainingArgs, stack: ExitStack) -> tuple[Path, str]:

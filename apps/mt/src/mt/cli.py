@@ -26,7 +26,7 @@ from mt.help_text import COMMAND_HELP, COMMANDS_HELP, OTHER_USAGE, USAGE, usage_
 from mt.plot import plot
 from mt.prepare import prepare
 from mt_core.config import ConfigError, load_run_file, place_problems, render_help
-from mt_core.errors import RunError
+from mt_core.errors import RunError, write_error
 from mt_data import DataError
 
 __all__ = ["COMMANDS", "USAGE", "main"]
@@ -104,10 +104,7 @@ def _help_text(command: str | None) -> str:
 
 
 def _fail(message: str, usage: str | None = None, status: int = 2) -> NoReturn:
-    # the whole message in one write: torchrun's ranks share one stderr, and a line written in
-    # two pieces (text, then newline) can interleave with another rank's
-    sys.stderr.write("".join(f"mt: error: {line}\n" for line in message.splitlines()))
-    sys.stderr.flush()
+    write_error(message)
     if usage:
         print(usage, end="", file=sys.stderr)
     sys.exit(status)

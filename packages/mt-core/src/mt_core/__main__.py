@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     from mt_core.config import ConfigError, load_run_file, place_problems
-    from mt_core.errors import RunError
+    from mt_core.errors import RunError, write_error
     from mt_data import DataError
 
     try:
@@ -33,9 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as error:  # found with the model or data: placed in the run file
             raise place_problems(error, argv[1]) from None
     except (ConfigError, DataError, RunError) as error:
-        # one write: the ranks share one stderr (see mt.cli._fail)
-        sys.stderr.write("".join(f"mt: error: {line}\n" for line in str(error).splitlines()))
-        sys.stderr.flush()
+        write_error(str(error))
         return 2
     from mt_fsdp import exit_rank
 

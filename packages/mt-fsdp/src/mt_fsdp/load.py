@@ -176,20 +176,24 @@ def _load_pieces(
     low = first * math.prod(param.shape[1:])  # this shard's first element in the whole
     high = low + local.numel()
     flat = local.view(-1)
+    # this rank's pieces, by the file that holds them: each file is opened once
+    wanted: dict[Path, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    for key, places in positions.items():
+        places = places.reshape(-1)
+        mine = (places >= low) & (places < high)
+        if bool(mine.any()):  # else another rank's piece
+            wanted.setdefault(where[key], []).append((key, places, mine))
     with torch.no_grad():
-        for key, places in positions.items():
-            places = places.reshape(-1)
-            mine = (places >= low) & (places < high)
-            if not bool(mine.any()):
-                continue  # another rank's piece
-            with safe_open(str(where[key]), framework="pt") as handle:
-                values = handle.get_tensor(key).reshape(-1)
-            if values.numel() != places.numel():
-                raise ValueError(
-                    f"{folder}: {key} has {values.numel()} elements, {name} expects "
-                    f"{places.numel()} from it"
-                )
-            flat[(places[mine] - low).to(flat.device)] = values[mine].to(flat)
+        for path, keyed in wanted.items():
+            with safe_open(str(path), framework="pt") as handle:
+                for key, places, mine in keyed:
+                    values = handle.get_tensor(key).reshape(-1)
+                    if values.numel() != places.numel():
+                        raise ValueError(
+                            f"{folder}: {key} has {values.numel()} elements, {name} expects "
+                            f"{places.numel()} from it"
+                        )
+                    flat[(places[mine] - low).to(flat.device)] = values[mine].to(flat)
 
 
 def _load_mxfp4(param: torch.Tensor, stem: str, folder: str | Path, stored: Mapping) -> None:
