@@ -4,6 +4,7 @@ through mt-data, made on the fly (nothing is downloaded)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from itertools import count
 from types import SimpleNamespace
@@ -15,6 +16,63 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_data import SampleDataset, collate_minibatch, open_token_store
+
+# ---- Tolerances from the arithmetic -------------------------------------------------------------
+# u is float32's unit roundoff: one rounding moves a value by at most u of its size. Two float32
+# computations of one quantity that differ only in the order of their sums (packing, ranks, kernel
+# or CPU instruction set, compiled or eager) differ by at most γ_n = n·u of its size, n the number
+# of terms summed along the way (Higham, Accuracy and Stability of Numerical Algorithms, §3.1,
+# §4.2); a model's loss or gradient goes through sums over its tokens, hidden sizes and vocabulary.
+U32 = torch.finfo(torch.float32).eps / 2
+
+
+def float32_rtol(*lengths: int) -> float:
+    """γ_n for a quantity made by sums of these lengths one after another (γ_a + γ_b <= γ_(a+b))."""
+    return sum(lengths) * U32
+
+
+def pair_rtol(config, tokens: int) -> float:
+    """Two float32 computations of a model's loss or gradients that sum in other orders (packed or
+    per sample, split minibatches): each is within γ_n of the exact value, n = the tokens summed
+    plus the hidden, intermediate and vocabulary sizes, so they are within 2γ_n of each other."""
+    sizes = (config.hidden_size, config.intermediate_size, config.vocab_size)
+    return 2 * float32_rtol(tokens, *sizes)
+
+
+def trajectory_rtol(tokens: int, sizes: tuple[int, ...], *, steps: int, lr: float,
+                    params: int) -> float:
+    """Two float32 runs of ``steps`` steps whose sums differ in order (other rank counts), with
+    eps >= max_grad_norm = 1: each update moves their weights apart by at most lr 2γ_n per element
+    (:func:`first_step_atol`), which moves a loss by at most |∇L|_1 lr 2γ_n <= √P |∇L|_2 lr 2γ_n,
+    P parameters. With √P lr <= 1 and gradients of norm <= 1, each step adds at most one more
+    2γ_n to the loss's own 2γ_n (n the tokens plus the model ``sizes``)."""
+    assert math.sqrt(params) * lr <= 1, "the bound needs √P lr <= 1"
+    return 2 * float32_rtol(tokens, *sizes) * (1 + steps)
+
+
+def adamw_first_step(weights: dict, grads: dict, *, lr: float, eps: float,
+                     weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
+    """The weights after AdamW's first step, in float64. Bias correction makes m = g and v = g², so
+    the betas drop out: w (1 - lr wd) - lr g / (|g| + eps). Weights without a gradient stay."""
+    out = {}
+    for name, w in weights.items():
+        w = w.detach().double()
+        g = grads.get(name)
+        out[name] = w if g is None else (
+            w * (1 - lr * weight_decay) - lr * g.double() / (g.double().abs() + eps)
+        )
+    return out  # fmt: skip
+
+
+def first_step_atol(weight: torch.Tensor, *, lr: float, eps: float,
+                    grad_error: float) -> torch.Tensor:
+    """How far a float32 first AdamW step may land from :func:`adamw_first_step` when its gradient
+    may be off by ``grad_error``: g / (|g| + eps) has slope eps / (|g| + eps)² <= 1 / eps, so the
+    update moves by at most lr · grad_error / eps; plus the float32 rounding of the update's four
+    operations on |w| and on the update (<= lr). Tests choose eps near the largest gradient, so
+    the first term stays small while |g| / eps still spans the nonlinear range."""
+    return lr * grad_error / eps + 4 * U32 * (weight.detach().double().abs() + lr)  # fmt: skip
+
 
 # Small enough for CPU tests in milliseconds, with grouped-query attention (2 KV heads for 4).
 TINY_SHAPE = {
@@ -137,6 +195,8 @@ def equivalence() -> SimpleNamespace:
         sft_rows=sft_rows, packed=packed, global_count=global_count, grads=grads,
         packed_loss_and_grads=packed_loss_and_grads,
         reference_loss_and_grads=reference_loss_and_grads, grad_difference=grad_difference,
+        U32=U32, float32_rtol=float32_rtol, pair_rtol=pair_rtol, adamw_first_step=adamw_first_step,
+        first_step_atol=first_step_atol, trajectory_rtol=trajectory_rtol,
     )  # fmt: skip
 
 

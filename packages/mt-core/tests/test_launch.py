@@ -92,7 +92,8 @@ def test_two_processes_equal_the_mt_command(tiny, tmp_path, one_thread):
     assert done.returncode == 0, done.stderr[-4000:]
 
     assert len(losses(ours)) == 2
-    assert losses(ours) == pytest.approx(losses(cli), rel=1e-6)
+    # the same two processes doing the same arithmetic: equal bit for bit
+    assert losses(ours) == losses(cli)
     log = (ours / "training.log").read_text()
     assert "step 1 " in log and "step 2 " in log, log[-2000:]
 

@@ -1,7 +1,8 @@
 """Run by test_fsdp.py as one process per rank: ``python fsdp_worker.py RANK WORLD STORE OUT``.
 
 OSFT on a model sharded with FSDP2 over gloo ranks; rank 0 writes its dense state dict, residuals
-and checks to OUT.
+and checks to OUT. Everything is float64 (weights, bases, data): the ranks and the one process then
+differ by float64 rounding only, which AdamW magnifies by at most lr / eps a step (test_fsdp.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from torch import nn
 
 from mt_osft import OSFTConfig, apply_osft
 
-CONFIG = OSFTConfig(0.5, ["*.up", "*.down"])
+CONFIG = OSFTConfig(0.5, ["*.up", "*.down"], upcast_dtype=torch.float64)
 RATIOS = {"1.down": 0.0}
 STEPS = 6
+LR, EPS = 1e-2, 1e-8
 
 
 class Block(nn.Module):
@@ -32,12 +34,13 @@ class Block(nn.Module):
 
 def build() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(Block(), Block(), nn.Linear(24, 5))
+    return nn.Sequential(Block(), Block(), nn.Linear(24, 5)).double()
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(16, 24, generator=generator), torch.randn(16, 5, generator=generator)
+    x, y = torch.randn(16, 24, generator=generator), torch.randn(16, 5, generator=generator)
+    return x.double(), y.double()
 
 
 def train(model, state, x, y, steps=STEPS) -> None:
@@ -45,7 +48,7 @@ def train(model, state, x, y, steps=STEPS) -> None:
     (FSDP averages the ranks' gradients, so each rank scales its half by the world size)."""
     scale = (dist.get_world_size() if dist.is_initialized() else 1) / 16
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(params, lr=LR, eps=EPS, weight_decay=0.1)
     for _ in range(steps):
         (((model(x) - y) ** 2).sum() * scale).backward()
         state.project_gradients_()

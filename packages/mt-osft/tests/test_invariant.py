@@ -2,6 +2,10 @@
 
 Residuals are measured against an SVD of W0 computed here in float64, independently of the
 library, and relative to the size of the change: |U_hi^T ΔW|_F / |ΔW|_F and |ΔW V_hi|_F / |ΔW|_F.
+Each is held to ``residual_bound``: what rounding allows, (m + n) unit roundoffs of the stored
+weight relative to |W|/|ΔW| plus, against the independent SVD, the tilt of a float32 SVD's basis
+(u |W0|_2 / gap: a matrix whose frozen singular values lie close to the trained ones gets more).
+Measured on one machine: at most 2% of the bound, under every ATEN_CPU_CAPABILITY.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from mt_osft import OSFTConfig, apply_osft, trainable_rank
+from mt_osft import OSFTConfig, apply_osft, residual_bound, trainable_rank
 
 # Wide, square and tall matrices: both storage modes of each side are exercised.
 SHAPES = [(24, 40), (32, 32), (48, 20)]
@@ -88,9 +92,10 @@ def test_frozen_subspace_never_moves(ratio, project_gradients, upcast):
         w = target.weight.detach()
         moved = float((w - w0[name]).norm() / w0[name].norm())
         assert moved > 0.2, f"{name} barely moved ({moved:.3f}); the test would prove nothing"
-        left, right = independent_residuals(w0[name], w, target.plan.n_frozen)
-        assert max(left, right) < 1e-5, (name, left, right)
-        assert max(own[name]) < 1e-6, (name, own[name])
+        k = target.plan.n_frozen
+        left, right = independent_residuals(w0[name], w, k)
+        assert max(left, right) < residual_bound(w0[name], w, k, upcast), (name, left, right)
+        assert max(own[name]) < residual_bound(w0[name], w, k, None), (name, own[name])
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75, 0.9])
@@ -107,7 +112,9 @@ def test_exactly_round_r_times_rank_directions_train(ratio):
     for name, target in state.targets.items():
         w, k = target.weight.detach(), target.plan.n_frozen
         # The top k directions are frozen ...
-        assert max(independent_residuals(w0[name], w, k)) < 1e-5
+        assert max(independent_residuals(w0[name], w, k)) < residual_bound(
+            w0[name], w, k, torch.float32
+        )
         # ... and the (k+1)-th is not: it moved, so exactly k are frozen.
         assert min(independent_residuals(w0[name], w, k + 1)) > 1e-3
 
@@ -149,11 +156,16 @@ def test_gradient_projection(enabled):
     u, _, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
     k = state.targets["weight"].plan.n_frozen
     projected = layer.weight.grad.double()
-    assert (u[:, :k].T @ projected).norm() < 1e-5 * projected.norm()
-    assert (projected @ vh[:k].T).norm() < 1e-5 * projected.norm()
-    # Π is a projection: what it keeps is unchanged by a second application.
+    # as a weight change: the float32 SVD's tilt and the float32 storage of the result
+    w = layer.weight.detach()
+    bound = residual_bound(w, w + layer.weight.grad, k, torch.float32)
+    assert (u[:, :k].T @ projected).norm() < bound * projected.norm()
+    assert (projected @ vh[:k].T).norm() < bound * projected.norm()
+    # Π is a projection: what it keeps is unchanged by a second application, up to the rounding
+    # of its two products (sums over 32 and 24 terms: γ_56 of the largest entry).
     state.project_gradients_()
-    torch.testing.assert_close(layer.weight.grad.double(), projected, atol=1e-6, rtol=0)
+    atol = (32 + 24) * torch.finfo(torch.float32).eps / 2 * projected.abs().max().item()
+    torch.testing.assert_close(layer.weight.grad.double(), projected, atol=atol, rtol=0)
 
 
 def test_weight_decay_acts_on_the_trainable_part_only():
@@ -175,7 +187,10 @@ def test_weight_decay_acts_on_the_trainable_part_only():
     frozen = u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
     expected = frozen + (1 - lr * wd) ** steps * (w0.double() - frozen)
     assert (1 - lr * wd) ** steps < 0.5  # the trainable part really decayed
-    torch.testing.assert_close(layer.weight.double(), expected, atol=1e-6, rtol=0)
+    # Each step rounds W to float32 twice (AdamW's decay, the projection's store): at most
+    # 2 u |W| a step, adding up over the steps, plus the last projection's own products (γ_56).
+    atol = (2 * steps + 32 + 24) * torch.finfo(torch.float32).eps / 2 * w0.abs().max().item()
+    torch.testing.assert_close(layer.weight.double(), expected, atol=atol, rtol=0)
 
 
 class TwoPart(nn.Module):
@@ -188,12 +203,11 @@ class TwoPart(nn.Module):
         u, _, vh = torch.linalg.svd(w, full_matrices=False)
         self.u, self.v = u[:, :k], vh[:k].T
         train_part = self.proj(w)
-        self.register_buffer("frozen", (w - train_part).float())
-        self.train_part = nn.Parameter(train_part.float())
+        self.register_buffer("frozen", w - train_part)
+        self.train_part = nn.Parameter(train_part)
         self.bias = nn.Parameter(linear.bias.detach().clone())
 
     def proj(self, d: torch.Tensor) -> torch.Tensor:
-        d = d.double()
         d = d - self.u @ (self.u.T @ d)
         return d - (d @ self.v) @ self.v.T
 
@@ -202,8 +216,10 @@ class TwoPart(nn.Module):
 
 
 def test_same_trajectory_as_the_reparametrised_form():
+    """In float64 throughout: the two forms are the same mathematics, so they may differ only by
+    float64 rounding, which AdamW can magnify (see the bound at the end)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(40, 32), nn.Tanh(), nn.Linear(32, 20))
+    net = nn.Sequential(nn.Linear(40, 32), nn.Tanh(), nn.Linear(32, 20)).double()
     twin = nn.Sequential(
         TwoPart(net[0], 32 - trainable_rank(32, 0.5)),
         nn.Tanh(),
@@ -212,9 +228,10 @@ def test_same_trajectory_as_the_reparametrised_form():
     state = apply_osft(
         net, OSFTConfig(0.5, ["0", "2"], upcast_dtype=torch.float64, project_gradients=False)
     )
-    x, y = _data()
-    opts = [torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1) for m in (net, twin)]
-    for _ in range(20):
+    x, y = (t.double() for t in _data())
+    lr, steps, eps = 3e-3, 20, 1e-8
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr, eps=eps, weight_decay=0.1) for m in (net, twin)]
+    for _ in range(steps):
         for model, opt in zip((net, twin), opts, strict=True):
             ((model(x) - y) ** 2).mean().backward()
             opt.step()
@@ -226,4 +243,8 @@ def test_same_trajectory_as_the_reparametrised_form():
     for index in (0, 2):
         dense = twin[index].frozen + twin[index].train_part
         assert (net[index].weight - twin[index].frozen).norm() > 0.1  # it trained
-        torch.testing.assert_close(net[index].weight, dense, atol=2e-5, rtol=0)
+        # Gradients differ by float64 rounding (γ_64 of their size, at most 1 here: sums over
+        # <= 64 terms); AdamW turns a gradient difference δ into an update difference of at most
+        # lr δ / eps, every step.
+        atol = steps * lr / eps * 64 * torch.finfo(torch.float64).eps / 2
+        torch.testing.assert_close(net[index].weight, dense, atol=atol, rtol=0)

@@ -26,7 +26,14 @@ from mt_osft.patterns import (
     name_matches,
 )
 from mt_osft.state import OSFTState, OSFTTarget, apply_osft
-from mt_osft.subspace import SubspacePlan, decompose, plan_subspace, project, trainable_rank
+from mt_osft.subspace import (
+    SubspacePlan,
+    decompose,
+    plan_subspace,
+    project,
+    residual_bound,
+    trainable_rank,
+)
 
 __all__ = [
     "DEFAULT_TARGET_PATTERNS",
@@ -46,5 +53,6 @@ __all__ = [
     "parse_dtype",
     "plan_subspace",
     "project",
+    "residual_bound",
     "trainable_rank",
 ]

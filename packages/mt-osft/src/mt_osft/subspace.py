@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SubspacePlan", "decompose", "ieee_matmul", "plan_subspace", "project", "trainable_rank"]
+__all__ = [
+    "SubspacePlan",
+    "decompose",
+    "ieee_matmul",
+    "plan_subspace",
+    "project",
+    "residual_bound",
+    "trainable_rank",
+]
 
 
 def trainable_rank(rank: int, ratio: float) -> int:
@@ -155,3 +163,34 @@ def project(
         coeff = d @ right
         d = coeff @ right.T if right_keep else d.addmm_(coeff, right.T, alpha=-1.0)
     return d
+
+
+def residual_bound(
+    w0: torch.Tensor, weight: torch.Tensor, n_frozen: int, svd_dtype: torch.dtype | None
+) -> float:
+    """The largest residual ``|U_hi^T ΔW|_F / |ΔW|_F`` (or ``|ΔW V_hi|_F / |ΔW|_F``) that rounding
+    alone allows for a weight kept in the frozen subspace of ``w0``'s top ``n_frozen`` directions.
+
+    Two sources, each at most (m + n) unit roundoffs (the projection's products sum over m and n
+    terms; LAPACK's SVD is backward stable to the same order):
+
+    * storing W = W0 + Π(W - W0) in ``weight.dtype`` rounds each element, and the rounding has
+      components along the frozen directions: ``u_w (|W|_F / |ΔW|_F + 1)``;
+    * when the residual is measured against an exact SVD of W0 rather than the bases the
+      projection used, those bases (from an SVD in ``svd_dtype``) are tilted from the exact ones by
+      up to ``u_svd |W0|_2 / gap`` (Wedin), gap = σ_k - σ_{k+1}: small gaps make it large.
+
+    ``svd_dtype=None``: measured against the projection's own bases (``OSFTState.residuals()``).
+    """
+    stored_roundoff = torch.finfo(weight.dtype).eps / 2
+    w0, weight = w0.detach().to(torch.float64), weight.detach().to(torch.float64)
+    m, n = w0.shape
+    delta = float((weight - w0).norm())
+    if delta == 0.0:
+        return 0.0
+    relative = stored_roundoff * (float(weight.norm()) / delta + 1.0)
+    if svd_dtype is not None:
+        s = torch.linalg.svdvals(w0)
+        gap = float(s[n_frozen - 1] - (s[n_frozen] if n_frozen < len(s) else 0.0))
+        relative += torch.finfo(svd_dtype).eps / 2 * float(s[0]) / gap
+    return (m + n) * relative
