@@ -39,8 +39,9 @@ def pair_rtol(config, tokens: int) -> float:
     return 2 * float32_rtol(tokens, *sizes)
 
 
-def trajectory_rtol(tokens: int, sizes: tuple[int, ...], *, steps: int, lr: float,
-                    params: int) -> float:
+def trajectory_rtol(
+    tokens: int, sizes: tuple[int, ...], *, steps: int, lr: float, params: int
+) -> float:
     """Two float32 runs of ``steps`` steps whose sums differ in order (other rank counts), with
     eps >= max_grad_norm = 1: each update moves their weights apart by at most lr 2γ_n per element
     (:func:`first_step_atol`), which moves a loss by at most |∇L|_1 lr 2γ_n <= √P |∇L|_2 lr 2γ_n,
@@ -50,22 +51,26 @@ def trajectory_rtol(tokens: int, sizes: tuple[int, ...], *, steps: int, lr: floa
     return 2 * float32_rtol(tokens, *sizes) * (1 + steps)
 
 
-def adamw_first_step(weights: dict, grads: dict, *, lr: float, eps: float,
-                     weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
+def adamw_first_step(
+    weights: dict, grads: dict, *, lr: float, eps: float, weight_decay: float = 0.0
+) -> dict[str, torch.Tensor]:
     """The weights after AdamW's first step, in float64. Bias correction makes m = g and v = g², so
     the betas drop out: w (1 - lr wd) - lr g / (|g| + eps). Weights without a gradient stay."""
     out = {}
     for name, w in weights.items():
         w = w.detach().double()
         g = grads.get(name)
-        out[name] = w if g is None else (
-            w * (1 - lr * weight_decay) - lr * g.double() / (g.double().abs() + eps)
+        out[name] = (
+            w
+            if g is None
+            else (w * (1 - lr * weight_decay) - lr * g.double() / (g.double().abs() + eps))
         )
-    return out  # fmt: skip
+    return out
 
 
-def first_step_atol(weight: torch.Tensor, *, lr: float, eps: float,
-                    grad_error: float) -> torch.Tensor:
+def first_step_atol(
+    weight: torch.Tensor, *, lr: float, eps: float, grad_error: float
+) -> torch.Tensor:
     """How far a float32 first AdamW step may land from :func:`adamw_first_step` when its gradient
     may be off by ``grad_error``: g / (|g| + eps) has slope eps / (|g| + eps)² <= 1 / eps, so the
     update moves by at most lr · grad_error / eps; plus the float32 rounding of the update's four

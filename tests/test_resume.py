@@ -113,7 +113,9 @@ def test_checkpoints_reshard_between_rank_counts(workspace, equivalence):
         # the same data order: identical token counts per step; losses equal up to the order of
         # float32 sums, which differs between rank counts (6 samples of <= 17 tokens a step)
         assert [s["tokens"] for s in got] == [s["tokens"] for s in want]
-        params = sum(p.numel() for p in load_file(workspace / "model" / "model.safetensors").values())
+        params = sum(
+            p.numel() for p in load_file(workspace / "model" / "model.safetensors").values()
+        )
         for step, (a, b) in enumerate(zip(want, got, strict=True)):
             rtol = equivalence.trajectory_rtol(6 * 17, (32, 64, 64), steps=step, lr=3e-3,
                                                params=params)  # fmt: skip

@@ -230,7 +230,9 @@ def test_same_trajectory_as_the_reparametrised_form():
     )
     x, y = (t.double() for t in _data())
     lr, steps, eps = 3e-3, 20, 1e-8
-    opts = [torch.optim.AdamW(m.parameters(), lr=lr, eps=eps, weight_decay=0.1) for m in (net, twin)]
+    opts = [
+        torch.optim.AdamW(m.parameters(), lr=lr, eps=eps, weight_decay=0.1) for m in (net, twin)
+    ]
     for _ in range(steps):
         for model, opt in zip((net, twin), opts, strict=True):
             ((model(x) - y) ** 2).mean().backward()
