@@ -1,18 +1,24 @@
-"""Fixtures shared by the cross-package tests: tiny random-init models and SFT datasets built
-through mt-data, made on the fly (nothing is downloaded)."""
+"""Fixtures shared by the cross-package tests: tolerances from the arithmetic, tiny random-init
+models and SFT datasets built through mt-data, and runs of `mt run` in this process, in a fresh
+one or under torchrun. Everything is made on the fly (nothing is downloaded)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from itertools import count
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel
 
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_data import SampleDataset, collate_minibatch, open_token_store
@@ -229,3 +235,73 @@ train(load_run_file(sys.argv[1], {"output_dir": sys.argv[2]}))
 def killer_source() -> str:
     """The text of a script that trains and kills itself mid-step (see :data:`KILLER`)."""
     return KILLER
+
+
+# ---- Runs ----------------------------------------------------------------------------------------
+# The tiny Llama that the end-to-end tests train (a few thousand parameters, untied head).
+TINY_LLAMA = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64,
+}  # fmt: skip
+BIN = Path(sys.executable).parent  # the workspace venv: python, mt and torchrun
+# One thread per process: the runs are tiny, and torchrun's ranks share the machine's cores.
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory) -> Path:
+    """:data:`TINY_LLAMA` with random weights (seed 0), saved once per test run: read-only."""
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA)).save_pretrained(folder)
+    return folder
+
+
+def write_run(path: Path, **keys) -> Path:
+    """A run file of ``keys`` (None: left out)."""
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items() if v is not None))
+    return path
+
+
+def launch(*arguments: str, nproc: int = 1, script: Path | None = None, env: dict | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+    """``mt ARGUMENTS`` (or ``python SCRIPT ARGUMENTS``) in a fresh process, or under torchrun
+    with ``nproc`` ranks on a free port; with ``check``, a failure shows its stderr."""
+    target = [sys.executable, str(script)] if script else [sys.executable, "-m", "mt"]
+    if nproc > 1:
+        torchrun = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}"]
+        target = [*torchrun, *(target[1:] if script else ["--no-python", "mt"])]
+    result = subprocess.run([*target, *arguments], env={**ENV, **(env or {})},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of the one HF export in ``output_dir``."""
+    (folder,) = (output_dir / "hf_format").iterdir()
+    return load_file(folder / "model.safetensors")
+
+
+def train_here(output_dir: Path, run_file: Path | None = None, **keys):
+    """A run in this process (no start-up cost) of ``keys``, or of ``run_file`` with ``keys`` as
+    overrides, into ``output_dir``: the run's result and its metrics."""
+    from mt_core import args_from_dict, load_run_file, train
+
+    keys = {**keys, "output_dir": str(output_dir)}
+    result = train(load_run_file(run_file, keys) if run_file else args_from_dict(keys))
+    return result, metrics(output_dir)
+
+
+@pytest.fixture(scope="session")
+def runs() -> SimpleNamespace:
+    """The helpers above (importlib mode: test modules cannot import conftest)."""
+    return SimpleNamespace(
+        TINY_LLAMA=TINY_LLAMA, BIN=BIN, ENV=ENV, write_run=write_run, launch=launch,
+        metrics=metrics, exported_weights=exported_weights, train_here=train_here,
+    )  # fmt: skip

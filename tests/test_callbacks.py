@@ -4,15 +4,6 @@ is reported and training finishes anyway."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-
-BIN = Path(sys.executable).parent
 
 CALLBACKS = """
 import os
@@ -35,36 +26,30 @@ class Broken(TrainerCallback):
 """
 
 
-def test_hooks_run_in_order_on_every_rank_and_a_broken_callback_does_not_stop_training(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+def test_hooks_run_in_order_on_every_rank_and_a_broken_callback_does_not_stop_training(
+    tmp_path, llama_folder, runs
+):
     rows = [{"input_ids": list(range(i, i + 6)), "labels": list(range(i, i + 6))} for i in range(8)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "my_callbacks.py").write_text(CALLBACKS)
-    keys = {
-        "model_name_or_path": str(tmp_path / "model"),
-        "data_path": str(tmp_path / "data.jsonl"),
-        "output_dir": str(tmp_path / "out"),
-        "batch_size": 4,
-        "max_tokens_per_gpu": 64,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "constant",
-        "training_mode": "step",
-        "max_steps": 2,
-        "attn_backend": "sdpa",
-        "save_final_checkpoint": True,
-        "callbacks": ["my_callbacks:Recorder", "my_callbacks:Broken"],
-    }
-    (tmp_path / "run.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    run = runs.write_run(
+        tmp_path / "run.toml",
+        model_name_or_path=str(llama_folder),
+        data_path=str(tmp_path / "data.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        batch_size=4,
+        max_tokens_per_gpu=64,
+        learning_rate=1e-3,
+        lr_scheduler="constant",
+        training_mode="step",
+        max_steps=2,
+        attn_backend="sdpa",
+        save_final_checkpoint=True,
+        callbacks=["my_callbacks:Recorder", "my_callbacks:Broken"],
+    )
     (tmp_path / "hooks").mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(tmp_path), "HOOK_DIR": str(tmp_path / "hooks")}  # fmt: skip
-    command = [str(BIN / "torchrun"), "--nproc-per-node=2", "--no-python", "mt", "run",
-               str(tmp_path / "run.toml")]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = {"PYTHONPATH": str(tmp_path), "HOOK_DIR": str(tmp_path / "hooks")}
+    result = runs.launch("run", str(run), nproc=2, env=env)
     assert "callback Broken failed in on_step_end" in result.stderr
     # reported once per process (errors are the one thing every rank prints), not once per step
     assert result.stderr.count("this callback is broken") == 2

@@ -5,63 +5,55 @@ uninterrupted one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mt_osft import residual_bound
 
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
 RATIO = 0.5
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, llama_folder, runs):
     root = tmp_path_factory.mktemp("osft")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
     rows = [{"input_ids": [(5 * i + j) % 64 for j in range(6 + i % 9)]} for i in range(40)]
     for row in rows:
         row["labels"] = row["input_ids"]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    keys = {
-        "model_name_or_path": str(root / "model"),
-        "data_path": str(root / "data.jsonl"),
-        "output_dir": str(root / "unused"),
-        "batch_size": 8,
-        "max_tokens_per_gpu": 48,
-        "learning_rate": 2e-2,  # large: the weights must really move
-        "lr_scheduler": "constant",
-        "training_mode": "step",
-        "max_steps": 6,
-        "attn_backend": "sdpa",
-        "save_dtype": "float32",
-        "checkpoint_every_steps": 3,
-        "osft": True,
-        "osft_unfreeze_rank_ratio": RATIO,
-    }
-    (root / "run.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    runs.write_run(
+        root / "run.toml",
+        model_name_or_path=str(llama_folder),
+        data_path=str(root / "data.jsonl"),
+        output_dir=str(root / "unused"),
+        batch_size=8,
+        max_tokens_per_gpu=48,
+        learning_rate=2e-2,  # large: the weights must really move
+        lr_scheduler="constant",
+        training_mode="step",
+        max_steps=6,
+        attn_backend="sdpa",
+        save_dtype="float32",
+        checkpoint_every_steps=3,
+        osft=True,
+        osft_unfreeze_rank_ratio=RATIO,
+    )
     return root
 
 
-def run(root: Path, output: Path, *extra: str, nproc: int = 1) -> dict[str, torch.Tensor]:
-    target = ["mt", "run", str(root / "run.toml"), f"--output_dir={output}", *extra]
-    if nproc > 1:
-        target = [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", "--no-python", *target]
-    result = subprocess.run(target, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (export,) = (output / "hf_format").iterdir()
-    return load_file(export / "model.safetensors")
+def run(runs, root: Path, output: Path, *extra: str, nproc: int = 1) -> dict[str, torch.Tensor]:
+    """`mt run` in a fresh process (under torchrun with ``nproc`` > 1): the exported weights."""
+    runs.launch("run", str(root / "run.toml"), f"--output_dir={output}", *extra, nproc=nproc)
+    return runs.exported_weights(output)
+
+
+def run_here(runs, root: Path, output: Path, **overrides) -> dict[str, torch.Tensor]:
+    """The same run in this process."""
+    runs.train_here(output, root / "run.toml", **overrides)
+    return runs.exported_weights(output)
 
 
 def residuals(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float, float, float]:
@@ -91,16 +83,19 @@ def assert_in_the_trainable_subspace(original: dict, trained: dict, moved_at_lea
     assert checked == 2 * len(TARGETS)
 
 
-def test_osft_keeps_the_frozen_subspace_and_two_ranks_agree(workspace, equivalence):
-    original = load_file(next((workspace / "model").glob("*.safetensors")))
-    assert_in_the_trainable_subspace(original, run(workspace, workspace / "one"), 0.02)
+def test_osft_keeps_the_frozen_subspace_and_two_ranks_agree(workspace, equivalence, runs,
+                                                            llama_folder):  # fmt: skip
+    original = load_file(llama_folder / "model.safetensors")
+    # in a fresh process: the resumed run below is compared with it bit for bit
+    assert_in_the_trainable_subspace(original, run(runs, workspace, workspace / "one"), 0.02)
     # One step on one process and on two ranks, eps = max_grad_norm = 1 so each update is at most
     # lr / eps sensitive to the gradients' rounding (conftest.first_step_atol): the dense weights
     # before the projection differ by at most twice that, and the projection (W0 + Π(W - W0),
     # Π orthogonal) does not enlarge a difference in Frobenius norm, up to its own rounding.
-    step = ("--max_steps=1", "--eps=1.0", "--max_grad_norm=1.0")
-    one = run(workspace, workspace / "one_step", *step)
-    two = run(workspace, workspace / "one_step_on_two_ranks", *step, nproc=2)
+    step = {"max_steps": 1, "eps": 1.0, "max_grad_norm": 1.0}
+    one = run_here(runs, workspace, workspace / "one_step", **step)
+    two = run(runs, workspace, workspace / "one_step_on_two_ranks",
+              *(f"--{key}={value}" for key, value in step.items()), nproc=2)  # fmt: skip
     assert_in_the_trainable_subspace(original, two, 0.0)
     rtol = 2 * equivalence.float32_rtol(8 * 14, 32, 64, 64)  # 8 samples of <= 14 tokens
     for name, a in one.items():
@@ -110,17 +105,16 @@ def test_osft_keeps_the_frozen_subspace_and_two_ranks_agree(workspace, equivalen
         assert difference <= atol.norm() + rounding, name
 
 
-def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace, killer_source):
+def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace, killer_source, runs):
     reference = workspace / "one"
     if not (reference / "metrics.jsonl").is_file():
-        run(workspace, reference)
+        run(runs, workspace, reference)
     (workspace / "killer.py").write_text(killer_source)
     out = workspace / "killed"
-    killed = subprocess.run([sys.executable, str(workspace / "killer.py"),
-                             str(workspace / "run.toml"), str(out)],
-                            env={**ENV, "KILL_AT_STEP": "5"}, timeout=300)  # fmt: skip
+    killed = runs.launch(str(workspace / "run.toml"), str(out), script=workspace / "killer.py",
+                         env={"KILL_AT_STEP": "5"}, check=False)  # fmt: skip
     assert killed.returncode != 0
-    resumed = run(workspace, out)
+    resumed = run(runs, workspace, out)
     want = load_file(next((reference / "hf_format").iterdir()) / "model.safetensors")
     for name, tensor in want.items():
         assert torch.equal(resumed[name], tensor), name  # bitwise, CPU float32
@@ -128,8 +122,9 @@ def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace, killer_sourc
     assert [x["step"] for x in lines] == list(range(1, 7))
 
 
-def test_adaptive_ratios_run_through_mt_run(workspace):
+def test_adaptive_ratios_run_through_mt_run(workspace, runs):
     """Layer importance needs a forward pass of the sharded model; OSFT then finds every weight
     resharded (a block kept gathered after that forward once broke this)."""
-    weights = run(workspace, workspace / "adaptive", "--osft_adaptive_ratios=true", "--max_steps=2")
+    weights = run_here(runs, workspace, workspace / "adaptive", osft_adaptive_ratios=True,
+                       max_steps=2)  # fmt: skip
     assert all(torch.isfinite(t).all() for t in weights.values())

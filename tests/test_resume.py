@@ -7,127 +7,138 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
-
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, killer_source):
+def workspace(tmp_path_factory, killer_source, llama_folder, runs):
     root = tmp_path_factory.mktemp("resume")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
     rows = []
     for i in range(40):
         tokens = [(7 * i + 3 * j) % 64 for j in range(5 + i % 13)]
         rows.append({"input_ids": tokens, "labels": [-100] * 2 + tokens[2:]})
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    keys = {
-        "model_name_or_path": str(root / "model"),
-        "data_path": str(root / "data.jsonl"),
-        "output_dir": str(root / "unused"),
-        "batch_size": 6,
-        "max_tokens_per_gpu": 24,
-        "learning_rate": 3e-3,
-        "eps": 1.0,  # = max_grad_norm: updates at most lr / eps sensitive to rounding
-        "lr_scheduler": "cosine",
-        "num_warmup_steps": 2,
-        "training_mode": "step",
-        "max_steps": 8,
-        "seed": 5,
-        "attn_backend": "sdpa",
-        "save_final_checkpoint": False,
-        "checkpoint_every_steps": 2,
-    }
-    run_file = root / "run.toml"
-    run_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items()))
+    runs.write_run(
+        root / "run.toml",
+        model_name_or_path=str(llama_folder),
+        data_path=str(root / "data.jsonl"),
+        output_dir=str(root / "unused"),
+        batch_size=6,
+        max_tokens_per_gpu=24,
+        learning_rate=3e-3,
+        eps=1.0,  # = max_grad_norm: updates at most lr / eps sensitive to rounding
+        lr_scheduler="cosine",
+        num_warmup_steps=2,
+        training_mode="step",
+        max_steps=8,
+        seed=5,
+        attn_backend="sdpa",
+        save_final_checkpoint=False,
+        checkpoint_every_steps=2,
+    )
     (root / "killer.py").write_text(killer_source)
     return root
 
 
-def launch(workspace: Path, output: Path, *extra: str, nproc: int = 1, script: str | None = None,
-           env: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
-    if script is None:
-        target = ["mt", "run", str(workspace / "run.toml"), f"--output_dir={output}", *extra]
-    else:
-        target = [sys.executable, str(workspace / script), str(workspace / "run.toml"), str(output)]
-    command = target if nproc == 1 else [str(BIN / "torchrun"), f"--nproc-per-node={nproc}",
-                                         "--no-python", *target]  # fmt: skip
-    return subprocess.run(command, env={**ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+@pytest.fixture(scope="module")
+def launch(workspace, runs) -> Callable[..., subprocess.CompletedProcess]:
+    """``launch(output, *overrides, nproc=1, killed=False)``: `mt run` of the workspace's run
+    file into ``output``; ``killed``: the run SIGKILLs itself inside step 5 (conftest.KILLER)."""
+
+    def start(output: Path, *extra: str, nproc: int = 1, killed: bool = False):
+        if killed:
+            return runs.launch(str(workspace / "run.toml"), str(output), nproc=nproc, check=False,
+                               script=workspace / "killer.py", env={"KILL_AT_STEP": "5"})  # fmt: skip
+        arguments = ["run", str(workspace / "run.toml"), f"--output_dir={output}", *extra]
+        return runs.launch(*arguments, nproc=nproc, check=False)
+
+    return start
 
 
 def steps(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def reference(workspace, launch) -> Callable[[int], Path]:
+    """``reference(nproc)``: the uninterrupted run on ``nproc`` ranks, made once."""
+    made: dict[int, Path] = {}
+
+    def get(nproc: int) -> Path:
+        if nproc not in made:
+            made[nproc] = workspace / f"reference{nproc}"
+            result = launch(made[nproc], nproc=nproc)
+            assert result.returncode == 0, result.stderr[-3000:]
+        return made[nproc]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def killed(workspace, launch) -> Callable[[int], Path]:
+    """``killed(nproc)``: a run on ``nproc`` ranks killed inside step 5, made once and left as the
+    kill left it; tests resume copies of it."""
+    made: dict[int, Path] = {}
+
+    def get(nproc: int) -> Path:
+        if nproc not in made:
+            made[nproc] = workspace / f"killed{nproc}"
+            assert launch(made[nproc], nproc=nproc, killed=True).returncode != 0
+        return made[nproc]
+
+    return get
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_killed_and_resumed_run_equals_the_uninterrupted_one(workspace, nproc):
-    reference = workspace / f"reference{nproc}"
-    assert launch(workspace, reference, nproc=nproc).returncode == 0
-    resumed = workspace / f"killed{nproc}"
-    killed = launch(workspace, resumed, nproc=nproc, script="killer.py", env={"KILL_AT_STEP": "5"})
-    assert killed.returncode != 0
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(reference, killed, launch, nproc,
+                                                             tmp_path):  # fmt: skip
+    resumed = shutil.copytree(killed(nproc), tmp_path / "resumed")
     assert [s["step"] for s in steps(resumed)] == [1, 2, 3, 4]
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_2", "step_4"]
-    result = launch(workspace, resumed, nproc=nproc)
+    result = launch(resumed, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
-    got, want = steps(resumed), steps(reference)
+    got, want = steps(resumed), steps(reference(nproc))
     assert [s["step"] for s in got] == list(range(1, 9))  # each step exactly once
     for key in ("loss", "grad_norm", "lr", "tokens", "samples_seen"):
         assert [s[key] for s in got] == [s[key] for s in want], key  # bitwise on CPU float32
 
 
-def test_checkpoints_reshard_between_rank_counts(workspace, equivalence):
-    reference = workspace / "reference1"
-    if not (reference / "metrics.jsonl").is_file():
-        assert launch(workspace, reference).returncode == 0
+def test_checkpoints_reshard_between_rank_counts(reference, killed, launch, equivalence,
+                                                 llama_folder, tmp_path):  # fmt: skip
+    params = sum(p.numel() for p in load_file(llama_folder / "model.safetensors").values())
+    want = steps(reference(1))
     for written, read in ((2, 1), (1, 2)):
-        out = workspace / f"reshard{written}to{read}"
-        killed = launch(workspace, out, nproc=written, script="killer.py",
-                        env={"KILL_AT_STEP": "5"})  # fmt: skip
-        assert killed.returncode != 0
-        result = launch(workspace, out, nproc=read)
+        out = shutil.copytree(killed(written), tmp_path / f"reshard{written}to{read}")
+        result = launch(out, nproc=read)
         assert result.returncode == 0, result.stderr[-3000:]
-        got, want = steps(out), steps(reference)
+        got = steps(out)
         assert [s["step"] for s in got] == list(range(1, 9))
         # the same data order: identical token counts per step; losses equal up to the order of
         # float32 sums, which differs between rank counts (6 samples of <= 17 tokens a step)
         assert [s["tokens"] for s in got] == [s["tokens"] for s in want]
-        params = sum(
-            p.numel() for p in load_file(workspace / "model" / "model.safetensors").values()
-        )
         for step, (a, b) in enumerate(zip(want, got, strict=True)):
             rtol = equivalence.trajectory_rtol(6 * 17, (32, 64, 64), steps=step, lr=3e-3,
                                                params=params)  # fmt: skip
             assert b["loss"] == pytest.approx(a["loss"], rel=rtol), a["step"]
 
 
-def test_sigterm_under_torchrun_checkpoints_and_resumes(workspace):
+def test_sigterm_under_torchrun_checkpoints_and_resumes(workspace, launch, runs):
     out = workspace / "sigterm"
-    command = [str(BIN / "torchrun"), "--nproc-per-node=2", "--no-python", "mt", "run",
+    command = [str(runs.BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python",
+               "mt", "run",
                str(workspace / "run.toml"), f"--output_dir={out}", "--max_steps=100000",
                "--checkpoint_every_steps=None", "--lr_scheduler=constant", "--num_warmup_steps=0"]  # fmt: skip
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, env=runs.ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)  # fmt: skip
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300  # start-up on a busy 2-core machine can be slow
@@ -139,7 +150,7 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes(workspace):
     (checkpoint,) = (out / "checkpoints").iterdir()
     stopped_at = int(checkpoint.name.removeprefix("step_"))
     assert [s["step"] for s in steps(out)] == list(range(1, stopped_at + 1))
-    result = launch(workspace, out, f"--max_steps={stopped_at + 2}", "--checkpoint_every_steps=None",
+    result = launch(out, f"--max_steps={stopped_at + 2}", "--checkpoint_every_steps=None",
                     "--lr_scheduler=constant", "--num_warmup_steps=0")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert [s["step"] for s in steps(out)] == list(range(1, stopped_at + 3))
@@ -150,14 +161,14 @@ def steps_safe(path: Path) -> list[str]:
 
 
 def signal_after_two_steps(
-    workspace: Path, out: Path, number: int, *overrides: str
+    runs, workspace: Path, out: Path, number: int, *overrides: str
 ) -> tuple[subprocess.Popen, str, str]:
     """Start an endless `mt run` in one process, send it ``number`` once two steps are logged,
     and wait for it to end; returns the process, its stdout and its stderr."""
     process = subprocess.Popen(
         ["mt", "run", str(workspace / "run.toml"), f"--output_dir={out}", "--max_steps=100000",
          "--lr_scheduler=constant", "--num_warmup_steps=0", *overrides],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=runs.ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300  # start-up on a busy 2-core machine can be slow
@@ -168,20 +179,18 @@ def signal_after_two_steps(
     return process, stdout, stderr
 
 
-def test_sigint_in_one_process_exits_0_with_a_checkpoint(workspace):
+def test_sigint_in_one_process_exits_0_with_a_checkpoint(workspace, runs):
     out = workspace / "sigint"
-    process, stdout, stderr = signal_after_two_steps(workspace, out, signal.SIGINT)
+    process, stdout, stderr = signal_after_two_steps(runs, workspace, out, signal.SIGINT)
     assert process.returncode == 0, stderr[-3000:]
     assert "resume" in stdout
     assert any(p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
 
 
-def test_a_half_written_checkpoint_is_never_resumed(workspace, tmp_path):
+def test_a_half_written_checkpoint_is_never_resumed(reference, tmp_path):
     from mt_fsdp import latest_checkpoint
 
-    out = workspace / "reference1"
-    if not (out / "metrics.jsonl").is_file():
-        assert launch(workspace, out).returncode == 0
+    out = reference(1)
     root = tmp_path / "checkpoints"
     root.mkdir()
     for name in ("step_4", "step_6"):
@@ -195,12 +204,12 @@ def test_a_half_written_checkpoint_is_never_resumed(workspace, tmp_path):
     assert state["step"] == 6 and state["sampler"]["seed"] == 5
 
 
-def test_a_second_run_on_the_same_output_dir_refuses(workspace, tmp_path):
+def test_a_second_run_on_the_same_output_dir_refuses(launch, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     with open(out / ".mt.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running mt holds it
-        result = launch(workspace, out)
+        result = launch(out)
     assert result.returncode == 2
     assert "is in use by another run" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "metrics.jsonl").exists()
@@ -263,17 +272,17 @@ def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in load_file(export / "model.safetensors").values())
 
 
-def test_mini_trainer_on_demand_keys_checkpoint_on_sigusr1_and_resume(workspace):
+def test_mini_trainer_on_demand_keys_checkpoint_on_sigusr1_and_resume(workspace, launch, runs):
     out = workspace / "on_demand"
     process, stdout, stderr = signal_after_two_steps(
-        workspace, out, signal.SIGUSR1, "--checkpoint_every_steps=None",
+        runs, workspace, out, signal.SIGUSR1, "--checkpoint_every_steps=None",
         "--on_demand_checkpointing=true",
     )  # fmt: skip
     assert process.returncode == 0, stderr[-3000:]
     (checkpoint,) = (out / "checkpoints").iterdir()
     stopped_at = int(checkpoint.name.removeprefix("step_"))
     elsewhere = workspace / "on_demand_resumed"
-    result = launch(workspace, elsewhere, f"--resume_from_full_state_checkpoint={checkpoint}",
+    result = launch(elsewhere, f"--resume_from_full_state_checkpoint={checkpoint}",
                     f"--max_steps={stopped_at + 1}", "--lr_scheduler=constant",
                     "--num_warmup_steps=0", "--checkpoint_every_steps=None")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

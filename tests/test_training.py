@@ -14,28 +14,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from mt_data import InfiniteSampler
 from mt_packing import pack_minibatches
 
-BIN = Path(sys.executable).parent
-VOCAB = 64
-
-
-def make_model(folder: Path) -> Path:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=False,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+VOCAB = 64  # conftest.TINY_LLAMA's
 
 
 def make_data(path: Path, lengths: list[int]) -> list[dict]:
@@ -49,38 +33,10 @@ def make_data(path: Path, lengths: list[int]) -> list[dict]:
     return rows
 
 
-def write_run(path: Path, **keys) -> Path:
-    lines = [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def mt_run(run_file: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        command = [sys.executable, "-m", "mt", "run", str(run_file), *overrides]
-    else:
-        command = [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", "--no-python", "mt", "run",
-                   str(run_file), *overrides]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    (folder,) = (output_dir / "hf_format").iterdir()
-    return load_file(folder / "model.safetensors")
-
-
 @pytest.fixture
-def setup(tmp_path):
-    model = make_model(tmp_path / "model")
+def setup(tmp_path, llama_folder):
     common = dict(
-        model_name_or_path=str(model),
+        model_name_or_path=str(llama_folder),
         learning_rate=1e-2,
         num_warmup_steps=0,
         lr_scheduler="constant",
@@ -95,16 +51,16 @@ def setup(tmp_path):
     return tmp_path, common
 
 
-def same_first_step(one: Path, two: Path, eq, tokens: int, lr: float = 1e-2) -> None:
+def same_first_step(runs, one: Path, two: Path, eq, tokens: int, lr: float = 1e-2) -> None:
     """Two float32 runs of one step with eps = max_grad_norm = 1 (clipped gradients are <= 1, so
     every update is at most lr / eps sensitive to its gradient): the losses and gradient norms
     within 2γ_n, n the batch's tokens plus hidden, intermediate and vocabulary sizes, and every
     weight within twice first_step_atol of the exact step, so within that of each other."""
-    a, b = metrics(one), metrics(two)
+    a, b = runs.metrics(one), runs.metrics(two)
     rtol = 2 * eq.float32_rtol(tokens, 32, 64, VOCAB)
     assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=rtol)
     assert b[0]["grad_norm"] == pytest.approx(a[0]["grad_norm"], rel=rtol)
-    a, b = exported_weights(one), exported_weights(two)
+    a, b = runs.exported_weights(one), runs.exported_weights(two)
     assert a.keys() == b.keys()
     for name in a:
         atol = 2 * eq.first_step_atol(a[name], lr=lr, eps=1.0, grad_error=rtol / 2)
@@ -112,7 +68,7 @@ def same_first_step(one: Path, two: Path, eq, tokens: int, lr: float = 1e-2) -> 
         assert (error <= atol).all(), (name, (error / atol).max().item())
 
 
-def test_two_ranks_with_an_empty_slot_equal_one_process(setup, equivalence):
+def test_two_ranks_with_an_empty_slot_equal_one_process(setup, equivalence, runs):
     tmp_path, common = setup
     make_data(tmp_path / "data.jsonl", [30] * 10)
     # 5 samples of 30 tokens at 32 tokens per minibatch: 5 minibatches in one process; on two
@@ -122,17 +78,17 @@ def test_two_ranks_with_an_empty_slot_equal_one_process(setup, equivalence):
     assert sum(part.size == 0 for rank in plan for part in rank) == 1
     keys = dict(common, data_path=str(tmp_path / "data.jsonl"), batch_size=5, max_tokens_per_gpu=32,
                 eps=1.0, max_grad_norm=1.0)  # fmt: skip
-    run = write_run(tmp_path / "run.toml", **keys)
-    mt_run(run, f"--output_dir={tmp_path / 'one'}")
+    run = runs.write_run(tmp_path / "run.toml", **keys)
+    _, one = runs.train_here(tmp_path / "one", **keys)
     # the deferred gradient sync here (every other 2-rank test syncs after each minibatch)
-    mt_run(run, f"--output_dir={tmp_path / 'two'}", "--sync_gradients_every_minibatch=false",
-           nproc=2)  # fmt: skip
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    runs.launch("run", str(run), f"--output_dir={tmp_path / 'two'}",
+                "--sync_gradients_every_minibatch=false", nproc=2)  # fmt: skip
+    two = runs.metrics(tmp_path / "two")
     assert one[0]["num_minibatches"] == 5 and two[0]["num_minibatches"] == 3
-    same_first_step(tmp_path / "one", tmp_path / "two", equivalence, tokens=5 * 30)
+    same_first_step(runs, tmp_path / "one", tmp_path / "two", equivalence, tokens=5 * 30)
 
 
-def test_experts_stored_one_by_one_load_into_uneven_shards(setup, equivalence):
+def test_experts_stored_one_by_one_load_into_uneven_shards(setup, equivalence, runs):
     """A Mixtral checkpoint stores each expert's matrices apart; the model fuses them. Three
     experts on two ranks: rank 0 reads the pieces of experts 0-1, rank 1 those of expert 2, and
     the step equals one process reading them all."""
@@ -152,15 +108,15 @@ def test_experts_stored_one_by_one_load_into_uneven_shards(setup, equivalence):
     keys = dict(common, model_name_or_path=str(tmp_path / "moe"),
                 data_path=str(tmp_path / "data.jsonl"), batch_size=8, max_tokens_per_gpu=64,
                 eps=1.0, max_grad_norm=1.0)  # fmt: skip
-    run = write_run(tmp_path / "run.toml", **keys)
-    mt_run(run, f"--output_dir={tmp_path / 'one'}")
-    mt_run(run, f"--output_dir={tmp_path / 'two'}", nproc=2)
-    same_first_step(tmp_path / "one", tmp_path / "two", equivalence, tokens=121)
-    assert exported_weights(tmp_path / "two").keys() == stored.keys()  # as stored: one by one
+    run = runs.write_run(tmp_path / "run.toml", **keys)
+    runs.train_here(tmp_path / "one", **keys)
+    runs.launch("run", str(run), f"--output_dir={tmp_path / 'two'}", nproc=2)
+    same_first_step(runs, tmp_path / "one", tmp_path / "two", equivalence, tokens=121)
+    assert runs.exported_weights(tmp_path / "two").keys() == stored.keys()  # stored one by one
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled blocks"])
-def test_one_step_equals_adamw_by_hand(setup, compiled, equivalence):
+def test_one_step_equals_adamw_by_hand(setup, compiled, equivalence, runs, llama_folder):
     tmp_path, common = setup
     lengths = [7, 19, 3, 25, 12, 9, 30, 16]
     rows = make_data(tmp_path / "data.jsonl", lengths)
@@ -168,7 +124,7 @@ def test_one_step_equals_adamw_by_hand(setup, compiled, equivalence):
 
     # The reference, in float64: the plain HF model, each sample of the first global batch alone.
     batch = next(InfiniteSampler(len(rows), 6, seed=7))
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float64)
+    model = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float64)
     total = sum(sum(label != -100 for label in rows[i]["labels"][1:]) for i in batch)
     loss = 0.0
     for i in batch:
@@ -191,9 +147,8 @@ def test_one_step_equals_adamw_by_hand(setup, compiled, equivalence):
     keys = dict(common, data_path=str(tmp_path / "data.jsonl"), batch_size=6,
                 max_tokens_per_gpu=40, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, learning_rate=lr, max_grad_norm=max_norm)  # fmt: skip
-    mt_run(write_run(tmp_path / "run.toml", **keys), f"--output_dir={tmp_path / 'out'}",
-           f"--torch_compile={str(compiled).lower()}")  # fmt: skip
-    logged = metrics(tmp_path / "out")[0]
+    _, lines = runs.train_here(tmp_path / "out", **keys, torch_compile=compiled)
+    logged = lines[0]
 
     # mt computes in float32: γ_n of the size, n summing the reductions behind a loss or gradient
     # (the batch's tokens, hidden and intermediate sizes, vocabulary); compiled blocks fuse and
@@ -204,7 +159,7 @@ def test_one_step_equals_adamw_by_hand(setup, compiled, equivalence):
     weights = dict(model.named_parameters())
     expected = equivalence.adamw_first_step(weights, clipped, lr=lr, eps=eps,
                                             weight_decay=weight_decay)  # fmt: skip
-    got = exported_weights(tmp_path / "out")
+    got = runs.exported_weights(tmp_path / "out")
     for name, want in expected.items():
         atol = equivalence.first_step_atol(weights[name], lr=lr, eps=eps,
                                            grad_error=rtol * largest)  # fmt: skip
@@ -219,7 +174,7 @@ def test_one_step_equals_adamw_by_hand(setup, compiled, equivalence):
 
 
 def test_a_lower_activation_budget_keeps_less_and_trains_the_same(setup, monkeypatch,
-                                                                  equivalence):  # fmt: skip
+                                                                  equivalence, runs):  # fmt: skip
     """activation_memory_budget: compiled blocks keep fewer bytes for the backward pass (every
     tensor saved by the forward is counted) and the steps are the same."""
     import mt_core.trainer as trainer
@@ -245,13 +200,14 @@ def test_a_lower_activation_budget_keeps_less_and_trains_the_same(setup, monkeyp
         return loss
 
     monkeypatch.setattr(trainer, "minibatch_loss", counted)
-    runs = {}
+    by_budget = {}
     for budget in (1.0, 0.0):
         torch._dynamo.reset()  # compile afresh: the budget is read when a block first runs
         saved.clear()
-        _, lines = in_process(tmp_path, f"budget{budget}", **keys, activation_memory_budget=budget)
-        runs[budget] = (list(saved), lines)
-    (kept, full_lines), (fewer, low_lines) = runs[1.0], runs[0.0]
+        _, lines = runs.train_here(tmp_path / f"budget{budget}", **keys,
+                                   activation_memory_budget=budget)  # fmt: skip
+        by_budget[budget] = (list(saved), lines)
+    (kept, full_lines), (fewer, low_lines) = by_budget[1.0], by_budget[0.0]
     assert len(kept) == len(fewer) >= 4  # two steps of at least two minibatches
     for a, b in zip(kept, fewer, strict=True):
         assert b < 0.85 * a, (kept, fewer)  # measured: 0.74 to 0.76
@@ -267,7 +223,7 @@ def test_a_lower_activation_budget_keeps_less_and_trains_the_same(setup, monkeyp
     assert functorch_config.activation_memory_budget == 1.0  # put back after the run
 
 
-def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch):
+def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch, runs):
     """On one GPU with room to spare the blocks stay gathered from forward to backward (chosen
     by the fit; forced here on CPU): the same losses, gradient norms, validation losses and
     weights as resharding after every forward, with validation's forward-only passes between
@@ -280,9 +236,9 @@ def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch):
     keys = dict(common, data_path=str(tmp_path / "data.jsonl"), batch_size=4,
                 max_tokens_per_gpu=32, max_steps=3, validation_split=0.25,
                 validation_frequency=1)  # fmt: skip
-    _, resharded = in_process(tmp_path, "resharded", **keys)
+    _, resharded = runs.train_here(tmp_path / "resharded", **keys)
     monkeypatch.setattr(trainer, "fit_to_gpu", lambda *args, **kwargs: Fit(keep_gathered=True))
-    _, gathered = in_process(tmp_path, "gathered", **keys)
+    _, gathered = runs.train_here(tmp_path / "gathered", **keys)
     assert len(gathered) == len(resharded) == 3
     # one rank: the gathered weights are the same numbers, run through the same kernels in the
     # same order either way, so everything is equal bit for bit
@@ -290,12 +246,13 @@ def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch):
         assert (b["loss"], b["grad_norm"], b["val_loss"]) == (
             a["loss"], a["grad_norm"], a["val_loss"]
         )  # fmt: skip
-    a, b = exported_weights(tmp_path / "resharded"), exported_weights(tmp_path / "gathered")
+    a = runs.exported_weights(tmp_path / "resharded")
+    b = runs.exported_weights(tmp_path / "gathered")
     for name in a:
         assert torch.equal(b[name], a[name]), name
 
 
-def test_the_bundled_example_learns(tmp_path):
+def test_the_bundled_example_learns(tmp_path, runs):
     """The README's example: `mt run examples/tiny/run.toml` learns to count on CPU."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -303,7 +260,7 @@ def test_the_bundled_example_learns(tmp_path):
                f"--output_dir={tmp_path}"]  # fmt: skip
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    losses = [line["loss"] for line in metrics(tmp_path)]
+    losses = [line["loss"] for line in runs.metrics(tmp_path)]
     assert len(losses) == 126  # 2 epochs of 2,000 samples at 32 per step
     # From ln(256) = 5.5 at random init to a quarter of a nat: the stated margin is the mean of
     # the last 10 steps below 15% of step 1's loss.
@@ -318,13 +275,6 @@ def test_the_bundled_example_learns(tmp_path):
     assert predicted.tolist() == [101, 102, 103, 104, 105]  # it learnt the successor rule
 
 
-def in_process(tmp_path: Path, name: str, **keys):
-    from mt_core import args_from_dict, train
-
-    args = args_from_dict({**keys, "output_dir": str(tmp_path / name)})
-    return train(args), metrics(tmp_path / name)
-
-
 @pytest.mark.parametrize(
     ("mode", "limits", "steps", "exports"),
     [
@@ -337,12 +287,12 @@ def in_process(tmp_path: Path, name: str, **keys):
         ("token", {"max_tokens": 200}, 4, ["samples_16"]),
     ],
 )  # fmt: skip
-def test_training_modes_stop_and_export_on_schedule(setup, mode, limits, steps, exports):
+def test_training_modes_stop_and_export_on_schedule(setup, mode, limits, steps, exports, runs):
     tmp_path, common = setup
     make_data(tmp_path / "data.jsonl", [16] * 10)
     keys = {**common, "training_mode": mode, "max_steps": None, **limits}
     keys.update(data_path=str(tmp_path / "data.jsonl"), batch_size=4, max_tokens_per_gpu=64)
-    result, lines = in_process(tmp_path, mode, **keys)
+    result, lines = runs.train_here(tmp_path / mode, **keys)
     assert [line["step"] for line in lines] == list(range(1, steps + 1))
     assert result.steps == steps
     if mode == "epoch":
@@ -353,7 +303,7 @@ def test_training_modes_stop_and_export_on_schedule(setup, mode, limits, steps, 
     assert sorted(p.name for p in (tmp_path / mode / "hf_format").iterdir()) == sorted(exports)
 
 
-def test_a_missing_model_is_one_clear_error(setup, monkeypatch):
+def test_a_missing_model_is_one_clear_error(setup, monkeypatch, runs):
     from mt_core import ConfigError
 
     tmp_path, common = setup
@@ -367,10 +317,10 @@ def test_a_missing_model_is_one_clear_error(setup, monkeypatch):
         ("some-org/no-such-model", "is no local folder and could not be downloaded"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            in_process(tmp_path, "missing", **{**keys, "model_name_or_path": name})
+            runs.train_here(tmp_path / "missing", **{**keys, "model_name_or_path": name})
 
 
-def test_wandb_offline_logs_every_step(setup, monkeypatch):
+def test_wandb_offline_logs_every_step(setup, monkeypatch, runs):
     pytest.importorskip("wandb")
     tmp_path, common = setup
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -379,14 +329,14 @@ def test_wandb_offline_logs_every_step(setup, monkeypatch):
     keys = {**common, "data_path": str(tmp_path / "data.jsonl"), "batch_size": 4,
             "max_tokens_per_gpu": 64, "max_steps": 3, "wandb_project": "mt-test",
             "wandb_run_name": "offline-check"}  # fmt: skip
-    _, lines = in_process(tmp_path, "wandb", **keys)
+    _, lines = runs.train_here(tmp_path / "wandb", **keys)
     assert len(lines) == 3
     (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
     history = list(run_dir.glob("*.wandb"))
     assert history and history[0].stat().st_size > 0
 
 
-def test_mlflow_file_store_logs_every_step(setup, tmp_path):
+def test_mlflow_file_store_logs_every_step(setup, tmp_path, runs):
     mlflow = pytest.importorskip("mlflow")
     _, common = setup
     make_data(tmp_path / "data.jsonl", [16] * 8)
@@ -394,7 +344,7 @@ def test_mlflow_file_store_logs_every_step(setup, tmp_path):
     keys = {**common, "data_path": str(tmp_path / "data.jsonl"), "batch_size": 4,
             "max_tokens_per_gpu": 64, "max_steps": 3, "mlflow_tracking_uri": f"file://{store}",
             "mlflow_experiment_name": "mt-test", "mlflow_run_name": "offline-check"}  # fmt: skip
-    _, lines = in_process(tmp_path, "mlflow", **keys)
+    _, lines = runs.train_here(tmp_path / "mlflow", **keys)
     client = mlflow.tracking.MlflowClient(tracking_uri=f"file://{store}")
     (run,) = client.search_runs([client.get_experiment_by_name("mt-test").experiment_id])
     assert run.info.run_name == "offline-check"

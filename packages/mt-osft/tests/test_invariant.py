@@ -115,8 +115,9 @@ def test_exactly_round_r_times_rank_directions_train(ratio):
         assert max(independent_residuals(w0[name], w, k)) < residual_bound(
             w0[name], w, k, torch.float32
         )
-        # ... and the (k+1)-th is not: it moved, so exactly k are frozen.
-        assert min(independent_residuals(w0[name], w, k + 1)) > 1e-3
+        # ... and the (k+1)-th is not: it moved, far beyond rounding, so exactly k are frozen.
+        bound = residual_bound(w0[name], w, k + 1, torch.float32)
+        assert min(independent_residuals(w0[name], w, k + 1)) > 10 * bound
 
 
 def test_rounding_rule():
@@ -135,11 +136,12 @@ def test_gradient_projection_alone_breaks_the_invariant():
     w0 = _weights(model)
     state = apply_osft(model, OSFTConfig(0.5, TARGETS))
     train(model, state, 20, project_weights=False)
-    worst = max(
+    # far beyond what rounding allows (residual_bound), for some target
+    assert any(
         max(independent_residuals(w0[name], t.weight.detach(), t.plan.n_frozen))
+        > 100 * residual_bound(w0[name], t.weight.detach(), t.plan.n_frozen, torch.float32)
         for name, t in state.targets.items()
     )
-    assert worst > 1e-2
 
 
 @pytest.mark.parametrize("enabled", [True, False])
