@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,13 +252,25 @@ def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch, ru
 
 
 def test_the_bundled_example_learns(tmp_path, runs):
-    """The README's example: `mt run examples/tiny/run.toml` learns to count on CPU."""
+    """The README's example: `mt run examples/tiny/run.toml` learns to count on CPU, and its
+    console is quiet and informative: no warning, and each step line shows the speed and the
+    peak memory (no MFU on CPU: there is no peak FLOP/s to compare with)."""
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    # what a user's shell gives: no warning filters or verbosity of the test environment
+    env = {key: value for key, value in runs.ENV.items()
+           if key not in ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")}  # fmt: skip
     command = [sys.executable, "-m", "mt", "run", "examples/tiny/run.toml",
                f"--output_dir={tmp_path}"]  # fmt: skip
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=root, env={**env, "OMP_NUM_THREADS": "2"},
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
+    console = (result.stdout + result.stderr).splitlines()
+    assert [line for line in console if "Warning" in line or "warn(" in line] == []
+    step_lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 126
+    for line in step_lines:
+        assert "tok/s" in line and "peak mem " in line and line.endswith(" GiB")
+        assert "MFU" not in line
     losses = [line["loss"] for line in runs.metrics(tmp_path)]
     assert len(losses) == 126  # 2 epochs of 2,000 samples at 32 per step
     # From ln(256) = 5.5 at random init to a quarter of a nat: the stated margin is the mean of

@@ -26,7 +26,7 @@ from mt.help_text import COMMAND_HELP, COMMANDS_HELP, OTHER_USAGE, USAGE, usage_
 from mt.plot import plot
 from mt.prepare import prepare
 from mt_core.config import ConfigError, load_run_file, place_problems, render_help
-from mt_core.errors import RunError, write_error
+from mt_core.errors import RunError, report_error
 from mt_data import DataError
 
 __all__ = ["COMMANDS", "USAGE", "main"]
@@ -104,8 +104,7 @@ def _help_text(command: str | None) -> str:
 
 
 def _fail(message: str, usage: str | None = None, status: int = 2) -> NoReturn:
-    write_error(message)
-    if usage:
+    if report_error(message) and usage:  # under torchrun: once for all ranks
         print(usage, end="", file=sys.stderr)
     sys.exit(status)
 

@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     from mt_core.config import ConfigError, load_run_file, place_problems
-    from mt_core.errors import RunError, write_error
+    from mt_core.errors import RunError, report_error
     from mt_data import DataError
 
     try:
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as error:  # found with the model or data: placed in the run file
             raise place_problems(error, argv[1]) from None
     except (ConfigError, DataError, RunError) as error:
-        write_error(str(error))
+        report_error(str(error))  # under torchrun: once for all ranks
         return 2
     from mt_fsdp import exit_rank
 

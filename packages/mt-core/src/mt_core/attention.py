@@ -136,7 +136,7 @@ def register_padding_free_attention(backend: str) -> str:
             f"{', '.join(_IMPLEMENTATION_NAMES)} (resolve 'auto' with resolve_attn_backend first)"
         )
     name = _IMPLEMENTATION_NAMES[backend]
-    AttentionInterface.register(name, _BACKEND_FUNCTIONS[backend])
+    AttentionInterface.register(name, _BACKEND_FUNCTIONS[backend]())
     return name
 
 
@@ -317,11 +317,14 @@ def _window(sliding_window: int | None, max_k: int) -> tuple[int, int]:
     return (sliding_window - 1, 0)
 
 
-@functools.cache
-def _varlen_attn_takes_enable_gqa() -> bool:
+def _torch_varlen_function() -> Callable[..., AttentionOutput]:
+    """``_torch_varlen`` with what this torch's ``varlen_attn`` takes decided now, at
+    registration: inside a compiled block a call to a cached helper makes dynamo warn."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+    # torch 2.11 takes fewer K/V heads as they are; later versions want enable_gqa=True for that.
+    takes_enable_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    return functools.partial(_torch_varlen, takes_enable_gqa=takes_enable_gqa)
 
 
 def _torch_varlen(
@@ -333,6 +336,8 @@ def _torch_varlen(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
+    *,
+    takes_enable_gqa: bool,
     **kwargs: Any,
 ) -> AttentionOutput:
     """PyTorch's built-in varlen flash attention (torch >= 2.11, CUDA)."""
@@ -340,10 +345,7 @@ def _torch_varlen(
 
     cu_q, cu_k, max_q, max_k = _documents(module, query, key, attention_mask, dropout, kwargs)
     q, k, v = _varlen_layout(query, key, value)
-    extra = {}
-    # torch 2.11 takes fewer K/V heads as they are; later versions want enable_gqa=True for that.
-    if k.shape[1] != q.shape[1] and _varlen_attn_takes_enable_gqa():
-        extra["enable_gqa"] = True
+    extra = {"enable_gqa": True} if takes_enable_gqa and k.shape[1] != q.shape[1] else {}
     out = varlen_attn(
         q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling,
         window_size=_window(sliding_window, max_k), **extra,
@@ -374,8 +376,9 @@ def _flash_attn_varlen(
     return out.to(query.dtype).unsqueeze(0), None
 
 
-_BACKEND_FUNCTIONS: dict[str, Callable[..., AttentionOutput]] = {
-    "flash_attn": _flash_attn_varlen,
-    "torch_varlen": _torch_varlen,
-    "sdpa": _sdpa_per_document,
+# the attention function of each backend, made when it is registered
+_BACKEND_FUNCTIONS: dict[str, Callable[[], Callable[..., AttentionOutput]]] = {
+    "flash_attn": lambda: _flash_attn_varlen,
+    "torch_varlen": _torch_varlen_function,
+    "sdpa": lambda: _sdpa_per_document,
 }

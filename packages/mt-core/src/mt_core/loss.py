@@ -96,6 +96,9 @@ def minibatch_loss(
         shift_labels=targets,  # ...and then uses these as they are, unshifted
         num_items_in_batch=global_num_loss_tokens,
         use_cache=False,
+        # said, not left to the config: Liger's forward reads the deprecated
+        # config.use_return_dict when return_dict is None, and transformers warns
+        return_dict=True,
     )
     if output.loss is None:
         raise ValueError(f"{type(model).__name__} computed no loss; it is not a causal LM head")

@@ -23,6 +23,7 @@ __all__ = [
     "attended_context",
     "flops_per_token",
     "peak_flops_per_gpu",
+    "step_text",
 ]
 
 # Dense bf16 datasheet peaks (FLOP/s) by device-name fragment; MFU is reported against these.
@@ -89,6 +90,21 @@ class MetricsLog:
             tracker.finish()
 
 
+def step_text(record: dict[str, Any]) -> str:
+    """What the progress display shows of a step's metrics line: loss, learning rate, speed, then
+    MFU and peak memory where the record has them (no MFU on CPU or an unknown GPU)."""
+    parts = [
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.2e}",
+        f"{record['tokens_per_s']:,.0f} tok/s",
+    ]
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {record['mfu']:.1%}")
+    if record.get("peak_mem_gib") is not None:
+        parts.append(f"peak mem {record['peak_mem_gib']:.2f} GiB")
+    return "  ".join(parts)
+
+
 class Progress:
     """A tqdm bar on a terminal; one plain line per step otherwise (logs, CI, SLURM files)."""
 
@@ -103,9 +119,7 @@ class Progress:
     def update(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        text = (
-            f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
-        )
+        text = step_text(record)
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)

@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from mt_fsdp.distributed import barrier
+
 __all__ = [
     "CheckpointError",
     "complete_checkpoints",
@@ -52,11 +54,6 @@ class CheckpointError(RuntimeError):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -96,7 +93,7 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
@@ -116,7 +113,7 @@ def save_checkpoint(
             else "no earlier checkpoint exists"
         )
         raise CheckpointError(f"writing checkpoint {final} failed ({error}); {kept}") from error
-    _barrier()
+    barrier()
     if rank == 0:
         if final.exists():  # the same step written by an earlier attempt that was cut off
             shutil.rmtree(final)
@@ -124,7 +121,7 @@ def save_checkpoint(
         if keep_last:
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["DistContext", "init_distributed", "shutdown_distributed"]
+__all__ = ["DistContext", "barrier", "init_distributed", "shutdown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,16 @@ def init_distributed(device: str = "auto") -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     target = _pick_device(local_rank, device)
     backend = "nccl" if target.type == "cuda" else "gloo"
+    # the group is bound to this rank's GPU, so its collectives (barriers, those of torch's
+    # distributed checkpoints) need not guess the device, and torch does not warn that it did
+    device_id = target if backend == "nccl" else None
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(
-                backend,
-                rank=rank,
-                world_size=world_size,
-                device_id=target if backend == "nccl" else None,
-            )
+            dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
+            )
     mesh = init_device_mesh(target.type, (dist.get_world_size(),))
     return DistContext(
         rank=dist.get_rank(),
@@ -74,6 +74,18 @@ def init_distributed(device: str = "auto") -> DistContext:
         device=target,
         mesh=mesh,
     )
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group). On NCCL it names this
+    rank's GPU, which a group made elsewhere may not be bound to: torch would take the current
+    device and warn that it guessed."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def shutdown_distributed() -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from mt_fsdp import mxfp4
+from mt_fsdp.distributed import barrier
 
 __all__ = ["TOKENIZER_FILES", "export_hf"]
 
@@ -81,8 +82,7 @@ def export_hf(
         if target.exists():  # an export of the same sample count from an earlier attempt
             shutil.rmtree(target)
         os.replace(temporary, target)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return target if rank == 0 else None
 
 

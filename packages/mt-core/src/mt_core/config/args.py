@@ -544,9 +544,10 @@ class TrainingArgs:
     )
 
     def __attrs_post_init__(self) -> None:
-        problems = _cross_field_problems(self)
-        if problems:
-            raise KeyedConfigError(problems)
+        problems = _CrossFieldProblems()
+        _check_cross_fields(self, problems)
+        if problems.keyed:
+            raise KeyedConfigError(problems.keyed, problems.inapplicable)
 
 
 def _check_pretraining(value: Any) -> None:
@@ -555,60 +556,81 @@ def _check_pretraining(value: Any) -> None:
         raise KeyedConfigError([("pretraining", problem)])
 
 
-def _cross_field_problems(args: TrainingArgs) -> list[tuple[str, str]]:
-    """Problems of key combinations, each with the key to point at."""
-    problems = []
+class _CrossFieldProblems:
+    """Problems of key combinations, each with the key to point at (:class:`KeyedConfigError`)."""
+
+    def __init__(self) -> None:
+        self.keyed: list[tuple[str, str]] = []
+        self.inapplicable: dict[str, tuple[str, ...]] = {}
+
+    def add(self, key: str, message: str) -> None:
+        self.keyed.append((key, message))
+
+    def add_inapplicable(self, key: str, message: str, *causes: str) -> None:
+        """``key`` is set, but ``causes`` (their values) make it not apply."""
+        self.add(key, message)
+        self.inapplicable[key] = causes
+
+
+def _check_cross_fields(args: TrainingArgs, problems: _CrossFieldProblems) -> None:
     limits = {"step": "max_steps", "token": "max_tokens"}
     for mode, key in limits.items():
         if args.training_mode == mode and getattr(args, key) == 0:
-            problems.append(("training_mode", f"{mode!r} needs {key} > 0"))
+            problems.add("training_mode", f"{mode!r} needs {key} > 0")
         if args.training_mode != mode and getattr(args, key) != 0:
-            problems.append(
-                (key, f"applies only with training_mode = {mode!r} (it is {args.training_mode!r})")
+            problems.add_inapplicable(
+                key,
+                f"applies only with training_mode = {mode!r} (it is {args.training_mode!r})",
+                "training_mode",
             )
     if args.training_mode != "epoch" and args.max_epochs != 1:
-        problems.append(
-            (
-                "max_epochs",
-                f"applies only with training_mode = 'epoch' (it is {args.training_mode!r})",
-            )
+        problems.add_inapplicable(
+            "max_epochs",
+            f"applies only with training_mode = 'epoch' (it is {args.training_mode!r})",
+            "training_mode",
         )
-    problems += scheduler_problems(args)
+    for key, message in scheduler_problems(args):
+        problems.add(key, message)
     if args.pretraining is not None and args.pretraining.block_size > args.max_tokens_per_gpu:
-        problems.append(
-            (
-                "pretraining.block_size",
-                f"{args.pretraining.block_size} is more than max_tokens_per_gpu = "
-                f"{args.max_tokens_per_gpu}: a block would fit in no minibatch",
-            )
+        problems.add(
+            "pretraining.block_size",
+            f"{args.pretraining.block_size} is more than max_tokens_per_gpu = "
+            f"{args.max_tokens_per_gpu}: a block would fit in no minibatch",
         )
     if args.resume_from_full_state_checkpoint is not None and args.resume not in ("auto",):
-        problems.append(
-            ("resume_from_full_state_checkpoint", f"give either it or resume = {args.resume!r}")
+        problems.add(
+            "resume_from_full_state_checkpoint", f"give either it or resume = {args.resume!r}"
         )
     if args.osft_min_ratio > args.osft_max_ratio:
-        problems.append(("osft_min_ratio", "must not be above osft_max_ratio"))
+        problems.add("osft_min_ratio", "must not be above osft_max_ratio")
     has_data = args.validation_split > 0 or args.validation_data_path is not None
     triggers = ("validation_frequency", "validate_at_epoch", "min_samples_per_validation",
                 "validate_at_final")  # fmt: skip
     if args.validation_split > 0 and args.validation_data_path is not None:
-        problems.append(("validation_data_path", "give either it or validation_split, not both"))
+        problems.add("validation_data_path", "give either it or validation_split, not both")
     if has_data and not any(getattr(args, key) for key in triggers):
-        problems.append(
-            ("validation_frequency", "validation data needs a trigger: set validation_frequency "
-             "(or validate_at_epoch, min_samples_per_validation, validate_at_final)")
+        problems.add(
+            "validation_frequency", "validation data needs a trigger: set validation_frequency "
+            "(or validate_at_epoch, min_samples_per_validation, validate_at_final)",
         )  # fmt: skip
     if not has_data:
         for key in (*triggers, "save_best_val_loss"):
             if getattr(args, key):
-                problems.append(
-                    (key, "has no effect without validation_split or validation_data_path")
+                problems.add_inapplicable(
+                    key,
+                    "has no effect without validation_split or validation_data_path",
+                    "validation_split",
+                    "validation_data_path",
                 )
     if args.mlflow_run_name is not None and not (
         args.mlflow_tracking_uri or args.mlflow_experiment_name
     ):
-        problems.append(("mlflow_run_name", "has no effect without mlflow_tracking_uri"))
+        problems.add_inapplicable(
+            "mlflow_run_name",
+            "has no effect without mlflow_tracking_uri",
+            "mlflow_tracking_uri",
+            "mlflow_experiment_name",
+        )
     for key in ("wandb_run_name", "wandb_entity"):
         if getattr(args, key) is not None and args.wandb_project is None:
-            problems.append((key, "has no effect without wandb_project"))
-    return problems
+            problems.add_inapplicable(key, "has no effect without wandb_project", "wandb_project")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -26,10 +26,18 @@ class ConfigError(Exception):
 
 class KeyedConfigError(ConfigError):
     """Problems raised while building a config object, kept with the key each is about, so the
-    run-file reader can point them at ``path:line``."""
+    run-file reader can point them at ``path:line``.
 
-    def __init__(self, keyed: list[tuple[str, str]]) -> None:
+    ``inapplicable`` names the keys among them that are set where they do not apply, each with
+    the keys that make it so: unsetting such a key solves its problem."""
+
+    def __init__(
+        self,
+        keyed: list[tuple[str, str]],
+        inapplicable: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.keyed = keyed
+        self.inapplicable = dict(inapplicable or {})
         super().__init__(f"{key}: {message}" for key, message in keyed)
 
 

@@ -104,7 +104,9 @@ def _pretraining(value: Any, problems: _Problems) -> PretrainingConfig | None:
     return PretrainingConfig(**values) if len(problems.lines) == found else None
 
 
-def _build(data: Mapping[str, Any], where: Callable[[str], str]) -> TrainingArgs:
+def _build(
+    data: Mapping[str, Any], where: Callable[[str], str], overridden: frozenset[str] = frozenset()
+) -> TrainingArgs:
     problems = _Problems(where)
     values = _check_table(TrainingArgs, data, "", problems)
     if problems.lines:
@@ -113,6 +115,10 @@ def _build(data: Mapping[str, Any], where: Callable[[str], str]) -> TrainingArgs
         return TrainingArgs(**values)
     except KeyedConfigError as error:
         for key, message in error.keyed:
+            causes = error.inapplicable.get(key, ())
+            if key not in overridden and any(cause in overridden for cause in causes):
+                # an override made the file's key inapplicable: it can be unset there too
+                message += f"; to clear the file's {key} from the command line: --{key}=None"
             problems.add(key, f"{key}: {message}")
         raise ConfigError(problems.lines) from None
 
@@ -153,7 +159,7 @@ def load_run_file(
             problems.append(f"command line: {dotted}: {problem}")
     where = _locator(path, text, overrides)
     try:
-        args = _build(data, where)
+        args = _build(data, where, _overridden(overrides))
     except ConfigError as error:
         raise ConfigError(problems + error.problems) from None
     if problems:
@@ -167,10 +173,15 @@ def _override_key(name: str) -> str:
     return "pretraining.block_size" if dotted == "block_size" else dotted
 
 
+def _overridden(overrides: Mapping[str, Any] | None) -> frozenset[str]:
+    """The dotted keys ``overrides`` set or unset."""
+    return frozenset(_override_key(name) for name in overrides or {})
+
+
 def _locator(path: Path, text: str, overrides: Mapping[str, Any] | None) -> Callable[[str], str]:
     """``where(dotted_key)``: "command line" for an overridden key, else ``path:line``."""
     lines = _key_lines(text)
-    overridden = {_override_key(name) for name in overrides or {}}
+    overridden = _overridden(overrides)
 
     def where(key: str) -> str:
         parts = key.split(".")
