@@ -14,7 +14,7 @@ fails loudly instead of letting documents see each other.
 
 Backends, all matching the model run on each document alone:
 
-* ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (the optional ``cuda`` extra);
+* ``flash_attn``: flash-attn 2's ``flash_attn.flash_attn_varlen_func`` (installed separately);
 * ``torch_varlen``: PyTorch's built-in ``torch.nn.attention.varlen.varlen_attn`` (CUDA);
 * ``sdpa``: ``scaled_dot_product_attention`` once per document; runs anywhere (CPU tests).
   It alone takes attention sinks (GPT-OSS's ``s_aux``: one more logit per head in each
@@ -28,6 +28,7 @@ import functools
 import importlib.util
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,15 +60,40 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 AttentionOutput = tuple[torch.Tensor, None]
 
 
-def _flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+def _flash_attn_problem() -> str | None:
+    """Why flash-attn 2's ``flash_attn_varlen_func`` cannot be imported here, or None if it can.
+
+    It is imported, as the forward will: a ``flash_attn`` package alone proves nothing, since
+    flash-attn-4 installs ``flash_attn`` as a namespace holding only ``flash_attn.cute``, and
+    flash-attn 2 loads its CUDA extension on import, which fails with ImportError or OSError
+    when built for another torch or CUDA (or where there is none).
+    """
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except (ImportError, OSError) as error:
+        if isinstance(error, ModuleNotFoundError) and error.name == "flash_attn":
+            return "it is not installed"
+        if isinstance(error, ImportError) and _is_flash_attn_4_namespace():
+            return "the flash_attn package found is flash-attn-4's namespace (only flash_attn.cute)"
+        return f"it failed to import ({type(error).__name__}: {error})"
+    return None
+
+
+def _is_flash_attn_4_namespace() -> bool:
+    """Whether ``flash_attn`` is a namespace package (no ``__init__.py``) with a ``cute`` folder:
+    read from its spec, so a broken ``__init__`` is not run again."""
+    spec = importlib.util.find_spec("flash_attn")
+    if spec is None or spec.origin is not None:  # a namespace package has no origin
+        return False
+    return any(Path(folder, "cute").is_dir() for folder in spec.submodule_search_locations or ())
 
 
 def _torch_varlen_present() -> bool:
     try:
-        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
-    except ModuleNotFoundError:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
         return False
+    return True
 
 
 def has_attention_sinks(model: torch.nn.Module) -> bool:
@@ -78,10 +104,11 @@ def has_attention_sinks(model: torch.nn.Module) -> bool:
 def resolve_attn_backend(name: str, device: torch.device, *, sinks: bool = False) -> str:
     """The concrete backend for ``name`` (one of :data:`ATTN_BACKENDS`) on ``device``.
 
-    ``auto`` picks ``flash_attn`` when flash-attn is installed and ``device`` is CUDA, else
-    ``torch_varlen`` on CUDA when this torch has ``torch.nn.attention.varlen``, else ``sdpa``;
+    ``auto`` picks ``flash_attn`` when flash-attn 2's function imports and ``device`` is CUDA,
+    else ``torch_varlen`` on CUDA when this torch's ``varlen_attn`` imports, else ``sdpa``;
     and always ``sdpa`` for a model with attention ``sinks``, which only it computes.
-    An explicit choice that cannot run here raises ValueError saying what to install or choose.
+    An explicit choice that cannot run here raises ValueError saying what to install or choose,
+    here rather than at the first forward. Only ``device.type`` is read: CUDA is not touched.
     """
     device = torch.device(device)
     on_cuda = device.type == "cuda"
@@ -93,7 +120,7 @@ def resolve_attn_backend(name: str, device: torch.device, *, sinks: bool = False
     if sinks and name == "auto":
         return "sdpa"
     if name == "auto":
-        if on_cuda and _flash_attn_installed():
+        if on_cuda and _flash_attn_problem() is None:
             return "flash_attn"
         if on_cuda and _torch_varlen_present():
             return "torch_varlen"
@@ -104,9 +131,11 @@ def resolve_attn_backend(name: str, device: torch.device, *, sinks: bool = False
                 f"attn_backend='flash_attn' needs a CUDA device, not {device}; "
                 "use attn_backend='sdpa' (or 'auto')"
             )
-        if not _flash_attn_installed():
+        problem = _flash_attn_problem()
+        if problem is not None:
             raise ValueError(
-                "attn_backend='flash_attn' needs the flash-attn package: install mt-core[cuda] "
+                "attn_backend='flash_attn' needs the flash-attn package (flash-attn 2's "
+                f"flash_attn_varlen_func), but {problem}: install flash-attn 2 "
                 "(pip install flash-attn), or use attn_backend='torch_varlen' or 'auto'"
             )
         return name
