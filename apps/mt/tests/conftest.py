@@ -1,5 +1,9 @@
 """Fixtures of the tools' tests: a local tokenizer with a chat template, a tiny model folder with
-it, token data and run files. Everything is made here; nothing downloads."""
+it, token data, run files, and fresh processes of the mt command. Everything is made here; nothing
+downloads.
+
+Each fresh process costs seconds (``mt`` imports torch and transformers), so tests call the
+commands in this process (``cli.main``) unless the process itself is what they test."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -110,7 +115,8 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A random-init Llama of a few thousand parameters, with the test tokenizer beside it."""
+    """A random-init Llama of a few thousand parameters, with the test tokenizer beside it; made
+    once per session and only read (runs write to output folders of their own)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -149,21 +155,34 @@ def run_toml(folder: Path, model: Path, data: Path, **keys) -> Path:
     return path
 
 
-def mt(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``python -m mt ARGS`` in a fresh process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def _env() -> dict[str, str]:
+    # one thread per process: the tiny runs gain nothing from more, and the processes of a
+    # torchrun share the machine's cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def mt(*args: str) -> subprocess.CompletedProcess:
+    """The installed ``mt`` script in a fresh process, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "mt", *args], capture_output=True, text=True, timeout=300, env=env,
-        cwd=cwd,
-    )  # fmt: skip
+        [str(BIN / "mt"), *args], capture_output=True, text=True, timeout=300, env=_env()
+    )
+
+
+def torchrun_mt(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node=NPROC --no-python mt ARGS``, as a user types it; on a free
+    port of its own (--standalone), so that runs of tests side by side do not meet."""
+    assert (BIN / "mt").is_file(), "the workspace venv should hold the mt script"
+    command = ["torchrun", "--standalone", f"--nproc-per-node={nproc}", "--no-python", "mt"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=300, env=_env()
+    )
 
 
 @pytest.fixture(scope="session")
 def kit():
     """The helpers above, for the test modules (importlib mode: they cannot import conftest)."""
-    from types import SimpleNamespace
-
     return SimpleNamespace(
         make_tokenizer=make_tokenizer, write_jsonl=write_jsonl, token_rows=token_rows,
-        run_toml=run_toml, mt=mt, CHAT_TEMPLATE=CHAT_TEMPLATE, MARKED_TEMPLATE=MARKED_TEMPLATE,
+        run_toml=run_toml, mt=mt, torchrun_mt=torchrun_mt, CHAT_TEMPLATE=CHAT_TEMPLATE,
+        MARKED_TEMPLATE=MARKED_TEMPLATE,
     )  # fmt: skip

@@ -1,10 +1,10 @@
 """mt export: a distributed training-state checkpoint (2 ranks) -> a HF folder, in one CPU
-process, with the same weights and logits as the trainer's own export of the same step."""
+process, with the same weights and logits as the trainer's own export of the same step; and
+the torchrun run of `mt run` that wrote the checkpoint."""
 
-import os
+import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,28 +15,39 @@ from mt import cli
 from mt.errors import CommandError
 from mt.export import export, export_checkpoint
 
-BIN = Path(sys.executable).parent
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model, kit) -> subprocess.CompletedProcess:
+    """`mt run` under torchrun on 2 ranks, 2 steps: checkpoints/step_1 (sharded over both) and
+    the trainer's HF export of each step (hf_format/samples_4 is step 1). The same run is the
+    torchrun test of `mt run` (below): starting two ranks costs half a minute on a CPU, and
+    one file holds all its readers, so that a parallel run of the suite starts it once."""
+    folder = tmp_path_factory.mktemp("run")
+    data = kit.write_jsonl(folder / "data.jsonl", kit.token_rows(24))
+    run_file = kit.run_toml(
+        folder, tiny_model, data, checkpoint_every_steps=1, min_samples_per_checkpoint=4
+    )
+    result = kit.torchrun_mt(2, "run", str(run_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model, kit) -> Path:
-    """2 steps on 2 ranks: checkpoints/step_1 (sharded over both) and the trainer's HF export
-    of each step (hf_format/samples_4 is step 1)."""
-    folder = tmp_path_factory.mktemp("run")
-    data = kit.write_jsonl(folder / "data.jsonl", kit.token_rows(24))
-    run = kit.run_toml(
-        folder, tiny_model, data, checkpoint_every_steps=1, min_samples_per_checkpoint=4
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    command = ["torchrun", "--nproc-per-node=2", "--no-python", "mt", "run", str(run)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = folder / "out"
+def trained(run) -> Path:
+    """The run's output_dir (only read: exports go to each test's own folder)."""
+    out = Path(run.args[-1]).parent / "out"  # kit.run_toml's output_dir, beside the run file
     assert sorted(p.name for p in (out / "checkpoints" / "step_1").glob("*.distcp")) == [
         "__0_0.distcp",
         "__1_0.distcp",
     ]
     return out
+
+
+def test_torchrun_with_two_processes_logs_each_step_once(run, trained):
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # rank 0 writes, alone
+    progress = [line for line in run.stdout.splitlines() if line.startswith("step ")]
+    assert len(progress) == 2, run.stdout
 
 
 def logits(folder: Path, dtype=None) -> torch.Tensor:
@@ -101,11 +112,10 @@ def test_mistakes_are_one_clear_line(trained, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_the_command_line(trained, tmp_path, kit, capsys):
+def test_the_command_line(trained, tmp_path, capsys):
     target = tmp_path / "cli"
-    result = kit.mt("export", str(trained / "checkpoints" / "step_1"), f"--out={target}")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith(f"wrote {target}")
+    cli.main(["export", str(trained / "checkpoints" / "step_1"), f"--out={target}"])  # exit 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote {target}")
     with pytest.raises(SystemExit) as exit_:
         cli.main(["export", str(trained / "checkpoints" / "step_1"), f"--out={target}"])
     assert exit_.value.code == 2

@@ -209,22 +209,17 @@ def test_option_mistakes(kit, tmp_path, options, message):
 def test_the_command_line_end_to_end(kit, tmp_path, tokenizer_dir, capsys):
     source = kit.write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 5)
     out = tmp_path / "sub" / "data.jsonl"
-    result = kit.mt(
-        "data",
-        "prepare",
-        str(source),
-        f"--tokenizer={tokenizer_dir}",
-        f"--out={out}",
-        "--max_len=100",
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"wrote 5 samples, 170 tokens (29% loss-counted), to {out}")
+    options = [f"--tokenizer={tokenizer_dir}", f"--out={out}", "--max_len=100"]
+    cli.main(["data", "prepare", str(source), *options])  # returns: exit status 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote 5 samples, 170 tokens (29% loss-counted), to {out}")
     assert np.all([row["len"] == 34 for row in read(out)])
     bad = kit.write_jsonl(tmp_path / "bad.jsonl", [{"messages": CHAT}, {"messages": []}])
     with pytest.raises(SystemExit) as exit_:
         cli.main(["data", "prepare", str(bad), f"--tokenizer={tokenizer_dir}", "--out=x.jsonl"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (
-        f"mt: error: {bad}: 1 bad line(s); nothing was written (--skip_bad_lines writes the others)\n"
+        f"mt: error: {bad}: 1 bad line(s); nothing was written "
+        "(--skip_bad_lines writes the others)\n"
         f"mt: error: {bad}:2: 'messages' must be a non-empty list\n"
     )

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.launch import (
@@ -27,43 +26,6 @@ from mt_core.launch import (
 )
 
 BIN = Path(sys.executable).parent
-VOCAB = 64
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, str]:
-    """A tiny Llama and 12 SFT samples; the keys of a 2-step run on them."""
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder / "model")
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for length in torch.randint(4, 20, (12,), generator=generator).tolist():
-        tokens = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
-        rows.append(json.dumps({"input_ids": tokens, "labels": tokens}))
-    (folder / "data.jsonl").write_text("\n".join(rows) + "\n")
-    return dict(
-        model_name_or_path=str(folder / "model"),
-        data_path=str(folder / "data.jsonl"),
-        training_mode="step",
-        max_steps=2,
-        batch_size=4,
-        max_tokens_per_gpu=64,
-        attn_backend="sdpa",
-        train_dtype="float32",
-        save_final_checkpoint=False,
-        lr_scheduler="constant",
-        learning_rate=1e-3,
-        seed=3,
-    )
 
 
 @pytest.fixture
@@ -85,8 +47,8 @@ def test_two_processes_equal_the_mt_command(tiny, tmp_path, one_thread):
     cli = tmp_path / "cli"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python", "mt", "run",
-         str(ours / "run.toml"), f"--output_dir={cli}"],
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python", "mt",
+         "run", str(ours / "run.toml"), f"--output_dir={cli}"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -265,7 +227,8 @@ def test_torchrun_command_line():
     tail = ["-m", "mt_core", "run", "out/run.toml"]
     one = torchrun_command(TorchrunArgs(nproc_per_node=2), "out/run.toml")
     assert one[1:] == ["--nnodes=1", "--nproc-per-node=2", "--node-rank=0", "--standalone", *tail]
-    assert Path(one[0]).name == "torchrun" or one[:3] == [sys.executable, "-m", "torch.distributed.run"]  # fmt: skip
+    module_form = [sys.executable, "-m", "torch.distributed.run"]
+    assert Path(one[0]).name == "torchrun" or one[:3] == module_form
     rdzv = torchrun_command(
         TorchrunArgs(nnodes=2, nproc_per_node=8, node_rank=1, rdzv_id=7, rdzv_endpoint="n0:29400"),
         "out/run.toml",

@@ -15,12 +15,15 @@ def dist_ctx():
     shutdown_distributed()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
+    """``tiny_config(tied=False)`` -> the config of a Llama of a few thousand parameters, with
+    grouped-query attention (2 KV heads for 4)."""
+
     def make(tied: bool = False) -> LlamaConfig:
         return LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=96, tie_word_embeddings=tied,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=64, tie_word_embeddings=tied,
         )  # fmt: skip
 
     return make

@@ -12,15 +12,6 @@ SEPARATE = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
 FUSED = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
 
-COMMON = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", SEPARATE, {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", SEPARATE, {}),
@@ -38,15 +29,16 @@ def test_every_default_has_a_case():
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))
-def test_defaults_match_exactly_the_attention_and_mlp_matrices(model_type):
+def test_defaults_match_exactly_the_attention_and_mlp_matrices(model_type, tiny_shape):
     transformers = pytest.importorskip("transformers")
     config_name, model_name, suffixes, extra = CASES[model_type]
-    config = getattr(transformers, config_name)(**COMMON, **extra)
+    config = getattr(transformers, config_name)(**tiny_shape, **extra)
     assert config.model_type == model_type
     with torch.device("meta"):  # names only: no memory, no initialisation
         model = getattr(transformers, model_name)(config)
     found = match_targets(model, default_target_patterns(config.model_type))
-    expected = [f"model.layers.{i}.{s}" for i in range(2) for s in suffixes]
+    layers = range(config.num_hidden_layers)
+    expected = [f"model.layers.{i}.{s}" for i in layers for s in suffixes]
     assert sorted(found) == sorted(expected)
     modules = dict(model.named_modules())
     assert all(isinstance(modules[name], nn.Linear) for name in found)

@@ -122,25 +122,16 @@ def test_resume_restores_the_osft_state_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_tiny_llama_export_reloads_in_plain_transformers(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_tiny_llama_export_reloads_in_plain_transformers(tmp_path, tiny_llama):
+    from transformers import LlamaForCausalLM  # installed: tiny_llama skips the test otherwise
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama()
+    config = model.config
     name = "model.layers.0.self_attn.q_proj.weight"
     original = model.state_dict()[name].clone()
     state = apply_osft(model, OSFTConfig(0.5), model_type=config.model_type)
-    assert len(state.targets) == 2 * 7
-    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    assert len(state.targets) == config.num_hidden_layers * 7
+    ids = torch.randint(0, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(3):
         model(input_ids=ids, labels=ids).loss.backward()
