@@ -13,6 +13,9 @@ from safetensors.torch import load_file
 
 from mt_osft import residual_bound
 
+# one worker runs this file (pytest-xdist): its tests share the 6-step run
+pytestmark = pytest.mark.xdist_group("osft_training")
+
 RATIO = 0.5
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -18,6 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# one worker runs this file (pytest-xdist): its tests share the reference and killed runs
+pytestmark = pytest.mark.xdist_group("resume")
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, killer_source, llama_folder, runs):
@@ -132,7 +135,7 @@ def test_checkpoints_reshard_between_rank_counts(reference, killed, launch, equi
             assert b["loss"] == pytest.approx(a["loss"], rel=rtol), a["step"]
 
 
-def test_sigterm_under_torchrun_checkpoints_and_resumes(workspace, launch, runs):
+def test_sigterm_under_torchrun_checkpoints_and_resumes(workspace, runs):
     out = workspace / "sigterm"
     command = [str(runs.BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python",
                "mt", "run",
@@ -150,9 +153,9 @@ def test_sigterm_under_torchrun_checkpoints_and_resumes(workspace, launch, runs)
     (checkpoint,) = (out / "checkpoints").iterdir()
     stopped_at = int(checkpoint.name.removeprefix("step_"))
     assert [s["step"] for s in steps(out)] == list(range(1, stopped_at + 1))
-    result = launch(out, f"--max_steps={stopped_at + 2}", "--checkpoint_every_steps=None",
-                    "--lr_scheduler=constant", "--num_warmup_steps=0")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    # resumed on one process, in this one (the signal was the subject; resharding is tested above)
+    runs.train_here(out, workspace / "run.toml", max_steps=stopped_at + 2,
+                    checkpoint_every_steps=None, lr_scheduler="constant", num_warmup_steps=0)  # fmt: skip
     assert [s["step"] for s in steps(out)] == list(range(1, stopped_at + 3))
 
 
@@ -272,7 +275,7 @@ def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in load_file(export / "model.safetensors").values())
 
 
-def test_mini_trainer_on_demand_keys_checkpoint_on_sigusr1_and_resume(workspace, launch, runs):
+def test_mini_trainer_on_demand_keys_checkpoint_on_sigusr1_and_resume(workspace, runs, capsys):
     out = workspace / "on_demand"
     process, stdout, stderr = signal_after_two_steps(
         runs, workspace, out, signal.SIGUSR1, "--checkpoint_every_steps=None",
@@ -282,9 +285,9 @@ def test_mini_trainer_on_demand_keys_checkpoint_on_sigusr1_and_resume(workspace,
     (checkpoint,) = (out / "checkpoints").iterdir()
     stopped_at = int(checkpoint.name.removeprefix("step_"))
     elsewhere = workspace / "on_demand_resumed"
-    result = launch(elsewhere, f"--resume_from_full_state_checkpoint={checkpoint}",
-                    f"--max_steps={stopped_at + 1}", "--lr_scheduler=constant",
-                    "--num_warmup_steps=0", "--checkpoint_every_steps=None")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed from {checkpoint}" in result.stdout
+    capsys.readouterr()
+    runs.train_here(elsewhere, workspace / "run.toml",
+                    resume_from_full_state_checkpoint=str(checkpoint), max_steps=stopped_at + 1,
+                    lr_scheduler="constant", num_warmup_steps=0, checkpoint_every_steps=None)  # fmt: skip
+    assert f"resumed from {checkpoint}" in capsys.readouterr().out
     assert [s["step"] for s in steps(elsewhere)] == [stopped_at + 1]

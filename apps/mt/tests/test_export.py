@@ -15,6 +15,9 @@ from mt import cli
 from mt.errors import CommandError
 from mt.export import export, export_checkpoint
 
+# one worker runs this file (pytest-xdist): its tests share one torchrun of `mt run`
+pytestmark = pytest.mark.xdist_group("export")
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model, kit) -> subprocess.CompletedProcess:
