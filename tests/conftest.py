@@ -23,6 +23,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, Pr
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_data import SampleDataset, collate_minibatch, open_token_store
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_worker():
+    """Under pytest-xdist the workers already fill the cores: a second thread per worker would
+    only spin in OpenMP's waits (and the fresh processes these tests start use one thread too)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 # ---- Tolerances from the arithmetic -------------------------------------------------------------
 # u is float32's unit roundoff: one rounding moves a value by at most u of its size. Two float32
 # computations of one quantity that differ only in the order of their sums (packing, ranks, kernel

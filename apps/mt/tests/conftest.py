@@ -103,6 +103,16 @@ def make_tokenizer(folder: Path, template: str = CHAT_TEMPLATE) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_worker():
+    """Under pytest-xdist the workers already fill the cores: a second thread per worker would
+    only spin in OpenMP's waits (and the fresh processes these tests start use one thread too)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
