@@ -307,10 +307,30 @@ def train_here(output_dir: Path, run_file: Path | None = None, **keys):
     return result, metrics(output_dir)
 
 
+def same_first_step(one: Path, two: Path, tokens: int, lr: float = 1e-2) -> None:
+    """Two float32 runs of one step of :data:`TINY_LLAMA`-sized models with eps = max_grad_norm
+    = 1 (clipped gradients are <= 1, so every update is at most lr / eps sensitive to its
+    gradient): the losses and gradient norms within 2γ_n, n the batch's tokens plus hidden,
+    intermediate and vocabulary sizes, and every weight within twice first_step_atol of the
+    exact step, so within that of each other."""
+    a, b = metrics(one), metrics(two)
+    sizes = (TINY_LLAMA["hidden_size"], TINY_LLAMA["intermediate_size"], TINY_LLAMA["vocab_size"])
+    rtol = 2 * float32_rtol(tokens, *sizes)
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=rtol)
+    assert b[0]["grad_norm"] == pytest.approx(a[0]["grad_norm"], rel=rtol)
+    a, b = exported_weights(one), exported_weights(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        atol = 2 * first_step_atol(a[name], lr=lr, eps=1.0, grad_error=rtol / 2)
+        error = (b[name].double() - a[name].double()).abs()
+        assert (error <= atol).all(), (name, (error / atol).max().item())
+
+
 @pytest.fixture(scope="session")
 def runs() -> SimpleNamespace:
     """The helpers above (importlib mode: test modules cannot import conftest)."""
     return SimpleNamespace(
         TINY_LLAMA=TINY_LLAMA, BIN=BIN, ENV=ENV, write_run=write_run, launch=launch,
         metrics=metrics, exported_weights=exported_weights, train_here=train_here,
+        same_first_step=same_first_step,
     )  # fmt: skip

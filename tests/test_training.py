@@ -50,24 +50,7 @@ def setup(tmp_path, llama_folder):
     return tmp_path, common
 
 
-def same_first_step(runs, one: Path, two: Path, eq, tokens: int, lr: float = 1e-2) -> None:
-    """Two float32 runs of one step with eps = max_grad_norm = 1 (clipped gradients are <= 1, so
-    every update is at most lr / eps sensitive to its gradient): the losses and gradient norms
-    within 2γ_n, n the batch's tokens plus hidden, intermediate and vocabulary sizes, and every
-    weight within twice first_step_atol of the exact step, so within that of each other."""
-    a, b = runs.metrics(one), runs.metrics(two)
-    rtol = 2 * eq.float32_rtol(tokens, 32, 64, VOCAB)
-    assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=rtol)
-    assert b[0]["grad_norm"] == pytest.approx(a[0]["grad_norm"], rel=rtol)
-    a, b = runs.exported_weights(one), runs.exported_weights(two)
-    assert a.keys() == b.keys()
-    for name in a:
-        atol = 2 * eq.first_step_atol(a[name], lr=lr, eps=1.0, grad_error=rtol / 2)
-        error = (b[name].double() - a[name].double()).abs()
-        assert (error <= atol).all(), (name, (error / atol).max().item())
-
-
-def test_two_ranks_with_an_empty_slot_equal_one_process(setup, equivalence, runs):
+def test_two_ranks_with_an_empty_slot_equal_one_process(setup, runs):
     tmp_path, common = setup
     make_data(tmp_path / "data.jsonl", [30] * 10)
     # 5 samples of 30 tokens at 32 tokens per minibatch: 5 minibatches in one process; on two
@@ -84,10 +67,10 @@ def test_two_ranks_with_an_empty_slot_equal_one_process(setup, equivalence, runs
                 "--sync_gradients_every_minibatch=false", nproc=2)  # fmt: skip
     two = runs.metrics(tmp_path / "two")
     assert one[0]["num_minibatches"] == 5 and two[0]["num_minibatches"] == 3
-    same_first_step(runs, tmp_path / "one", tmp_path / "two", equivalence, tokens=5 * 30)
+    runs.same_first_step(tmp_path / "one", tmp_path / "two", tokens=5 * 30)
 
 
-def test_experts_stored_one_by_one_load_into_uneven_shards(setup, equivalence, runs):
+def test_experts_stored_one_by_one_load_into_uneven_shards(setup, runs):
     """A Mixtral checkpoint stores each expert's matrices apart; the model fuses them. Three
     experts on two ranks: rank 0 reads the pieces of experts 0-1, rank 1 those of expert 2, and
     the step equals one process reading them all."""
@@ -110,7 +93,7 @@ def test_experts_stored_one_by_one_load_into_uneven_shards(setup, equivalence, r
     run = runs.write_run(tmp_path / "run.toml", **keys)
     runs.train_here(tmp_path / "one", **keys)
     runs.launch("run", str(run), f"--output_dir={tmp_path / 'two'}", nproc=2)
-    same_first_step(runs, tmp_path / "one", tmp_path / "two", equivalence, tokens=121)
+    runs.same_first_step(tmp_path / "one", tmp_path / "two", tokens=121)
     assert runs.exported_weights(tmp_path / "two").keys() == stored.keys()  # stored one by one
 
 

@@ -185,6 +185,37 @@ def test_the_plan_uses_the_runs_sampler_and_packer(tiny_run):
     assert (tiny_run.parent / "out" / "data_cache").is_dir()  # where mt run finds the store
 
 
+def test_sequence_parallel_groups_share_rows_and_keep_the_long_samples(tiny_run, capsys):
+    """Groups of 2 GPUs hold rows of 2 x 64 tokens: the 80-token samples are kept, each step is
+    packed over the 2 groups, each GPU holds half of its fullest row and computes half of it."""
+    import json
+
+    args = load_run_file(tiny_run, {"sequence_parallel_size": 2})
+    plan = make_plan(args, str(tiny_run), nproc_per_node=4, batches=5)
+    assert (plan.file_samples, plan.dropped_long, plan.train_items) == (43, 0, 43)
+    lines = [json.loads(x) for x in Path(args.data_path).read_text().splitlines()]
+    lengths = np.array([len(row["input_ids"]) for row in lines])
+    sampler = InfiniteSampler(43, 8, seed=args.seed)
+    for step in plan.steps:
+        batch = next(sampler)
+        assert step.tokens == int(lengths[batch].sum())
+        rows = pack_minibatches(lengths[batch], 128, 2)
+        assert step.minibatches == len(rows[0])
+        loads = [int(lengths[batch][ids].sum()) for group in rows for ids in group]
+        assert step.largest == -(-max(loads) // 2) <= 64
+    cli.main(["check", str(tiny_run), "--nproc_per_node=4", "--sequence_parallel_size=2"])
+    out = capsys.readouterr().out
+    assert "dropped: 0 longer than a row of 128 tokens (max_tokens_per_gpu = 64 x " in out
+    assert "sequence parallelism: groups of 2 GPUs compute rows of up to 128 tokens" in out
+    with pytest.raises(CommandError, match="sequence_parallel_size = 3 does not divide the 4 GPUs"):
+        make_plan(load_run_file(tiny_run, {"sequence_parallel_size": 3}), str(tiny_run),
+                  nproc_per_node=4)  # fmt: skip
+    with pytest.raises(CommandError, match="4 does not divide the model's 4 attention heads and "
+                                           "2 key/value heads"):  # fmt: skip
+        make_plan(load_run_file(tiny_run, {"sequence_parallel_size": 4}), str(tiny_run),
+                  nproc_per_node=4)  # fmt: skip
+
+
 def _kept_lengths(run_file):
     import json
 

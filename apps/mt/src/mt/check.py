@@ -144,6 +144,12 @@ def make_plan(
     except ValueError as error:
         raise CommandError(str(error)) from error
     world = nproc_per_node * nnodes
+    size = args.sequence_parallel_size
+    if world % size:
+        raise CommandError(
+            f"sequence_parallel_size = {size} does not divide the {world} GPUs of this plan "
+            "(--nproc_per_node x --nnodes)"
+        )
 
     from mt_core.model_shape import (  # torch, ...
         liger_supports,
@@ -151,8 +157,12 @@ def make_plan(
         model_shape,
         osft_settings,
     )
+    from mt_core.sequence_parallel import sequence_parallel_problem
 
     config = load_model_config(args.model_name_or_path, args.trust_remote_code)
+    problem = sequence_parallel_problem(config, size)
+    if problem is not None:
+        raise CommandError(f"sequence_parallel_size: {problem}")
     shape = model_shape(
         config, osft=osft_settings(args), master=args.train_dtype,
         trust_remote_code=args.trust_remote_code,
@@ -243,7 +253,10 @@ def _data_plan(args: TrainingArgs, vocab_size: int, world: int, output_dir: Path
     """The run's data as ``mt run`` builds it (the same function), with what it dropped."""
     from mt_core.data import build_data
 
-    ctx = SimpleNamespace(world_size=world, rank=0, is_main=True)
+    ctx = SimpleNamespace(
+        world_size=world, rank=0, is_main=True,
+        data_parallel_size=world // args.sequence_parallel_size,
+    )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = build_data(args, ctx, vocab_size, output_dir)
@@ -255,7 +268,7 @@ def _data_plan(args: TrainingArgs, vocab_size: int, world: int, output_dir: Path
         items, long, silent = "blocks", 0, 0
     else:
         items = "samples"
-        long = int((lengths > args.max_tokens_per_gpu).sum())
+        long = int((lengths > args.max_tokens_per_gpu * args.sequence_parallel_size).sum())
         silent = len(store) - len(base) - long
     counts = dict(
         items=items,
@@ -288,22 +301,31 @@ def _sample_steps(
     args: TrainingArgs, train, sampler, world: int, shape: ModelShape, device: Gpu, mfu: float,
     count: int,
 ) -> list[StepSample]:  # fmt: skip
-    """The first ``count`` global batches of the run, packed over ``world`` ranks."""
+    """The first ``count`` global batches of the run, packed over ``world`` ranks (over its
+    groups with sequence parallelism: each GPU of a group computes an equal part of a row)."""
     from mt_packing import pack_minibatches
 
     steps = []
     rate = device.peak_flops * mfu
+    size = args.sequence_parallel_size
     for batch in itertools.islice(iter(sampler), count):
         batch = np.asarray(batch, dtype=np.int64)
         lengths = train.lengths[batch]
         contexts = _context_sums(train, batch)
-        plan = pack_minibatches(lengths, args.max_tokens_per_gpu, world, rank=None)
+        plan = pack_minibatches(lengths, args.max_tokens_per_gpu * size, world // size, rank=None)
         busiest = 0.0
-        largest = max(int(lengths[ranks[m]].sum()) for ranks in plan for m in range(len(ranks)))
+        largest = max(
+            -(-int(lengths[rows[m]].sum()) // size) for rows in plan for m in range(len(rows))
+        )
         for minibatch in range(len(plan[0])):
-            busiest += max(
-                step_flops(shape, lengths[ranks[minibatch]].sum(), contexts[ranks[minibatch]].sum())
-                for ranks in plan
+            busiest += (
+                max(
+                    step_flops(
+                        shape, lengths[rows[minibatch]].sum(), contexts[rows[minibatch]].sum()
+                    )
+                    for rows in plan
+                )
+                / size
             )
         if args.activation_checkpointing:
             busiest *= recompute_factor(shape, lengths.sum(), contexts.sum())

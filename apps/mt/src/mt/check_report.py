@@ -80,9 +80,15 @@ def _data_lines(plan: Plan) -> list[str]:
         )
     else:
         verb = "refused" if a.too_long_samples == "error" else "dropped"
+        limit = f"max_tokens_per_gpu = {_n(a.max_tokens_per_gpu)}"
+        if a.sequence_parallel_size > 1:
+            limit = (
+                f"a row of {_n(a.max_tokens_per_gpu * a.sequence_parallel_size)} tokens "
+                f"({limit} x sequence_parallel_size = {a.sequence_parallel_size})"
+            )
         lines.append(
-            f"        {verb}: {_n(plan.dropped_long)} longer than max_tokens_per_gpu = "
-            f"{_n(a.max_tokens_per_gpu)}, {_n(plan.dropped_silent)} without a loss-counted token"
+            f"        {verb}: {_n(plan.dropped_long)} longer than {limit}, "
+            f"{_n(plan.dropped_silent)} without a loss-counted token"
         )
     if plan.validation_items:
         lines.append(
@@ -177,6 +183,12 @@ def _step_lines(plan: Plan) -> list[str]:
         f"        minibatches per GPU per step {minibatches.mean():.2g} (from {minibatches.min()} to "
         f"{minibatches.max()}), at most {_n(a.max_tokens_per_gpu)} tokens each",
     ]
+    if a.sequence_parallel_size > 1:
+        lines.append(
+            f"        sequence parallelism: groups of {a.sequence_parallel_size} GPUs compute rows "
+            f"of up to {_n(a.max_tokens_per_gpu * a.sequence_parallel_size)} tokens, each GPU "
+            "an equal part (attention heads exchanged for tokens: 4 all-to-alls per layer)"
+        )
     if plan.total_steps is None:
         total = f"{a.training_mode} mode: no end"
     elif a.training_mode == "epoch":

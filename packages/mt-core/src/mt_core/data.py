@@ -33,13 +33,17 @@ class RunData:
 def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir: Path) -> RunData:
     """Validate the data into a memory-mapped store (every rank maps the same files), cut it
     into training items and the validation share, and set up the sampler and packer."""
-    if args.batch_size < ctx.world_size:
+    groups = ctx.data_parallel_size
+    if args.batch_size < groups:
         # The packer would leave a rank without any sample in every step: legal, but never
         # what was meant (it computes nothing there), so it is refused rather than run.
+        what = (
+            f"{groups} ranks" if groups == ctx.world_size else f"{groups} sequence-parallel groups"
+        )
         raise ConfigError(
-            [f"batch_size: {args.batch_size} is less than the {ctx.world_size} ranks of this run, "
+            [f"batch_size: {args.batch_size} is less than the {what} of this run, "
              "so some rank would get no sample in any step; set batch_size to at least "
-             f"{ctx.world_size} or start fewer processes"]
+             f"{groups} or start fewer processes"]
         )  # fmt: skip
     source = _source(args.data_path, "data_path", args, vocab_size, output_dir)
     train, validation = split_validation(source, args.validation_split, args.seed)
@@ -49,7 +53,10 @@ def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir
         )
     sampler_type = EpochSampler if args.training_mode == "epoch" else InfiniteSampler
     sampler = sampler_type(len(train), args.batch_size, seed=args.seed)
-    loader = StepLoader(train, sampler, args.max_tokens_per_gpu, ctx.world_size, ctx.rank)
+    loader = StepLoader(
+        train, sampler, args.max_tokens_per_gpu, ctx.world_size, ctx.rank,
+        args.sequence_parallel_size,
+    )  # fmt: skip
     return RunData(train, validation, sampler, loader)
 
 
@@ -70,4 +77,9 @@ def _source(
         return PretrainingBlocks(
             store, args.pretraining.block_size, args.pretraining.segment_documents
         )
-    return SampleDataset(store, args.max_tokens_per_gpu, args.too_long_samples)
+    if args.sequence_parallel_size == 1:
+        return SampleDataset(store, args.max_tokens_per_gpu, args.too_long_samples)
+    return SampleDataset(
+        store, args.max_tokens_per_gpu * args.sequence_parallel_size, args.too_long_samples,
+        limit_name="max_tokens_per_gpu x sequence_parallel_size",
+    )  # fmt: skip

@@ -110,7 +110,7 @@ def fit_to_gpu(
     )  # fmt: skip
     # A step runs one minibatch per GPU only if its largest possible batch fits one row.
     largest_batch = int(np.sort(lengths)[-args.batch_size :].sum())
-    minibatches = 1 if largest_batch <= args.max_tokens_per_gpu else 2
+    minibatches = 1 if largest_batch <= args.max_tokens_per_gpu * args.sequence_parallel_size else 2
     run = run_settings(args, world_size, liger, sync_each, minibatches)
     usable = usable_bytes(capacity_bytes)
     fit = choose_fit(shape, run, usable, compiled=compiled, budget=budget)

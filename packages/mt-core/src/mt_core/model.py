@@ -17,6 +17,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from mt_core.attention import has_attention_sinks, resolve_attn_backend, use_padding_free_attention
 from mt_core.config import ConfigError
 from mt_core.families import freeze_untrained, load_weights, new_model
+from mt_core.sequence_parallel import use_sequence_parallel_attention
 from mt_fsdp import (
     TOKENIZER_FILES,
     DistContext,
@@ -142,6 +143,8 @@ def build_model(
     freeze_untrained(model)
     backend = resolve_attn_backend(attn_backend, ctx.device, sinks=has_attention_sinks(model))
     use_padding_free_attention(model, backend)
+    if ctx.sequence_group is not None:
+        use_sequence_parallel_attention(model, ctx.sequence_group)
     if use_liger:
         _apply_liger(model, loss_only=compile_blocks)
     if activation_checkpointing:

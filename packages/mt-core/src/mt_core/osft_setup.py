@@ -66,7 +66,10 @@ def _adaptive(
 ) -> dict[str, float]:
     """Per-block ratios from layer importance on the first minibatches of the training data."""
     sampler = InfiniteSampler(len(train), args.batch_size, seed=args.seed + 1)
-    loader = StepLoader(train, sampler, args.max_tokens_per_gpu, ctx.world_size, ctx.rank)
+    loader = StepLoader(
+        train, sampler, args.max_tokens_per_gpu, ctx.world_size, ctx.rank,
+        args.sequence_parallel_size,
+    )  # fmt: skip
     batches = []
     for minibatch in loader.step_batch(next(sampler)).minibatches[:ADAPTIVE_MINIBATCHES]:
         tensors = minibatch_tensors(minibatch, ctx.device)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from mt_core.callbacks import CallbackRunner, load_callbacks
-from mt_core.config import TrainingArgs, write_run_file
+from mt_core.config import ConfigError, TrainingArgs, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.families import export_model
@@ -57,6 +57,7 @@ from mt_core.progress_state import (
     planned_steps,
     validation_due,
 )
+from mt_core.sequence_parallel import sequence_parallel_problem
 from mt_core.tracking import open_trackers
 from mt_core.validation import validation_loss
 from mt_data import StepBatch
@@ -89,7 +90,10 @@ class TrainResult:
 
 def train(args: TrainingArgs) -> TrainResult:
     """Run ``args`` to its end in this process (one of torchrun's ranks, or alone)."""
-    ctx = init_distributed()
+    try:
+        ctx = init_distributed(sequence_parallel_size=args.sequence_parallel_size)
+    except ValueError as error:  # the size does not divide the processes started
+        raise ConfigError([f"sequence_parallel_size: {error}"]) from error
     if not ctx.is_main:
         _quiet()  # rank 0 speaks for the run; the others only raise errors
     try:
@@ -116,6 +120,9 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     # 1. Data: validated once into a memory-mapped store, before any GPU work.
     model_folder = locate_model(args.model_name_or_path)
     config = load_config(model_folder, args.trust_remote_code)
+    problem = sequence_parallel_problem(config, args.sequence_parallel_size)
+    if problem is not None:
+        raise ConfigError([f"sequence_parallel_size: {problem}"])
     data = build_data(args, ctx, config.get_text_config().vocab_size, output_dir)
     sampler = data.sampler
 

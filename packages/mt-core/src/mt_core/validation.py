@@ -9,9 +9,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mt_core.loss import minibatch_loss, minibatch_tensors
-from mt_data import TokenSource, collate_minibatch
+from mt_data import TokenSource, rank_minibatches
 from mt_fsdp import DistContext, reshard_all
-from mt_packing import pack_minibatches
 
 __all__ = ["validation_loss"]
 
@@ -29,9 +28,11 @@ def validation_loss(
     try:
         for start in range(0, len(source), batch_size):
             ids = np.arange(start, min(start + batch_size, len(source)), dtype=np.int64)
-            plan = pack_minibatches(source.lengths[ids], max_tokens, ctx.world_size, ctx.rank)
-            for positions in plan:  # the same count on every rank; empty slots run a dummy
-                minibatch = collate_minibatch(source, ids[positions], total_targets)
+            minibatches = rank_minibatches(
+                source, ids, total_targets, max_tokens, ctx.world_size, ctx.rank,
+                ctx.sequence_parallel_size,
+            )  # fmt: skip
+            for minibatch in minibatches:  # the same count on every rank; empty slots run a dummy
                 loss_sum += minibatch_loss(model, **minibatch_tensors(minibatch, ctx.device))
     finally:
         model.train(was_training)

@@ -15,7 +15,7 @@ import numpy as np
 
 from mt_data.sources import TokenSource
 
-__all__ = ["PackedMinibatch", "collate_minibatch"]
+__all__ = ["PackedMinibatch", "collate_minibatch", "sequence_shard"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class PackedMinibatch:
     them in the whole global batch (every rank, every minibatch): dividing each minibatch's
     summed token loss by the latter makes the gradients those of one unpadded batch.
     An empty minibatch (a rank with nothing to do) has zero tokens and ``cu_seqlens == [0]``.
+
+    A sequence-parallel shard (:func:`sequence_shard`) holds a slice of a row's tokens while
+    ``cu_seqlens`` and ``max_seqlen`` describe the whole row: its attention sees the whole row.
     """
 
     input_ids: np.ndarray
@@ -74,4 +77,46 @@ def collate_minibatch(
         num_loss_tokens=int(np.count_nonzero(labels != -100)),
         global_num_loss_tokens=int(global_num_loss_tokens),
         sample_ids=sample_ids,
+    )
+
+
+def sequence_shard(minibatch: PackedMinibatch, size: int, index: int) -> PackedMinibatch:
+    """Part ``index`` of ``size`` equal, consecutive parts of ``minibatch``'s row, for sequence
+    parallelism: ``size`` ranks each compute one part, and their attention exchanges keys and
+    values so that every document still attends to all of itself.
+
+    The row is first made a multiple of ``size`` tokens long (and at least ``size``, so an empty
+    minibatch gives every rank one token) by a filler segment of its own at the end: fewer than
+    ``size`` tokens, label -100, positions from 0. No document is padded or split from its
+    segment: the filler only sees itself and has no target, so it adds exactly nothing to the
+    loss or to any gradient. The returned ``cu_seqlens`` and ``max_seqlen`` are the whole
+    (filled) row's; the token counts are this part's.
+    """
+    if size < 1 or not 0 <= index < size:
+        raise ValueError(f"part {index} of {size}: need size >= 1 and 0 <= index < size")
+    if size == 1:
+        return minibatch
+    tokens = minibatch.num_tokens
+    filled = max(size, -(-tokens // size) * size)
+    filler = filled - tokens
+    cu_seqlens = minibatch.cu_seqlens
+    if filler:
+        cu_seqlens = np.append(cu_seqlens, np.int32(filled))
+
+    def with_filler(row: np.ndarray, fill: np.ndarray) -> np.ndarray:
+        return np.concatenate([row[0], fill])[None, :] if filler else row
+
+    input_ids = with_filler(minibatch.input_ids, np.zeros(filler, dtype=np.int64))
+    labels = with_filler(minibatch.labels, np.full(filler, -100, dtype=np.int64))
+    position_ids = with_filler(minibatch.position_ids, np.arange(filler, dtype=np.int64))
+    part = slice(index * (filled // size), (index + 1) * (filled // size))
+    return PackedMinibatch(
+        input_ids=input_ids[:, part],
+        labels=labels[:, part],
+        position_ids=position_ids[:, part],
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(max(minibatch.max_seqlen, filler)),
+        num_loss_tokens=int(np.count_nonzero(labels[:, part] != -100)),
+        global_num_loss_tokens=minibatch.global_num_loss_tokens,
+        sample_ids=minibatch.sample_ids,
     )

@@ -50,7 +50,8 @@ class SampleDataset:
     (they fit in no minibatch; ``too_long="error"`` refuses them instead, naming ``path:line``)
     and samples without any loss-counted token (they add nothing and can make a minibatch's loss
     0/0). When no sample is left, one DataError says why and what to change (no warnings
-    first). Item ``i`` of the dataset is sample ``kept[i]`` of the store.
+    first). Item ``i`` of the dataset is sample ``kept[i]`` of the store. ``limit_name`` is how
+    the messages name ``max_tokens`` (the run-file keys that set it).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class SampleDataset:
         store: TokenStore,
         max_tokens: int | None = None,
         too_long: Literal["drop", "error"] = "drop",
+        limit_name: str = "max_tokens_per_gpu",
     ) -> None:
         if store.labels is None or store.loss_counts is None:
             raise ValueError(f"{store.source}: fine-tuning needs labels; build the store with them")
@@ -71,11 +73,12 @@ class SampleDataset:
         silent = np.asarray(store.loss_counts) == 0
         keep = ~over & ~silent
         if over.any() and too_long == "error":
-            _report_too_long(store, over, lengths, max_tokens, too_long)  # raises, naming each
+            # raises, naming each
+            _report_too_long(store, over, lengths, max_tokens, too_long, limit_name)
         if not keep.any():  # one error that says why, rather than warnings and then an error
-            raise DataError([_nothing_left(store, lengths, over, silent, max_tokens)])
+            raise DataError([_nothing_left(store, lengths, over, silent, max_tokens, limit_name)])
         if over.any():
-            _report_too_long(store, over, lengths, max_tokens, too_long)
+            _report_too_long(store, over, lengths, max_tokens, too_long, limit_name)
         if (silent & ~over).any():
             warnings.warn(
                 f"{store.source}: dropped {int((silent & ~over).sum())} sample(s) with no "
@@ -108,6 +111,7 @@ def _nothing_left(
     over: np.ndarray,
     silent: np.ndarray,
     max_tokens: int | None,
+    limit_name: str,
 ) -> str:
     """Why no sample of ``store`` can be trained on, and what to change."""
     head = f"{store.source}: no sample is left to train on"
@@ -116,38 +120,43 @@ def _nothing_left(
     if over.all():
         shortest = int(lengths.min())
         return (
-            f"{head}: all {len(store)} sample(s) are longer than max_tokens_per_gpu="
-            f"{max_tokens} (the shortest has {shortest} tokens); raise max_tokens_per_gpu to at "
+            f"{head}: all {len(store)} sample(s) are longer than {limit_name}="
+            f"{max_tokens} (the shortest has {shortest} tokens); raise {limit_name} to at "
             f"least {shortest} or shorten the samples"
         )
     if not over.any():
         return f"{head}: in each of its {len(store)} sample(s) {masked}; {unmask}"
     learnable = int(lengths[~silent].min())
     return (
-        f"{head}: {int(over.sum())} sample(s) are longer than max_tokens_per_gpu={max_tokens} "
-        f"and in the other {int((silent & ~over).sum())} {masked}; raise max_tokens_per_gpu to "
+        f"{head}: {int(over.sum())} sample(s) are longer than {limit_name}={max_tokens} "
+        f"and in the other {int((silent & ~over).sum())} {masked}; raise {limit_name} to "
         f"at least {learnable} (the shortest sample with labels) or {unmask}"
     )
 
 
 def _report_too_long(
-    store: TokenStore, over: np.ndarray, lengths: np.ndarray, max_tokens: int, too_long: str
+    store: TokenStore,
+    over: np.ndarray,
+    lengths: np.ndarray,
+    max_tokens: int,
+    too_long: str,
+    limit_name: str,
 ) -> None:
     count = int(over.sum())
     share = float(lengths[over].sum()) / float(lengths.sum())
     summary = (
         f"{store.source}: {count} of {len(store)} sample(s) ({share:.2%} of the tokens) are "
-        f"longer than max_tokens_per_gpu={max_tokens}"
+        f"longer than {limit_name}={max_tokens}"
     )
     if too_long == "error":
         problems = [
             f"{store.location(int(i))}: sample has {int(lengths[i])} tokens, more than "
-            f"max_tokens_per_gpu={max_tokens}"
+            f"{limit_name}={max_tokens}"
             for i in np.flatnonzero(over)[:20]
         ]
         raise DataError(
             problems,
-            header=summary + "; raise max_tokens_per_gpu, shorten them, or let mt drop them",
+            header=summary + f"; raise {limit_name}, shorten them, or let mt drop them",
         )
     warnings.warn(summary + "; they were dropped", DataWarning, stacklevel=3)
 

@@ -3,6 +3,11 @@
 FSDP2 always needs a process group and a device mesh, even for one process; a single process
 (no torchrun) gets an in-memory store of world size 1, so no port is opened. The process group
 is the only global state mt keeps.
+
+The ranks form one device mesh, built here: FSDP2 shards over all of them (``mesh``, one
+dimension); with sequence parallelism, ``sequence_parallel_size`` consecutive ranks (the fastest
+links: on one node) also form a group that computes each packed row together
+(``sequence_group``). The train loop asks the context for groups and never builds its own.
 """
 
 from __future__ import annotations
@@ -26,12 +31,24 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
+    mesh: DeviceMesh  # every rank: what FSDP2 shards over
+    sequence_parallel_size: int = 1
+    sequence_group: dist.ProcessGroup | None = None  # this rank's group when the size is > 1
 
     @property
     def is_main(self) -> bool:
         """Rank 0 writes shared files (metrics, exports) and talks to the user."""
         return self.rank == 0
+
+    @property
+    def sequence_rank(self) -> int:
+        """This rank's place in its sequence-parallel group: which part of each row it holds."""
+        return self.rank % self.sequence_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many groups take their own share of each batch."""
+        return self.world_size // self.sequence_parallel_size
 
 
 def _pick_device(local_rank: int, device: str) -> torch.device:
@@ -45,15 +62,22 @@ def _pick_device(local_rank: int, device: str) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto") -> DistContext:
+def init_distributed(device: str = "auto", sequence_parallel_size: int = 1) -> DistContext:
     """Join the job torchrun started (RANK/WORLD_SIZE set) or start a one-process group.
 
     ``device`` is "auto" (CUDA when present, else CPU), "cuda" or "cpu". NCCL serves CUDA, gloo
-    the CPU.
+    the CPU. ``sequence_parallel_size`` must divide the world size (ValueError otherwise, before
+    any group is made).
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if sequence_parallel_size < 1 or world_size % sequence_parallel_size:
+        raise ValueError(
+            f"{sequence_parallel_size} does not divide the {world_size} process(es) of this "
+            f"run; choose a divisor of {world_size}, or start a multiple of "
+            f"{sequence_parallel_size} processes"
+        )
     target = _pick_device(local_rank, device)
     backend = "nccl" if target.type == "cuda" else "gloo"
     # the group is bound to this rank's GPU, so its collectives (barriers, those of torch's
@@ -67,12 +91,23 @@ def init_distributed(device: str = "auto") -> DistContext:
                 backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
             )
     mesh = init_device_mesh(target.type, (dist.get_world_size(),))
+    sequence_group = None
+    if sequence_parallel_size > 1:
+        # (data, sequence): ranks that differ only in the last coordinate are consecutive
+        grid = init_device_mesh(
+            target.type,
+            (world_size // sequence_parallel_size, sequence_parallel_size),
+            mesh_dim_names=("data", "sequence"),
+        )
+        sequence_group = grid["sequence"].get_group()
     return DistContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
         device=target,
         mesh=mesh,
+        sequence_parallel_size=sequence_parallel_size,
+        sequence_group=sequence_group,
     )
 
 

@@ -103,7 +103,8 @@ class TrainingArgs:
         default=False,
     )
     too_long_samples: str = field(
-        "Samples longer than max_tokens_per_gpu fit in no minibatch: 'drop' them with a "
+        "Samples longer than a row (max_tokens_per_gpu x sequence_parallel_size) fit in no "
+        "minibatch: 'drop' them with a "
         "warning that gives their count, or refuse the data with an 'error' naming each one.",
         _MODEL,
         "string",
@@ -123,6 +124,18 @@ class TrainingArgs:
         _BATCH,
         "integer",
         greater_than(0),
+    )
+    sequence_parallel_size: int = field(
+        "GPUs that compute each packed row together (sequence parallelism): a group of this "
+        "many consecutive ranks holds rows of up to sequence_parallel_size x "
+        "max_tokens_per_gpu tokens, each GPU a consecutive part, and exchanges attention heads "
+        "for tokens around attention (all-to-all, DeepSpeed-Ulysses style), so a sample longer "
+        "than one GPU's row trains whole and exactly. Must divide the number of processes and "
+        "the model's attention and key/value head counts. 1 = off.",
+        _BATCH,
+        "integer",
+        greater_than(0),
+        default=1,
     )
 
     learning_rate: float = field(
@@ -591,11 +604,14 @@ def _check_cross_fields(args: TrainingArgs, problems: _CrossFieldProblems) -> No
         )
     for key, message in scheduler_problems(args):
         problems.add(key, message)
-    if args.pretraining is not None and args.pretraining.block_size > args.max_tokens_per_gpu:
+    row = args.max_tokens_per_gpu * args.sequence_parallel_size
+    if args.pretraining is not None and args.pretraining.block_size > row:
+        parallel = f" x sequence_parallel_size = {args.sequence_parallel_size}"
         problems.add(
             "pretraining.block_size",
             f"{args.pretraining.block_size} is more than max_tokens_per_gpu = "
-            f"{args.max_tokens_per_gpu}: a block would fit in no minibatch",
+            f"{args.max_tokens_per_gpu}{parallel if args.sequence_parallel_size > 1 else ''}: "
+            "a block would fit in no minibatch",
         )
     if args.resume_from_full_state_checkpoint is not None and args.resume not in ("auto",):
         problems.add(
