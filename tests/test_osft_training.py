@@ -91,13 +91,20 @@ def test_osft_keeps_the_frozen_subspace_and_two_ranks_agree(workspace, equivalen
     original = load_file(llama_folder / "model.safetensors")
     # in a fresh process: the resumed run below is compared with it bit for bit
     assert_in_the_trainable_subspace(original, run(runs, workspace, workspace / "one"), 0.02)
-    # One step on one process and on two ranks, eps = max_grad_norm = 1 so each update is at most
-    # lr / eps sensitive to the gradients' rounding (conftest.first_step_atol): the dense weights
-    # before the projection differ by at most twice that, and the projection (W0 + Π(W - W0),
-    # Π orthogonal) does not enlarge a difference in Frobenius norm, up to its own rounding.
+    same_step_on_two_ranks(workspace, equivalence, runs, original)
+
+
+def same_step_on_two_ranks(workspace, equivalence, runs, original, *extra: str) -> None:
+    """One step on one process and on two ranks (data parallel, or one sequence-parallel group),
+    eps = max_grad_norm = 1 so each update is at most lr / eps sensitive to the gradients'
+    rounding (conftest.first_step_atol): the dense weights before the projection differ by at
+    most twice that, and the projection (W0 + Π(W - W0), Π orthogonal) does not enlarge a
+    difference in Frobenius norm, up to its own rounding."""
     step = {"max_steps": 1, "eps": 1.0, "max_grad_norm": 1.0}
-    one = run_here(runs, workspace, workspace / "one_step", **step)
-    two = run(runs, workspace, workspace / "one_step_on_two_ranks",
+    one = workspace / "one_step"
+    one = (runs.exported_weights(one) if (one / "hf_format").is_dir()
+           else run_here(runs, workspace, one, **step))  # fmt: skip
+    two = run(runs, workspace, workspace / f"one_step_on_two_ranks{len(extra)}", *extra,
               *(f"--{key}={value}" for key, value in step.items()), nproc=2)  # fmt: skip
     assert_in_the_trainable_subspace(original, two, 0.0)
     rtol = 2 * equivalence.float32_rtol(8 * 14, 32, 64, 64)  # 8 samples of <= 14 tokens
@@ -106,6 +113,14 @@ def test_osft_keeps_the_frozen_subspace_and_two_ranks_agree(workspace, equivalen
         rounding = (sum(a.shape) if a.dim() == 2 else 1) * equivalence.U32 * a.double().norm()
         difference = (two[name].double() - a.double()).norm()
         assert difference <= atol.norm() + rounding, name
+
+
+def test_osft_under_sequence_parallelism_agrees_with_one_process(workspace, equivalence, runs,
+                                                                 llama_folder):  # fmt: skip
+    """The same step with the two ranks as one sequence-parallel group (rows of 2 x 48 tokens,
+    each rank half of each row): OSFT sees only parameters, so the bound is the same."""
+    original = load_file(llama_folder / "model.safetensors")
+    same_step_on_two_ranks(workspace, equivalence, runs, original, "--sequence_parallel_size=2")
 
 
 def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace, killer_source, runs):

@@ -107,16 +107,19 @@ def test_a_sequence_parallel_checkpoint_resumes_on_one_process(keys, tmp_path, r
                                                                equivalence):  # fmt: skip
     """Two steps on two ranks with sequence parallelism, and its step-1 checkpoint resumed by one
     process for step 2: both follow the curve of one process running both steps, within
-    trajectory_rtol."""
+    trajectory_rtol, and so does the validation loss after each step. The sequence-parallel run
+    also has compiled blocks and activation checkpointing (recomputation runs the exchanges
+    again), so they are shown to compose with it."""
     import shutil
 
     from safetensors.torch import load_file
 
     # lr <= 1 / √P, as trajectory_rtol needs (P = 22,688)
-    keys = dict(keys, batch_size=3, max_steps=2, checkpoint_every_steps=1, learning_rate=5e-3)
+    keys = dict(keys, batch_size=3, max_steps=2, checkpoint_every_steps=1, learning_rate=5e-3,
+                validation_split=0.3, validation_frequency=1)  # fmt: skip
     run = runs.write_run(tmp_path / "run.toml", **keys)
-    runs.launch("run", str(run), f"--output_dir={tmp_path / 'sp'}",
-                "--sequence_parallel_size=2", nproc=2)  # fmt: skip
+    runs.launch("run", str(run), f"--output_dir={tmp_path / 'sp'}", "--sequence_parallel_size=2",
+                "--torch_compile=true", "--activation_checkpointing=true", nproc=2)  # fmt: skip
     resumed = shutil.copytree(tmp_path / "sp", tmp_path / "resumed")
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_1"]
     _, one_after_sp = runs.train_here(resumed, run_file=run, max_tokens_per_gpu=64)
@@ -129,6 +132,9 @@ def test_a_sequence_parallel_checkpoint_resumes_on_one_process(keys, tmp_path, r
             rtol = equivalence.trajectory_rtol(a["tokens"], (32, 64, VOCAB), steps=step, lr=5e-3,
                                                params=params)  # fmt: skip
             assert b["loss"] == pytest.approx(a["loss"], rel=rtol), a["step"]
+            after = equivalence.trajectory_rtol(KEPT_TOKENS, (32, 64, VOCAB), steps=step + 1,
+                                                lr=5e-3, params=params)  # fmt: skip
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=after), a["step"]
 
 
 def test_sizes_that_do_not_divide_the_heads_or_the_processes_are_refused(keys, tmp_path, runs):
