@@ -18,6 +18,11 @@ data synthetic (tools/random_model.py), both under ``--work`` (tens of GB: not u
 * large: examples/llama-3.1-8b-2gpu.toml on 2 GPUs, on documents of 8,192 tokens that fill every
   row (max_tokens_per_gpu 16,384, then 8,192 if that does not fit): tokens/s per GPU, MFU, peak
   GPU memory, and each rank's peak host memory up to the end of the sharded load;
+* long (issue #17): sequence parallelism. The 1B shape on samples of 32,768 tokens, whole on 1
+  GPU and split over 2 (sequence_parallel_size 2, 16,384 tokens per GPU), the same batches: loss
+  parity; then the 8B shape on samples of 131,072 tokens over 2 GPUs (65,536 each): tokens/s per
+  GPU, MFU and peak memory, next to torchtitan's 8B with context parallelism (1,071 tokens/s per
+  GPU on 8 H100s);
 * every 2-GPU run profiles its optimizer step 3 on rank 0: GPU time in compute kernels and in
   NCCL kernels, and how much of the NCCL time runs under compute.
 
@@ -62,6 +67,8 @@ EFFICIENCY_GOAL = 0.90
 MFU_GOAL = 0.40
 H100_MEASURED_PEAK = 795e12  # bf16 8192^3 matmul on the GPU machine (shared/GPU.md)
 DATASHEET_PEAK = 989e12
+# torchtitan's Llama 3.1 8B, context parallelism, compile and Float8 on 8 H100s, 131,072 tokens
+TORCHTITAN_CP_TOKENS_PER_GPU = 1071
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +238,8 @@ class Setting:
     max_tokens: int  # per GPU, parity and scaling runs
     large_max_tokens: tuple[int, ...]  # tried in turn until one fits
     document: int  # tokens per sample of the large run's data
+    long_parity_document: int  # sequence parallelism: tokens per sample of the parity runs
+    long_document: int  # and of the large shape's long-sample run
     batch: int = 64  # samples per step, parity and scaling
     parity_steps: int = 20
     scaling_steps: int = 10
@@ -240,10 +249,10 @@ class Setting:
 def setting(device: str, shape: str | None) -> Setting:
     if device == "cpu":
         tiny = shape or "tiny"
-        return Setting(tiny, tiny, tiny, 1024, (1024, 512), 512)
+        return Setting(tiny, tiny, tiny, 1024, (1024, 512), 512, 512, 1024)
     return Setting(
         shape or "llama-3.2-1b", shape or "llama-3.2-3b", shape or "llama-3.1-8b",
-        16384, (16384, 8192), 8192,
+        16384, (16384, 8192), 8192, 32768, 131072,
     )  # fmt: skip
 
 
@@ -459,7 +468,43 @@ def large_part(runner: Runner, s: Setting) -> tuple[dict, list[list[str]]]:
     return result, [*large_rows(result, size), profile_row(result)]
 
 
-PARTS = {"parity": parity_part, "scaling": scaling_part, "large": large_part}
+def long_part(runner: Runner, s: Setting) -> tuple[list[dict], list[list[str]]]:
+    """Sequence parallelism (issue #17): samples twice as long as one GPU's row. Parity: the
+    parity shape on samples of ``long_parity_document`` tokens, whole on 1 GPU and split over 2
+    GPUs (sequence_parallel_size 2, half the row each), the same batches. Then the large shape
+    on samples of ``long_document`` tokens over 2 GPUs: tokens/s per GPU, MFU, peak memory."""
+    results = []
+    length = s.long_parity_document
+    model = runner.model(s.parity_shape)
+    data = runner.data(f"data-{s.parity_shape}-fixed{length}", s.parity_shape, 64, length,
+                       fixed_len=length)  # fmt: skip
+    for gpus in (1, 2):
+        name = f"long-{s.parity_shape}-{gpus}gpu-{length}"
+        keys = run_keys(runner, name, model, data, batch_size=2, max_steps=s.parity_steps,
+                        max_tokens_per_gpu=length // gpus, sequence_parallel_size=gpus)  # fmt: skip
+        results.append({**runner.run(name, args_from_dict(keys), gpus), "shape": s.parity_shape})
+    rows = [*parity_rows(*results), profile_row(results[1])]
+    length = s.long_document
+    model = runner.model(s.large_shape)
+    data = runner.data(f"data-{s.large_shape}-fixed{length}", s.large_shape, 4 * s.large_steps,
+                       length, fixed_len=length)  # fmt: skip
+    name = f"long-{s.large_shape}-2gpu-{length}"
+    keys = run_keys(runner, name, model, data, batch_size=2, max_steps=s.large_steps,
+                    max_tokens_per_gpu=length // 2, sequence_parallel_size=2)  # fmt: skip
+    result = {**runner.run(name, args_from_dict(keys), 2), "shape": s.large_shape}
+    results.append(result)
+    peaks = ", ".join(f"{r['gpu_peak_gib']:.1f}" for r in result["ranks"] if r["gpu_peak_gib"])
+    rows += [
+        [f"{name}: sequence_parallel_size 2",
+         f"{result['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {_pct(result['mfu'])} of "
+         f"989; peak GPU GiB per rank {peaks or '-'}",
+         f"torchtitan 8B CP: {TORCHTITAN_CP_TOKENS_PER_GPU:,} tokens/s per GPU", ""],
+        profile_row(result),
+    ]  # fmt: skip
+    return results, rows
+
+
+PARTS = {"parity": parity_part, "scaling": scaling_part, "large": large_part, "long": long_part}
 
 
 def main() -> int:
