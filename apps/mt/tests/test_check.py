@@ -361,3 +361,25 @@ def test_an_architecture_without_liger_kernels_counts_its_logits(tmp_path, kit):
     assert not plan.settings.liger
     assert plan.memory.loss == 12 * 64 * 64 + 8 * 64 * 32
     assert any("no kernels for model_type 'gpt2'" in note for note in plan.notes)
+
+
+def test_without_gpu_the_plan_is_for_this_machines_gpu(tiny_run, monkeypatch):
+    """On a machine with a GPU (here a stand-in H200 as torch reports one) mt check plans for it:
+    its memory and peak; an unknown GPU keeps its memory and takes an H100's peak; without CUDA
+    the plan is for an H100 80 GB."""
+    from types import SimpleNamespace
+
+    args = load_run_file(tiny_run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert make_plan(args, str(tiny_run)).gpu == gpu("H100")
+    found = SimpleNamespace(name="NVIDIA H200", total_memory=150_012_862_464)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: found)
+    plan = make_plan(args, str(tiny_run))
+    assert plan.gpu.memory_gib == 150_012_862_464 / GIB and plan.gpu.peak_flops == 989e12
+    assert plan.gpu.label == "NVIDIA H200 140 GiB (this machine's)"
+    assert make_plan(args, str(tiny_run), gpu_name="A100-40").gpu == gpu("A100-40")  # --gpu wins
+    found.name = "NVIDIA RTX 9999"
+    plan = make_plan(args, str(tiny_run))
+    assert plan.gpu.peak_flops == gpu("H100").peak_flops
+    assert plan.gpu.label.endswith("peak FLOP/s taken as an H100's")

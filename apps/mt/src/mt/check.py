@@ -102,7 +102,7 @@ def check(
     run_file: str,
     nproc_per_node: int = 1,
     nnodes: int = 1,
-    gpu: str = "H100",
+    gpu: str | None = None,
     mfu: float = DEFAULT_MFU,
     batches: int = DEFAULT_BATCHES,
     **overrides: Any,
@@ -118,6 +118,25 @@ def check(
         raise Verdict(1)
 
 
+def local_gpu() -> Gpu | None:
+    """This machine's first GPU as mt check plans for it (its name, the memory torch sees and
+    its datasheet bf16 peak, H100's if mt does not know it), or None without CUDA."""
+    import torch
+
+    from mt_core.metrics import peak_flops_of
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    memory = props.total_memory / 2**30
+    peak = peak_flops_of(props.name)
+    label = f"{props.name} {memory:.0f} GiB (this machine's)"
+    if peak is None:
+        peak = gpu("H100").peak_flops
+        label += ", peak FLOP/s taken as an H100's"
+    return Gpu(props.name, label, memory, peak)
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CommandError(f"--{name}: expected a positive integer, got {value!r}")
@@ -129,18 +148,19 @@ def make_plan(
     run_file: str,
     nproc_per_node: int = 1,
     nnodes: int = 1,
-    gpu_name: str = "H100",
+    gpu_name: str | None = None,
     mfu: float = DEFAULT_MFU,
     batches: int = DEFAULT_BATCHES,
 ) -> Plan:
-    """The plan of ``args`` on ``nnodes`` x ``nproc_per_node`` GPUs of type ``gpu_name``."""
+    """The plan of ``args`` on ``nnodes`` x ``nproc_per_node`` GPUs of type ``gpu_name``; None:
+    this machine's GPU where it has one (its memory and datasheet peak), else an H100 80 GB."""
     nproc_per_node = _positive_int("nproc_per_node", nproc_per_node)
     nnodes = _positive_int("nnodes", nnodes)
     batches = _positive_int("batches", batches)
     if isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1:
         raise CommandError(f"--mfu: expected a fraction in (0, 1], e.g. 0.4, got {mfu!r}")
     try:
-        device = gpu(gpu_name)
+        device = gpu(gpu_name) if gpu_name is not None else (local_gpu() or gpu("H100"))
     except ValueError as error:
         raise CommandError(str(error)) from error
     world = nproc_per_node * nnodes

@@ -45,7 +45,8 @@ cpu_offload, more GPUs), each with its own estimate.
 options:
   --nproc_per_node=N   GPUs per node (default 1)
   --nnodes=K           nodes (default 1); the world size is N x K
-  --gpu=NAME           H100 (80 GB, default), H200 (141 GB), A100 (80 GB), A100-40
+  --gpu=NAME           H100 (80 GB), H200 (141 GB), A100 (80 GB), A100-40; default: this
+                       machine's GPU when it has one, else H100
   --mfu=F              model FLOPs utilisation assumed for the time estimate (default 0.4)
   --batches=B          global batches drawn to measure tokens and minibatches (default 20)
   --key=value          overrides a run-file key, as with `mt run`

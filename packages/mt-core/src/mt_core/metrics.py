@@ -22,6 +22,7 @@ __all__ = [
     "Progress",
     "attended_context",
     "flops_per_token",
+    "peak_flops_of",
     "peak_flops_per_gpu",
     "step_text",
 ]
@@ -44,9 +45,13 @@ def peak_flops_per_gpu(device: torch.device) -> float | None:
     """The datasheet bf16 peak of ``device``; None on CPU or an unknown GPU (no MFU then)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """The datasheet bf16 peak of a GPU of this name (as CUDA reports it); None if unknown."""
     for fragment, peak in PEAK_BF16_FLOPS.items():
-        if fragment in name:
+        if fragment in device_name:
             return peak
     return None
 
