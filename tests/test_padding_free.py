@@ -193,10 +193,10 @@ def packed_row_of(length: int, global_num_loss_tokens: int) -> dict:
 
 
 def test_backend_resolution_on_cpu():
-    assert ATTN_BACKENDS == ("auto", "flash_attn", "torch_varlen", "sdpa")
+    assert ATTN_BACKENDS == ("auto", "flash_attn", "torch_varlen", "sdpa", "flash_attn_4")
     assert resolve_attn_backend("auto", CPU) == "sdpa"
     assert resolve_attn_backend("sdpa", CPU) == "sdpa"
-    for cuda_only in ("flash_attn", "torch_varlen"):
+    for cuda_only in ("flash_attn", "torch_varlen", "flash_attn_4"):
         with pytest.raises(ValueError, match="CUDA"):
             resolve_attn_backend(cuda_only, CPU)
     with pytest.raises(ValueError, match="choose one of"):
@@ -205,5 +205,5 @@ def test_backend_resolution_on_cpu():
         register_padding_free_attention("auto")
     # names transformers would reinterpret ("flash...", "...sdpa...") are avoided
     names = {register_padding_free_attention(b) for b in ATTN_BACKENDS[1:]}
-    assert len(names) == 3 and not any("flash" in n or "sdpa" in n for n in names)
+    assert len(names) == 4 and not any("flash" in n or "sdpa" in n for n in names)
     assert register_padding_free_attention("sdpa") in names  # idempotent

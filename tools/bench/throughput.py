@@ -6,6 +6,13 @@ On the GPU machine (shared/GPU.md recipe), from the repository root:
     python3 tools/bench/throughput.py --shape llama-3.2-3b --out $OUT
     python3 tools/bench/throughput.py --shape tiny --device cpu --out /tmp/tp --steps 3   # dry run
 
+Long samples: ``--fixed-len L`` makes every sample L tokens long (mt contestants then come from
+``--extra``, with ``max_tokens_per_gpu`` = L: one sample per minibatch), e.g. issue #17's figures:
+
+    python3 tools/bench/throughput.py --out $OUT/32k --fixed-len 32768 --batch-size 2 \
+        --steps 4 --warmup 1 --only none --extra '{"mt 32k torch_varlen": {"max_tokens_per_gpu":
+        32768, "attn_backend": "torch_varlen"}, "mt 32k flash_attn_4": {...}}'
+
 One random-init model folder and one SFT length mix (log-normal, mean 600 tokens, max 8,192, a
 10-60% prompt share masked; tools/random_model.py) serve every contestant, and each contestant
 trains on the same global batches (mt's seeded sampler), each in a fresh process:
@@ -317,6 +324,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="samples per step")
     parser.add_argument("--quick", action="store_true", help="padded, mt 16k eager/compiled, dense")
     parser.add_argument("--only", help="comma-separated contestant names to run")
+    parser.add_argument("--fixed-len", type=int, help="every sample this many tokens long")
     parser.add_argument(
         "--extra",
         help="more mt contestants (JSON: name -> keys), e.g. "
@@ -346,7 +354,8 @@ def main() -> int:
         make_model(folder, options.shape, options.device)
     vocab = SHAPES[options.shape][1]["vocab_size"]
     if not data.is_file():
-        make_sft_data(data, options.batch_size * (options.steps + 2), vocab, MAX_LEN)
+        make_sft_data(data, options.batch_size * (options.steps + 2), vocab, MAX_LEN,
+                      fixed_len=options.fixed_len)  # fmt: skip
     config = AutoConfig.from_pretrained(folder)
     sft = batches(data, options.batch_size, options.steps, 1, out / "cache")
     # the dense reference trains about as many tokens per step, in full rows

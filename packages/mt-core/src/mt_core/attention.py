@@ -12,21 +12,24 @@ and the position ids are not scanned for packed sequences (a GPU->CPU sync per f
 function then insists on ``cu_seq_lens_q``, so a call without them (a padded batch, generation)
 fails loudly instead of letting documents see each other.
 
-Backends, all matching the model run on each document alone:
+Backends, all matching the model run on each document alone (the varlen kernels' adapters are in
+:mod:`mt_core.attention_kernels`):
 
+* ``flash_attn_4``: flash-attn-4's ``flash_attn.cute.flash_attn_varlen_func`` (CuTe DSL, Hopper
+  and Blackwell: compute capability 9.0 or higher; ``pip install "mt-core[flash-attn-4]"``);
 * ``flash_attn``: flash-attn 2's ``flash_attn.flash_attn_varlen_func`` (installed separately);
 * ``torch_varlen``: PyTorch's built-in ``torch.nn.attention.varlen.varlen_attn`` (CUDA);
 * ``sdpa``: ``scaled_dot_product_attention`` once per document; runs anywhere (CPU tests).
-  It alone takes attention sinks (GPT-OSS's ``s_aux``: one more logit per head in each
-  softmax, attending to nothing), computed per document in plain tensor ops; ``auto`` picks it
-  for models with sinks, since neither varlen kernel has them.
+
+Attention sinks (GPT-OSS's ``s_aux``: one more logit per head in each softmax, attending to
+nothing) and logit softcapping (Gemma 2's) are computed by ``flash_attn_4`` in its kernel and by
+``sdpa`` per document in plain tensor ops; the other two refuse them. ``auto`` sends a model with
+sinks to ``flash_attn_4`` where it can run, else to ``sdpa``.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
+from mt_core.attention_kernels import (
+    AttentionOutput,
+    check_call,
+    flash_attn_4_varlen,
+    flash_attn_varlen,
+    torch_varlen_function,
+)
 from mt_core.stateful import run_stateful_layers_per_document
 
 __all__ = [
@@ -45,19 +55,21 @@ __all__ = [
     "use_padding_free_attention",
 ]
 
-ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+# The order of listing, not of preference (that is resolve_attn_backend's): the newest last.
+ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "flash_attn_4")
 
 # transformers reads meaning into implementation names: one containing "flash" is sent to its
 # flash-attention loader (and may fetch a kernel from the Hub), one containing "sdpa" may fall
 # back to eager. These names contain neither.
 _IMPLEMENTATION_NAMES = {
+    "flash_attn_4": "mt_varlen_fa4",
     "flash_attn": "mt_varlen_fa",
     "torch_varlen": "mt_varlen_torch",
     "sdpa": "mt_varlen_perdoc",
 }
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-AttentionOutput = tuple[torch.Tensor, None]
+# flash-attn-4's kernels are written for Hopper (SM 9.0) and later
+_FLASH_ATTN_4_CAPABILITY = (9, 0)
+_BACKENDS_WITH_SINKS = ("flash_attn_4", "sdpa")
 
 
 def _flash_attn_problem() -> str | None:
@@ -88,6 +100,36 @@ def _is_flash_attn_4_namespace() -> bool:
     return any(Path(folder, "cute").is_dir() for folder in spec.submodule_search_locations or ())
 
 
+def _flash_attn_4_problem(device: torch.device) -> str | None:
+    """Why flash-attn-4 cannot run on the CUDA ``device``, or None if it can. The GPU is asked
+    for its compute capability only once the function imports, so CUDA is left alone where
+    flash-attn-4 is absent."""
+    return _flash_attn_4_import_problem() or _flash_attn_4_capability_problem(device)
+
+
+def _flash_attn_4_import_problem() -> str | None:
+    """Why flash-attn-4's varlen function does not import, or None. It is imported, as the
+    forward will; the CuTe DSL it loads raises RuntimeError where no runtime suits the driver."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as error:
+        missing = error.name if isinstance(error, ModuleNotFoundError) else None
+        if missing in ("flash_attn", "flash_attn.cute"):
+            return "flash-attn-4 is not installed"
+        return f"flash-attn-4 failed to import ({type(error).__name__}: {error})"
+    return None
+
+
+def _flash_attn_4_capability_problem(device: torch.device) -> str | None:
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < _FLASH_ATTN_4_CAPABILITY:
+        return (
+            f"this GPU has compute capability {capability[0]}.{capability[1]}, and flash-attn-4 "
+            "needs 9.0 or higher (Hopper, Blackwell)"
+        )
+    return None
+
+
 def _torch_varlen_present() -> bool:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -104,56 +146,86 @@ def has_attention_sinks(model: torch.nn.Module) -> bool:
 def resolve_attn_backend(name: str, device: torch.device, *, sinks: bool = False) -> str:
     """The concrete backend for ``name`` (one of :data:`ATTN_BACKENDS`) on ``device``.
 
-    ``auto`` picks ``flash_attn`` when flash-attn 2's function imports and ``device`` is CUDA,
-    else ``torch_varlen`` on CUDA when this torch's ``varlen_attn`` imports, else ``sdpa``;
-    and always ``sdpa`` for a model with attention ``sinks``, which only it computes.
+    ``auto`` on CUDA picks the first that can run: ``flash_attn_4`` (its function imports and
+    the GPU is SM 9.0+), ``flash_attn`` (flash-attn 2's function imports), ``torch_varlen``
+    (this torch's ``varlen_attn`` imports); else, and on any other device, ``sdpa``. A model
+    with attention ``sinks`` gets ``flash_attn_4`` or ``sdpa``, the two that compute them.
     An explicit choice that cannot run here raises ValueError saying what to install or choose,
-    here rather than at the first forward. Only ``device.type`` is read: CUDA is not touched.
+    here rather than at the first forward. CUDA is touched only to read the compute capability,
+    and only where flash-attn-4 imports and is asked for (``flash_attn_4`` or ``auto``).
     """
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-    if sinks and name in ("flash_attn", "torch_varlen"):
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attn_backend {name!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+    if sinks and name not in (*_BACKENDS_WITH_SINKS, "auto"):
         raise ValueError(
             f"attn_backend={name!r} cannot compute this model's attention sinks (GPT-OSS); "
-            "use attn_backend='sdpa' (or 'auto'), which computes them exactly per document"
+            "use attn_backend='flash_attn_4' (Hopper or Blackwell GPUs) or 'sdpa' (or 'auto'), "
+            "which compute them exactly"
         )
-    if sinks and name == "auto":
-        return "sdpa"
     if name == "auto":
-        if on_cuda and _flash_attn_problem() is None:
+        if on_cuda and _flash_attn_4_problem(device) is None:
+            return "flash_attn_4"
+        if on_cuda and not sinks and _flash_attn_problem() is None:
             return "flash_attn"
-        if on_cuda and _torch_varlen_present():
+        if on_cuda and not sinks and _torch_varlen_present():
             return "torch_varlen"
         return "sdpa"
-    if name == "flash_attn":
-        if not on_cuda:
-            raise ValueError(
-                f"attn_backend='flash_attn' needs a CUDA device, not {device}; "
-                "use attn_backend='sdpa' (or 'auto')"
-            )
-        problem = _flash_attn_problem()
-        if problem is not None:
-            raise ValueError(
-                "attn_backend='flash_attn' needs the flash-attn package (flash-attn 2's "
-                f"flash_attn_varlen_func), but {problem}: install flash-attn 2 "
-                "(pip install flash-attn), or use attn_backend='torch_varlen' or 'auto'"
-            )
-        return name
-    if name == "torch_varlen":
-        if not on_cuda:
-            raise ValueError(
-                f"attn_backend='torch_varlen' needs a CUDA device, not {device}; "
-                "use attn_backend='sdpa' (or 'auto')"
-            )
-        if not _torch_varlen_present():
-            raise ValueError(
-                f"attn_backend='torch_varlen' needs torch.nn.attention.varlen (torch >= 2.11), "
-                f"this is torch {torch.__version__}; upgrade torch or use attn_backend='sdpa'"
-            )
-        return name
-    if name == "sdpa":
-        return name
-    raise ValueError(f"unknown attn_backend {name!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+    if name != "sdpa" and not on_cuda:
+        raise ValueError(
+            f"attn_backend={name!r} needs a CUDA device, not {device}; "
+            "use attn_backend='sdpa' (or 'auto')"
+        )
+    problem = _REFUSALS[name](device) if name in _REFUSALS else None
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
+def _flash_attn_4_refusal(device: torch.device) -> str | None:
+    problem = _flash_attn_4_import_problem()
+    if problem is not None:
+        return (
+            "attn_backend='flash_attn_4' needs flash-attn-4 (flash_attn.cute.flash_attn_varlen_func)"
+            f', but {problem}: install it with pip install "mt-core[flash-attn-4]" (or pip '
+            "install flash-attn-4), or use attn_backend='torch_varlen' or 'auto'"
+        )
+    problem = _flash_attn_4_capability_problem(device)
+    if problem is not None:
+        return (
+            f"attn_backend='flash_attn_4' cannot run here: {problem}; use attn_backend="
+            "'flash_attn' (flash-attn 2), 'torch_varlen' or 'auto'"
+        )
+    return None
+
+
+def _flash_attn_refusal(device: torch.device) -> str | None:
+    problem = _flash_attn_problem()
+    if problem is None:
+        return None
+    return (
+        "attn_backend='flash_attn' needs the flash-attn package (flash-attn 2's "
+        f"flash_attn_varlen_func), but {problem}: install flash-attn 2 "
+        "(pip install flash-attn), or use attn_backend='torch_varlen' or 'auto'"
+    )
+
+
+def _torch_varlen_refusal(device: torch.device) -> str | None:
+    if _torch_varlen_present():
+        return None
+    return (
+        f"attn_backend='torch_varlen' needs torch.nn.attention.varlen (torch >= 2.11), "
+        f"this is torch {torch.__version__}; upgrade torch or use attn_backend='sdpa'"
+    )
+
+
+# why an explicit choice of a CUDA backend cannot run on a CUDA device (None: it can)
+_REFUSALS: dict[str, Callable[[torch.device], str | None]] = {
+    "flash_attn_4": _flash_attn_4_refusal,
+    "flash_attn": _flash_attn_refusal,
+    "torch_varlen": _torch_varlen_refusal,
+}
 
 
 def register_padding_free_attention(backend: str) -> str:
@@ -191,62 +263,6 @@ def use_padding_free_attention(model: PreTrainedModel, backend: str) -> str:
     return name
 
 
-def _documents(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float,
-    kwargs: dict[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Checks one call and returns ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q/k``."""
-    cu_q = kwargs.get("cu_seq_lens_q")
-    if cu_q is None:
-        raise ValueError(
-            "padding-free attention needs cu_seq_lens_q, cu_seq_lens_k, max_length_q and "
-            "max_length_k in the model call (one packed row); for padded batches or generation "
-            "switch back with model.set_attn_implementation('sdpa')"
-        )
-    cu_k = kwargs.get("cu_seq_lens_k")
-    cu_k = cu_q if cu_k is None else cu_k
-    max_q = kwargs.get("max_length_q")
-    max_k = kwargs.get("max_length_k")
-    if max_q is None or max_k is None:
-        raise ValueError("padding-free attention needs max_length_q and max_length_k (ints)")
-    if query.shape[0] != 1:
-        raise ValueError(
-            f"padding-free attention takes one packed row, not a batch of {query.shape[0]}"
-        )
-    if key.shape[2] != query.shape[2]:
-        raise ValueError(
-            "padding-free attention is for training (no KV cache): call the model with use_cache=False"
-        )
-    if attention_mask is not None:
-        raise ValueError(
-            "padding-free attention takes no attention_mask: documents are given by cu_seq_lens"
-        )
-    if not getattr(module, "is_causal", True):
-        raise ValueError(
-            f"{type(module).__name__} attends bidirectionally; padding-free attention is causal"
-        )
-    if dropout > 0:
-        raise ValueError(
-            f"padding-free attention has no attention dropout (got {dropout}); set the model "
-            "config's attention_dropout to 0"
-        )
-    if kwargs.get("softcap") is not None:
-        raise ValueError(
-            "padding-free attention does not support softcap (used by this model's attention); "
-            "train it with another attention implementation"
-        )
-    if kwargs.get("s_aux") is not None:  # the sdpa backend takes them out before this check
-        raise ValueError(
-            "this varlen kernel cannot compute attention sinks (s_aux, used by this model's "
-            "attention); use attn_backend='sdpa'"
-        )
-    return cu_q, cu_k, int(max_q), int(max_k)
-
-
 def _sdpa_per_document(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -256,11 +272,14 @@ def _sdpa_per_document(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> AttentionOutput:
-    """Causal SDPA on each document of the row in turn: exact, slow, runs on any device."""
-    sinks = kwargs.pop("s_aux", None)
-    cu_q, cu_k, _, _ = _documents(module, query, key, attention_mask, dropout, kwargs)
+    """Causal SDPA on each document of the row in turn: exact, slow, runs on any device. With
+    attention sinks (``s_aux``) or softcapping, plain tensor ops on the materialised scores."""
+    cu_q, cu_k, _, _ = check_call(module, query, key, attention_mask, dropout, kwargs)
+    plain = s_aux is None and softcap is None
     bounds = cu_q.tolist()
     if cu_k is not cu_q and cu_k.tolist() != bounds:
         raise ValueError("the sdpa backend needs the same documents for queries and keys")
@@ -272,142 +291,55 @@ def _sdpa_per_document(
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         length = end - start
         mask = None
-        if (sliding_window is not None and length > sliding_window) or sinks is not None:
+        if (sliding_window is not None and length > sliding_window) or not plain:
             # transformers' sliding window: query i sees keys i - sliding_window < j <= i.
             i = torch.arange(length, device=query.device)[:, None]
             j = torch.arange(length, device=query.device)[None, :]
             mask = (j <= i) & (j > i - (sliding_window or length))
         q, k, v = (t[:, :, start:end] for t in (query, key, value))
-        if sinks is None:
+        if plain:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
                 enable_gqa=key.shape[1] != query.shape[1],
             )  # fmt: skip
         else:
-            out = _with_sinks(q, k, v, mask, sinks, scaling)
+            out = _materialised(q, k, v, mask, scaling, softcap, s_aux)
         outputs.append(out)
     # HF attention functions return (batch, tokens, heads, head_dim)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _with_sinks(
+def _materialised(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     mask: torch.Tensor,
-    sinks: torch.Tensor,
     scaling: float | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Attention of one document whose softmax has one more logit per head, ``sinks``, that
-    attends to nothing (so a query may give little weight to every key). Materialises the
-    document's (heads, tokens, tokens) scores: SDPA has no place for the extra logit."""
+    """Attention of one document with what SDPA has no place for, on the document's materialised
+    (heads, tokens, tokens) scores: logit softcapping (``softcap * tanh(scores / softcap)`` of
+    the scaled scores, as Gemma 2) and sinks, one more logit per head in the softmax that
+    attends to nothing (so a query may give little weight to every key)."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    scores = query @ key.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        return torch.softmax(scores, dim=-1).to(value.dtype) @ value
     sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
     weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     return weights.to(value.dtype) @ value
 
 
-def _kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The half dtype the varlen kernels run in.
-
-    Under autocast HF's RoPE returns float32 q/k while v is already half: take the half dtype
-    present, else autocast's, else bfloat16 (a float32 model on GPU attends in bf16, as HF's own
-    flash-attention path does).
-    """
-    for tensor in tensors:
-        if tensor.dtype in _HALF_DTYPES:
-            return tensor.dtype
-    if torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        if dtype in _HALF_DTYPES:
-            return dtype
-    return torch.bfloat16
-
-
-def _varlen_layout(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(1, heads, T, d) -> (T, heads, d) in the kernels' half dtype."""
-    dtype = _kernel_dtype(query, key, value)
-
-    def packed(t: torch.Tensor) -> torch.Tensor:
-        return t[0].transpose(0, 1).to(dtype)
-
-    return packed(query), packed(key), packed(value)
-
-
-def _window(sliding_window: int | None, max_k: int) -> tuple[int, int]:
-    """Flash-style (left, right) window: HF's ``sliding_window`` counts the query itself."""
-    if sliding_window is None or max_k <= sliding_window:
-        return (-1, 0)  # plain causal: lets torch pick cuDNN, which takes no other window
-    return (sliding_window - 1, 0)
-
-
-def _torch_varlen_function() -> Callable[..., AttentionOutput]:
-    """``_torch_varlen`` with what this torch's ``varlen_attn`` takes decided now, at
-    registration: inside a compiled block a call to a cached helper makes dynamo warn."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    # torch 2.11 takes fewer K/V heads as they are; later versions want enable_gqa=True for that.
-    takes_enable_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
-    return functools.partial(_torch_varlen, takes_enable_gqa=takes_enable_gqa)
-
-
-def _torch_varlen(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    *,
-    takes_enable_gqa: bool,
-    **kwargs: Any,
-) -> AttentionOutput:
-    """PyTorch's built-in varlen flash attention (torch >= 2.11, CUDA)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    cu_q, cu_k, max_q, max_k = _documents(module, query, key, attention_mask, dropout, kwargs)
-    q, k, v = _varlen_layout(query, key, value)
-    extra = {"enable_gqa": True} if takes_enable_gqa and k.shape[1] != q.shape[1] else {}
-    out = varlen_attn(
-        q, k, v, cu_q, cu_k, max_q, max_k, scale=scaling,
-        window_size=_window(sliding_window, max_k), **extra,
-    )  # fmt: skip
-    return out.to(query.dtype).unsqueeze(0), None
-
-
-def _flash_attn_varlen(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    **kwargs: Any,
-) -> AttentionOutput:
-    """flash-attn 2's ``flash_attn_varlen_func`` (GQA native)."""
-    from flash_attn import flash_attn_varlen_func
-
-    cu_q, cu_k, max_q, max_k = _documents(module, query, key, attention_mask, dropout, kwargs)
-    q, k, v = _varlen_layout(query, key, value)
-    out = flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True,
-        window_size=_window(sliding_window, max_k),
-    )  # fmt: skip
-    return out.to(query.dtype).unsqueeze(0), None
-
-
 # the attention function of each backend, made when it is registered
 _BACKEND_FUNCTIONS: dict[str, Callable[[], Callable[..., AttentionOutput]]] = {
-    "flash_attn": lambda: _flash_attn_varlen,
-    "torch_varlen": _torch_varlen_function,
+    "flash_attn_4": lambda: flash_attn_4_varlen,
+    "flash_attn": lambda: flash_attn_varlen,
+    "torch_varlen": torch_varlen_function,
     "sdpa": lambda: _sdpa_per_document,
 }

@@ -30,7 +30,7 @@ from mt_core.config.schedulers import scheduler_names, scheduler_problems, usabl
 # The names of mt_core.model.TORCH_DTYPES and mt_core.attention.ATTN_BACKENDS, spelled out here
 # because those modules import torch and reading a run file should not; a test keeps them equal.
 DTYPES = ("float32", "bfloat16", "float16")
-ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "flash_attn_4")
 TRAINING_MODES = ("epoch", "step", "token", "infinite")
 
 # the [pretraining] table's section title in --help (its group)
@@ -452,8 +452,11 @@ class TrainingArgs:
         optional=True,
     )
     attn_backend: str = field(
-        "Padding-free attention. 'auto' = flash_attn when installed, else torch_varlen "
-        "(PyTorch's varlen attention) on CUDA, else sdpa applied per document.",
+        "Padding-free attention. 'auto' = on CUDA flash_attn_4 (flash-attn-4, on Hopper and "
+        "Blackwell GPUs, when installed: pip install \"mt-core[flash-attn-4]\"), else flash_attn "
+        "(flash-attn 2) when installed, else torch_varlen (PyTorch's varlen attention); sdpa "
+        "(applied per document) elsewhere, and for models with attention sinks where "
+        "flash_attn_4 cannot run.",
         _SPEED,
         "string",
         default="auto",
