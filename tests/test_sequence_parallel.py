@@ -108,8 +108,8 @@ def test_a_sequence_parallel_checkpoint_resumes_on_one_process(keys, tmp_path, r
     """Two steps on two ranks with sequence parallelism, and its step-1 checkpoint resumed by one
     process for step 2: both follow the curve of one process running both steps, within
     trajectory_rtol, and so does the validation loss after each step. The sequence-parallel run
-    also has compiled blocks and activation checkpointing (recomputation runs the exchanges
-    again), so they are shown to compose with it."""
+    also has activation checkpointing (recomputation runs the exchanges again), so it is shown to
+    compose with it. (With compiled blocks it passes too, at 40 s more of CPU compilation.)"""
     import shutil
 
     from safetensors.torch import load_file
@@ -119,7 +119,7 @@ def test_a_sequence_parallel_checkpoint_resumes_on_one_process(keys, tmp_path, r
                 validation_split=0.3, validation_frequency=1)  # fmt: skip
     run = runs.write_run(tmp_path / "run.toml", **keys)
     runs.launch("run", str(run), f"--output_dir={tmp_path / 'sp'}", "--sequence_parallel_size=2",
-                "--torch_compile=true", "--activation_checkpointing=true", nproc=2)  # fmt: skip
+                "--activation_checkpointing=true", nproc=2)  # fmt: skip
     resumed = shutil.copytree(tmp_path / "sp", tmp_path / "resumed")
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_1"]
     _, one_after_sp = runs.train_here(resumed, run_file=run, max_tokens_per_gpu=64)

@@ -110,6 +110,27 @@ def test_sharding_divides_the_states_but_not_the_activations():
     assert eight.activations == one.activations and eight.copies == one.copies
 
 
+def test_the_optimizer_state_precision_sets_the_moment_bytes():
+    run = Settings(max_tokens=8192, world_size=8)
+    per_gpu = ONE_B.grad_params // 8  # 154,476,800: 1.24B parameters split evenly
+    base = estimate(ONE_B, run)
+    # two moments a parameter: float32 4 + 4 bytes, bfloat16 2 + 2, 8-bit 1 + 1 and a float32
+    # scale per 256 values each (2·4/256 = 1/32 byte a parameter); whole numbers of bytes
+    for state, master, moments in (
+        ("float32", "float32", 8 * per_gpu),
+        ("bfloat16", "float32", 4 * per_gpu),
+        ("8bit", "float32", 2 * per_gpu + per_gpu // 32),
+        ("float32", "bfloat16", 8 * per_gpu),
+        (None, "bfloat16", 4 * per_gpu),  # not set: the master weights' dtype, as before
+    ):
+        m = estimate(ONE_B, replace(run, state=state, master=master))
+        assert m.optimizer == moments, state
+        # the peak (start of backward: weights, state, copies, activations, loss) moves by the
+        # state and the master weights only
+        assert m.peak - m.optimizer - m.weights == base.peak - base.optimizer - base.weights
+    assert estimate(ONE_B, replace(run, state="8bit")).optimizer == 313_781_000
+
+
 def test_a_deferred_gradient_sync_adds_the_unsharded_float32_gradients():
     run = Settings(max_tokens=8192, world_size=8)
     every, deferred = estimate(ONE_B, run), estimate(ONE_B, replace(run, deferred_sync=True))
@@ -235,7 +256,11 @@ def test_check_prints_the_plan_and_exits_0(tiny_run, capsys):
         assert f"\n  {part}" in out
     assert "steps per epoch 5; 10 in all (2 epochs)" in out
     assert "verdict fits" in out and "A100 40 GB" in out
+    assert "AdamW: 2 x float32, 1/2 shard" in out
     assert err == ""
+    cli.main(["check", str(tiny_run), "--nproc_per_node=2", "--gpu=A100-40",
+              "--optimizer_state_dtype=8bit"])  # fmt: skip
+    assert "AdamW: 2 x 8-bit, a float32 scale per 256, 1/2 shard" in capsys.readouterr().out
 
 
 def test_a_run_that_does_not_fit_exits_1_and_says_what_to_change(tmp_path, kit, capsys):

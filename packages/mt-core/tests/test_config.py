@@ -7,6 +7,7 @@ import pytest
 from mt_core.config import (
     ATTN_BACKENDS,
     DTYPES,
+    OPTIMIZER_STATE_DTYPES,
     ConfigError,
     PretrainingConfig,
     TrainingArgs,
@@ -86,9 +87,43 @@ def test_choice_lists_match_the_modules_that_use_them():
     # spelled out in the config so reading a run file imports no torch; these keep them in step
     from mt_core.attention import ATTN_BACKENDS as backends
     from mt_core.model import TORCH_DTYPES
+    from mt_core.optim import STATE_DTYPES
 
     assert backends == ATTN_BACKENDS
     assert set(DTYPES) == set(TORCH_DTYPES)
+    assert tuple(STATE_DTYPES) == OPTIMIZER_STATE_DTYPES
+
+
+def test_stochastic_rounding_needs_bfloat16_weights_and_says_so():
+    with pytest.raises(ConfigError) as caught:
+        TrainingArgs(**REQUIRED, stochastic_rounding=True)  # train_dtype float32 by default
+    message = str(caught.value)
+    assert "stochastic_rounding" in message and "train_dtype = 'bfloat16'" in message
+    assert "'float32'" in message
+    args = TrainingArgs(**REQUIRED, stochastic_rounding=True, train_dtype="bfloat16")
+    assert args.stochastic_rounding and args.optimizer_state_dtype is None  # not set: as today
+    with pytest.raises(ConfigError, match=r"optimizer_state_dtype.*'int8'.*8bit"):
+        TrainingArgs(**REQUIRED, optimizer_state_dtype="int8")
+
+
+def test_torchao_missing_is_one_clear_error_before_any_weight(monkeypatch):
+    import sys
+
+    import torch
+
+    from mt_core.optim import check_optimizer
+
+    monkeypatch.setitem(sys.modules, "mt_core.optim_torchao", None)  # as if not installed
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"optimizer_state_dtype = '8bit' needs torchao.*"
+                                          r"pip install 'mt-core\[torchao\]'"):  # fmt: skip
+        check_optimizer("8bit", False, torch.float32, cpu)
+    with pytest.raises(ConfigError, match=r"stochastic_rounding = true needs torchao"):
+        check_optimizer(None, True, torch.bfloat16, cpu)
+    # today's choices need nothing more: float32 moments of float32 weights, bfloat16 of bfloat16
+    check_optimizer("float32", False, torch.float32, cpu)
+    check_optimizer("bfloat16", False, torch.bfloat16, cpu)
+    check_optimizer(None, False, torch.bfloat16, cpu)
 
 
 def test_every_field_has_help():

@@ -8,7 +8,14 @@ from dataclasses import replace
 import numpy as np
 
 from mt.check import Plan, fitted
-from mt_core.memory import GIB, RESERVED_GIB, estimate, largest_fitting_tokens
+from mt_core.memory import (
+    GIB,
+    QUANT_BLOCK,
+    RESERVED_GIB,
+    Settings,
+    estimate,
+    largest_fitting_tokens,
+)
 
 __all__ = ["render", "suggestions"]
 
@@ -99,6 +106,13 @@ def _data_lines(plan: Plan) -> list[str]:
     return lines + [f"        note: {note}" for note in plan.notes]
 
 
+def _moments(run: Settings) -> str:
+    """How AdamW's moments are stored (optimizer_state_dtype; not set: as the master weights)."""
+    if run.state == "8bit":
+        return f"8-bit, a float32 scale per {QUANT_BLOCK}"
+    return run.state or run.master
+
+
 def _memory_lines(plan: Plan) -> list[str]:
     m, s, run = plan.memory, plan.shape, plan.settings
     w = plan.world_size
@@ -115,7 +129,7 @@ def _memory_lines(plan: Plan) -> list[str]:
     rows = [
         ("weights", f"{master} master, {shard}{where}", m.weights, None),
         ("gradients", f"{master}, {shard}{where}", m.gradients, None),
-        ("optimizer state", f"AdamW: 2 x {master}, {shard}{where}", m.optimizer, None),
+        ("optimizer state", f"AdamW: 2 x {_moments(run)}, {shard}{where}", m.optimizer, None),
     ]
     if m.osft:
         rows.append(("OSFT", "frozen weights and singular bases", m.osft, None))

@@ -4,6 +4,7 @@
 file. ``train`` is imported on first use, so reading or validating a config stays light.
 """
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from mt_core.callbacks import TrainerCallback
@@ -18,6 +19,13 @@ from mt_core.config import (
 )
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.launch import TorchrunArgs, TrainingFailed, run_training
+
+# torchao (installed with the torchao extra, and then imported by transformers in every process)
+# registers Enums with torch's pytree, which this torch supports natively and warns about once
+# per process and rank: nothing for a user to act on, so that one message is dropped.
+logging.getLogger("torch.utils._pytree").addFilter(
+    lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage()
+)
 
 if TYPE_CHECKING:
     from mt_core.trainer import TrainResult, train

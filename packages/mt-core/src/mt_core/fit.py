@@ -80,6 +80,7 @@ def run_settings(
         max_tokens=args.max_tokens_per_gpu,
         world_size=world_size,
         master=args.train_dtype,
+        state=args.optimizer_state_dtype,
         liger=liger,
         checkpointing=args.activation_checkpointing,
         cpu_offload=args.cpu_offload,

@@ -10,7 +10,11 @@ are covered by the GPU's headroom (:data:`RESERVED_GIB`, :data:`FIT_FRACTION`).
 Per GPU, with P parameters (P_g of them with gradients), world size W, master bytes m (train_dtype:
 4 for float32) and compute bytes c = 2 (bf16):
 
-* weights m·P/W, gradients m·P_g/W, AdamW state 2·m·P_g/W (FSDP2 shards all three); with the
+* weights m·P/W, gradients m·P_g/W, AdamW state 2·s·P_g/W (FSDP2 shards all three), s the
+  bytes of one moment value (optimizer_state_dtype; m when not set): 4 for float32, 2 for
+  bfloat16, 1 + 4/256 for 8-bit moments (a byte a value and a float32 scale per block of 256;
+  the few tensors torchao leaves unquantized, shards under 4096 values such as norms, are
+  counted as quantized too: well under 0.1% of a model worth quantizing); with the
   gradient sync deferred to a step's last minibatch on several GPUs, 4·P_g more: the unsharded
   float32 gradients accumulated until then;
 * compute copies: the bf16 root group (embeddings, final norm, LM head) gathered for the whole step,
@@ -31,7 +35,9 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
 The peak is the larger of two moments: the start of the backward pass (all activations and the
 loss alive; gradients too when a step has more than one minibatch: those of the earlier ones) and
 its end (every gradient made, one layer's activations left). The optimizer step itself (fused
-AdamW) needs nothing beyond weights, gradients and state.
+AdamW) needs nothing beyond weights, gradients and state; torchao's compiled step (other moment
+precisions, stochastic rounding) goes one parameter at a time, with float32 temporaries of at
+most one shard (a few copies of it; not yet measured on a GPU), after the activations are freed.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ from dataclasses import dataclass, replace
 GIB = 2**30
 COMPUTE_BYTES = 2  # bf16 forward/backward on a GPU (FSDP2 mixed precision)
 MASTER_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+QUANT_BLOCK = 256  # values sharing one float32 scale in 8-bit moments (mt_core.optim_torchao)
+# bytes of one moment value by optimizer_state_dtype (not set: MASTER_BYTES of train_dtype)
+STATE_BYTES = {"float32": 4, "bfloat16": 2, "8bit": 1 + 4 / QUANT_BLOCK}
 RESERVED_GIB = 1.5  # CUDA context, NCCL and cuBLAS workspaces: outside torch's allocator
 FIT_FRACTION = 0.92  # of the rest: the allocator's fragmentation needs some room
 
@@ -114,6 +123,7 @@ class Settings:
     max_tokens: int
     world_size: int
     master: str = "float32"  # train_dtype
+    state: str | None = None  # optimizer_state_dtype (None: the master's)
     liger: bool = True
     checkpointing: bool = False
     cpu_offload: bool = False
@@ -138,6 +148,11 @@ class Memory:
     peak: float
     peak_at: str  # "start of backward" or "end of backward"
     host: float  # bytes per GPU process kept in host memory (cpu_offload)
+
+
+def moment_bytes(run: Settings) -> float:
+    """Bytes of one AdamW moment value (two per parameter with a gradient)."""
+    return MASTER_BYTES[run.master] if run.state is None else STATE_BYTES[run.state]
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, liger: bool) -> float:
@@ -169,7 +184,7 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     c = COMPUTE_BYTES
     weights = m * shape.params / w
     gradients = m * shape.grad_params / w
-    optimizer = 2 * m * shape.grad_params / w
+    optimizer = 2 * moment_bytes(run) * shape.grad_params / w
     osft = shape.osft_extra_bytes / w
     gathered = shape.layers if run.gathered else 2  # else the running and the prefetched one
     copies = c * (shape.root_params + gathered * shape.block_params + shape.head_params)

@@ -1,13 +1,79 @@
-"""Optimizer, learning-rate schedule and gradient clipping over sharded parameters."""
+"""Optimizer, learning-rate schedule and gradient clipping over sharded parameters.
+
+AdamW is PyTorch's (fused on a GPU) when its moments are in the master weights' dtype and the
+weights are rounded as usual; lower-precision moments and stochastic rounding of bfloat16
+weights take torchao's AdamW (:mod:`mt_core.optim_torchao`, the torchao extra), whose use
+:func:`check_optimizer` vets before any weight is loaded.
+"""
 
 from __future__ import annotations
+
+import shutil
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
-__all__ = ["build_optimizer", "build_scheduler", "clip_gradients"]
+from mt_core.config import ConfigError
+
+__all__ = [
+    "STATE_DTYPES",
+    "build_optimizer",
+    "build_scheduler",
+    "check_optimizer",
+    "clip_gradients",
+    "uses_torchao",
+]
+
+# optimizer_state_dtype's choices; '8bit' is a quantization, not a torch dtype
+STATE_DTYPES: dict[str, torch.dtype | None] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "8bit": None,
+}
+
+
+def uses_torchao(state_dtype: str | None, stochastic_rounding: bool, master: torch.dtype) -> bool:
+    """Whether these choices need torchao: moments not in the ``master`` weights' dtype, or
+    stochastic rounding (torch's AdamW keeps its state in the weights' dtype and rounds to
+    nearest)."""
+    return stochastic_rounding or (state_dtype is not None and STATE_DTYPES[state_dtype] != master)
+
+
+def check_optimizer(
+    state_dtype: str | None, stochastic_rounding: bool, master: torch.dtype, device: torch.device
+) -> None:
+    """One ConfigError, before any weight is loaded, when the chosen optimizer cannot run with
+    parameters on ``device``: torchao missing, or no C++ compiler for its compiled CPU step."""
+    if not uses_torchao(state_dtype, stochastic_rounding, master):
+        return
+    key = (
+        f"optimizer_state_dtype = {state_dtype!r}"
+        if state_dtype is not None and STATE_DTYPES[state_dtype] != master
+        else "stochastic_rounding = true"
+    )
+    try:
+        import mt_core.optim_torchao  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(
+            [f"{key} needs torchao ({error}): pip install 'mt-core[torchao]'"]
+        ) from None
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        compiler = get_cpp_compiler()
+        if shutil.which(compiler) is None:
+            raise ConfigError(
+                [
+                    f"{key}: torchao's optimizer step is compiled (torch.compile), and on the CPU "
+                    f"that needs a C++ compiler; {compiler!r} is not installed (set CXX to one)"
+                ]
+            )
+    elif device.type != "cuda":
+        raise ConfigError(
+            [f"{key}: torchao's optimizer step runs on CPU and CUDA only, not on {device.type}"]
+        )
 
 
 def build_optimizer(
@@ -17,12 +83,23 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the fused CUDA kernel when the weights are on a GPU."""
+    state_dtype: str | None = None,
+    stochastic_rounding: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, its moments in ``state_dtype`` (None: the weights'
+    dtype); the fused CUDA kernel when torch's AdamW serves and the weights are on a GPU."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(
-        params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if not uses_torchao(state_dtype, stochastic_rounding, params[0].dtype):
+        fused = all(p.device.type == "cuda" for p in params)
+        return torch.optim.AdamW(params, **hyper, fused=fused or None)
+    from mt_core import optim_torchao
+
+    if state_dtype == "8bit":
+        return optim_torchao.AdamW8bit(params, **hyper, bf16_stochastic_round=stochastic_rounding)
+    moments = params[0].dtype if state_dtype is None else STATE_DTYPES[state_dtype]
+    return optim_torchao.AdamW(
+        params, **hyper, state_dtype=moments, bf16_stochastic_round=stochastic_rounding
     )
 
 

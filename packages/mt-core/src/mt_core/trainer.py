@@ -48,7 +48,7 @@ from mt_core.model import (
     locate_model,
     matmul_parameter_count,
 )
-from mt_core.optim import build_optimizer, build_scheduler, clip_gradients
+from mt_core.optim import build_optimizer, build_scheduler, check_optimizer, clip_gradients
 from mt_core.osft_setup import setup_osft
 from mt_core.progress_state import (
     RunState,
@@ -146,6 +146,11 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     if ctx.is_main and fit.summary:
         print(fit.summary, flush=True)
     master_dtype = TORCH_DTYPES[args.train_dtype]
+    # torchao's optimizers (low-precision moments, stochastic rounding) must be able to run here
+    check_optimizer(
+        args.optimizer_state_dtype, args.stochastic_rounding, master_dtype,
+        torch.device("cpu") if args.cpu_offload else ctx.device,
+    )  # fmt: skip
     model, _ = build_model(
         model_folder,
         config,
@@ -176,6 +181,8 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         betas=(args.beta1, args.beta2),
         eps=args.eps,
         weight_decay=args.weight_decay,
+        state_dtype=args.optimizer_state_dtype,
+        stochastic_rounding=args.stochastic_rounding,
     )
     total_steps = planned_steps(args, data.train.lengths, sampler.batches_per_epoch())
     scheduler = build_scheduler(

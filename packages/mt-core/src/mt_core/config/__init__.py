@@ -16,6 +16,7 @@ files), ``reference`` (the ``--help`` text), ``toml_text`` (TOML spelling of val
 from mt_core.config.args import (
     ATTN_BACKENDS,
     DTYPES,
+    OPTIMIZER_STATE_DTYPES,
     TRAINING_MODES,
     PretrainingConfig,
     TrainingArgs,
@@ -34,6 +35,7 @@ from mt_core.config.runfile import (
 __all__ = [
     "ATTN_BACKENDS",
     "DTYPES",
+    "OPTIMIZER_STATE_DTYPES",
     "TRAINING_MODES",
     "ConfigError",
     "PretrainingConfig",

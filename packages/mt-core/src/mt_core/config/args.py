@@ -31,6 +31,8 @@ from mt_core.config.schedulers import scheduler_names, scheduler_problems, usabl
 # because those modules import torch and reading a run file should not; a test keeps them equal.
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "flash_attn_4")
+# mt_core.optim.STATE_DTYPES, spelled out for the same reason
+OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16", "8bit")
 TRAINING_MODES = ("epoch", "step", "token", "infinite")
 
 # the [pretraining] table's section title in --help (its group)
@@ -435,12 +437,36 @@ class TrainingArgs:
     )
 
     train_dtype: str = field(
-        "Dtype of the trained (master) weights, their gradients and the optimizer state. "
+        "Dtype of the trained (master) weights, their gradients and (unless "
+        "optimizer_state_dtype is set) the optimizer state. "
         "On a GPU the forward and backward passes compute in bfloat16 (FSDP mixed precision).",
         _SPEED,
         "string",
         default="float32",
         choices=fixed(*DTYPES),
+    )
+    optimizer_state_dtype: str | None = field(
+        "Precision of AdamW's two moments: 'float32' (8 bytes a parameter), 'bfloat16' (4), or "
+        "'8bit' (about 2: blockwise-quantized as in 8-bit Adam, each block of 256 values with "
+        "one float32 scale; a tensor whose shard on a GPU has fewer than 4096 values, or a "
+        "count not a multiple of 256, keeps train_dtype's). Not set = train_dtype's, with "
+        "PyTorch's (fused) AdamW; any other choice uses torchao's AdamW, which computes each "
+        "step in float32 and stores the moments in this precision (the torchao extra: pip "
+        "install 'mt-core[torchao]').",
+        _SPEED,
+        "string",
+        default=None,
+        optional=True,
+        choices=fixed(*OPTIMIZER_STATE_DTYPES),
+    )
+    stochastic_rounding: bool = field(
+        "With train_dtype = 'bfloat16': round each updated weight to bfloat16 up or down at "
+        "random, with the odds that make its expected value the exact update, so updates "
+        "smaller than half a bfloat16 step are not lost on average (plain rounding drops them: "
+        "the weight does not move). Needs the torchao extra.",
+        _SPEED,
+        "boolean",
+        default=False,
     )
     use_liger_kernels: bool | None = field(
         "Liger kernels: fused linear cross-entropy (logits are never materialised), RMSNorm, "
@@ -453,7 +479,7 @@ class TrainingArgs:
     )
     attn_backend: str = field(
         "Padding-free attention. 'auto' = on CUDA flash_attn_4 (flash-attn-4, on Hopper and "
-        "Blackwell GPUs, when installed: pip install \"mt-core[flash-attn-4]\"), else flash_attn "
+        'Blackwell GPUs, when installed: pip install "mt-core[flash-attn-4]"), else flash_attn '
         "(flash-attn 2) when installed, else torch_varlen (PyTorch's varlen attention); sdpa "
         "(applied per document) elsewhere, and for models with attention sinks where "
         "flash_attn_4 cannot run.",
@@ -649,6 +675,13 @@ def _check_cross_fields(args: TrainingArgs, problems: _CrossFieldProblems) -> No
             "has no effect without mlflow_tracking_uri",
             "mlflow_tracking_uri",
             "mlflow_experiment_name",
+        )
+    if args.stochastic_rounding and args.train_dtype != "bfloat16":
+        problems.add_inapplicable(
+            "stochastic_rounding",
+            f"applies only with train_dtype = 'bfloat16' (it is {args.train_dtype!r}): it rounds "
+            "the bfloat16 master weights",
+            "train_dtype",
         )
     for key in ("wandb_run_name", "wandb_entity"):
         if getattr(args, key) is not None and args.wandb_project is None:

@@ -1,0 +1,103 @@
+"""AdamW with low-precision moments, or with stochastically rounded bfloat16 weights, built on
+torchao's optimizers (the torchao extra). Imported only when a run chooses one of them.
+
+torchao's step runs each parameter through one ``torch.compile``-d function that computes in
+float32 (whatever the weights' and moments' dtypes) and works on FSDP2's DTensor shards, each
+rank on its own; its 8-bit moments are a tensor subclass that DCP saves, and reshards where
+the new shards split at block boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch._functorch.config as functorch_config
+import torchao.optim as ao
+from torch import Tensor
+from torchao.optim.subclass_8bit import OptimState8bit
+
+from mt_core.memory import QUANT_BLOCK
+
+__all__ = ["AdamW", "AdamW8bit"]
+
+
+class _Step:
+    """What mt changes in torchao's step, for every choice.
+
+    torchao keeps each group's lr as a tensor so that its compiled step does not recompile
+    whenever the schedule moves it; mt's schedule, metrics and JSON checkpoints expect the float
+    that torch's optimizers keep. Here lr is that float except during :meth:`step`.
+
+    The compiled step is not looked up in PyTorch's on-disk AOTAutograd cache: its key does not
+    tell torchao's 8-bit state subclass from a plain tensor of the same shape, so a process could
+    load another's step for the other kind of moments (seen: an AttributeError on resume, and a
+    segmentation fault). Each process compiles its own (seconds, once per parameter shape).
+    """
+
+    param_groups: list[dict[str, Any]]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        torch.optim.Optimizer.add_param_group(self, param_group)  # without torchao's conversion
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader casts every state tensor but ``step`` to its parameter's dtype: the
+        moments would come back in the weights' dtype (bfloat16 moments of float32 weights as
+        float32 ones, all at once) and the resumed run would no longer round them as saved.
+        Here the moments keep the dtype they were saved in, the one the run chose."""
+        name = "_process_value_according_to_param_policy"
+        policy = vars(torch.optim.Optimizer)[name]
+
+        def keep_moments(param: Tensor, value: Any, param_id: int, groups: Any, key=None) -> Any:
+            if key in ("exp_avg", "exp_avg_sq"):
+                return value.to(device=param.device)
+            return policy.__func__(param, value, param_id, groups, key)
+
+        setattr(torch.optim.Optimizer, name, staticmethod(keep_moments))
+        try:
+            super().load_state_dict(state_dict)  # type: ignore[misc]
+        finally:
+            setattr(torch.optim.Optimizer, name, policy)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        floats = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32)
+        try:
+            with functorch_config.patch(enable_autograd_cache=False):
+                return super().step(closure)  # type: ignore[misc]
+        finally:
+            for group, lr in zip(self.param_groups, floats, strict=True):
+                group["lr"] = lr
+
+
+class AdamW(_Step, ao._AdamW):
+    """torchao's AdamW (float32 arithmetic; with ``bf16_stochastic_round``, bfloat16 weights are
+    rounded stochastically) with both moments stored in ``state_dtype``: torchao would keep
+    them in the weights' dtype, so float32 master weights would get float32 moments."""
+
+    def __init__(self, params: Iterable[Tensor], *, state_dtype: torch.dtype, **kwargs: Any):
+        self.state_dtype = state_dtype
+        super().__init__(params, **kwargs)
+
+    def _new_buffer(self, p: Tensor, signed: bool) -> Tensor:
+        return super()._new_buffer(p, signed).to(self.state_dtype)
+
+
+class AdamW8bit(_Step, ao.AdamW8bit):
+    """torchao's 8-bit AdamW: each moment stored as one byte a value (a code of a dynamic
+    quantization map) and one float32 scale per block of :data:`QUANT_BLOCK` values of a
+    rank's shard; shards of fewer than 4096 values, or of a count not a multiple of the block,
+    keep the weights' dtype."""
+
+    def __init__(self, params: Iterable[Tensor], **kwargs: Any):
+        super().__init__(params, block_size=QUANT_BLOCK, **kwargs)
+
+    @staticmethod
+    def _subclass_zeros(p: Tensor, signed: bool, block_size: int) -> Tensor:
+        # A float32 appearance whatever the weights' dtype: the view that wraps a shard in a
+        # DTensor drops it (to float32), and with bfloat16 weights the two then disagree and
+        # torch.compile refuses the step.
+        return OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=torch.float32)

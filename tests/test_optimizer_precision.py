@@ -1,0 +1,278 @@
+"""Optimizer-state precision and stochastic rounding (issue #18): the moments are stored as
+chosen and take the bytes the memory model counts; plain bfloat16 weights lose small updates and
+stochastic rounding keeps them on average; each setting trains the tiny example like float32
+AdamW, on one process and on two gloo ranks; each resumes bit for bit."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mt_core.memory import QUANT_BLOCK, STATE_BYTES
+from mt_core.optim import build_optimizer
+
+# one worker runs this file (pytest-xdist): its tests share the float32 reference runs
+pytestmark = pytest.mark.xdist_group("optimizer_precision")
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny"
+U32 = torch.finfo(torch.float32).eps / 2
+SETTINGS = {  # run-file keys of each choice besides float32 AdamW
+    "bfloat16 moments": dict(optimizer_state_dtype="bfloat16"),
+    "8-bit moments": dict(optimizer_state_dtype="8bit"),
+    "bfloat16 weights, stochastic rounding": dict(train_dtype="bfloat16", stochastic_rounding=True),
+    "bfloat16 weights, stochastic rounding, 8-bit moments": dict(
+        train_dtype="bfloat16", stochastic_rounding=True, optimizer_state_dtype="8bit"
+    ),
+}
+
+
+def one_step(master: torch.dtype, **choices) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A 64 x 256 weight (16,384 values: torchao quantizes it) and a 64-value bias (too small to
+    quantize) after one AdamW step."""
+    torch.manual_seed(0)
+    model = nn.Linear(256, 64).to(master)
+    optimizer = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                **choices)  # fmt: skip
+    model(torch.randn(8, 256, dtype=master)).square().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.parametrize(
+    ("master", "state", "stochastic", "stored"),
+    [
+        (torch.float32, None, False, torch.float32),
+        (torch.float32, "bfloat16", False, torch.bfloat16),
+        (torch.float32, "8bit", False, None),
+        (torch.bfloat16, None, True, torch.bfloat16),
+        (torch.bfloat16, "float32", True, torch.float32),
+        (torch.bfloat16, "8bit", True, None),
+    ],
+)
+def test_the_moments_are_stored_as_chosen_in_the_bytes_the_memory_model_counts(
+    master, state, stochastic, stored
+):
+    model, optimizer = one_step(master, state_dtype=state, stochastic_rounding=stochastic)
+    plain = state is None and not stochastic
+    assert isinstance(optimizer, torch.optim.AdamW) == plain  # today's path stays torch's AdamW
+    assert all(isinstance(group["lr"], float) for group in optimizer.param_groups)
+    # as on resume: torch's loader would cast the moments to the weights' dtype
+    optimizer.load_state_dict(optimizer.state_dict())
+    weight, bias = optimizer.state[model.weight], optimizer.state[model.bias]
+    for key in ("exp_avg", "exp_avg_sq"):
+        if stored is None:  # 8-bit: a byte per value and a float32 scale per block
+            moment = weight[key]
+            assert moment.codes.dtype == torch.uint8 and moment.codes.numel() == 64 * 256
+            assert moment.scale.dtype == torch.float32 and moment.scale.numel() == 64 * 256 // 256
+            held = moment.codes.nbytes + moment.scale.nbytes
+            assert held == STATE_BYTES["8bit"] * model.weight.numel() == 16_640
+            assert bias[key].dtype == master  # under 4096 values: not quantized
+        else:
+            assert weight[key].dtype == bias[key].dtype == stored
+            held = weight[key].nbytes
+            assert held == STATE_BYTES[str(stored).removeprefix("torch.")] * weight[key].numel()
+    # the moments equal float32 AdamW's to their storage precision (first step: (1 - β) g, (1 -
+    # β2) g², rounded once: bfloat16 to 2^-8 of each value, 8-bit codes to half the widest step
+    # of their map, 0.9 / 64 / 2 of the block's largest value)
+    reference, exact = one_step(torch.float32)
+    moment = weight["exp_avg"]
+    got = moment.dequantize() if stored is None else moment.float()
+    want = exact.state[reference.weight]["exp_avg"]
+    bound = (0.9 / 64 / 2 * want.abs().max()) if stored is None else 2**-8 * want.abs()
+    if master == torch.float32:  # (bfloat16 weights make other gradients)
+        assert ((got - want).abs() <= bound + 4 * U32 * want.abs()).all()
+
+
+def test_torchao_alone_would_keep_float32_moments_for_float32_weights():
+    """The negative control of the test above: torchao's AdamW keeps its moments in the
+    weights' dtype, so mt's choice of bfloat16 moments is what makes them bfloat16."""
+    from torchao.optim import _AdamW
+
+    model = nn.Linear(256, 64)
+    optimizer = _AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    model(torch.randn(8, 256)).sum().backward()
+    optimizer.step()
+    assert optimizer.state[model.weight]["exp_avg"].dtype == torch.float32
+
+
+def test_bfloat16_weights_lose_small_updates_and_stochastic_rounding_keeps_them_on_average():
+    """2^18 weights of 1.5, where bfloat16 values are 2^-7 apart, each given the same gradient
+    for 4 AdamW steps of lr 2^-9: with a constant gradient every update is lr (m̂ = g, v̂ = g²,
+    eps negligible), a quarter of the spacing, so the exact weight ends at 1.5 - 4·2^-9."""
+    n, steps, lr, spacing = 2**18, 4, 2**-9, 2**-7
+
+    def trained(master: torch.dtype, **choices) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.w = nn.Parameter(torch.full((n,), 1.5, dtype=master))
+        optimizer = build_optimizer(model, lr=lr, betas=(0.9, 0.95), eps=1e-12,
+                                    weight_decay=0.0, **choices)  # fmt: skip
+        for _ in range(steps):
+            model.w.grad = torch.ones_like(model.w)
+            optimizer.step()
+        return model.w.detach().double()
+
+    exact = 1.5 - steps * lr
+    # float32 master weights move by it, to float32's rounding of each step (u of 1.5 each)
+    assert (trained(torch.float32) - exact).abs().max() <= steps * 2 * U32 * 1.5
+    # round to nearest: each update is under half the spacing and is lost, every step
+    assert (trained(torch.bfloat16) == 1.5).all()  # torch's AdamW, today's bfloat16 path
+    assert (trained(torch.bfloat16, state_dtype="float32") == 1.5).all()  # torchao, nearest
+    rounded = trained(torch.bfloat16, stochastic_rounding=True)
+    # each step rounds to one of the two neighbours of its float32 result: after 4 steps every
+    # weight is on the grid between 1.5 - 4·2^-7 and 1.5
+    grid = (1.5 - rounded) / spacing
+    assert ((grid == grid.round()) & (grid >= 0) & (grid <= steps)).all()
+    # Each rounding is unbiased (up with probability the dropped fraction), so every weight's
+    # expected value is the float32 result; the 2^18 weights are independent draws in a range
+    # of a = 4·2^-7, and Hoeffding's inequality puts their mean within a·√(ln(2/p) / 2n) of it
+    # except with probability p = 1e-9; plus float32's rounding of the four results.
+    a, p = steps * spacing, 1e-9
+    bound = a * math.sqrt(math.log(2 / p) / (2 * n)) + steps * 2 * U32 * 1.5
+    assert abs(rounded.mean().item() - exact) <= bound
+    assert steps * lr > 30 * bound  # the bound tells "moved by 4·2^-9" from "did not move"
+
+
+# ---- Training the tiny example -------------------------------------------------------------------
+# 30 steps at a constant lr of 1e-4: the float32 loss falls from 5.58 by about 0.26, and most
+# updates are smaller than half the bfloat16 spacing of their weight (weights ~0.02: 2^-13).
+STEPS, LR = 30, 1e-4
+
+
+def example_keys(**setting) -> dict:
+    return dict(model_name_or_path=str(EXAMPLE / "model"), data_path=str(EXAMPLE / "data.jsonl"),
+                batch_size=32, max_tokens_per_gpu=1024, learning_rate=LR, num_warmup_steps=0,
+                lr_scheduler="constant", training_mode="step", max_steps=STEPS, seed=42,
+                save_final_checkpoint=False, attn_backend="sdpa", **setting)  # fmt: skip
+
+
+def test_no_cpu_compiler_is_one_clear_error_before_any_weight(runs, tmp_path, monkeypatch):
+    """torchao's step is compiled, on the CPU with a C++ compiler: without one the run stops
+    with one message before the model is built (build_model here would fail the test)."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    import mt_core.trainer as trainer
+    from mt_core import ConfigError
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda *args: "no-such-c++")
+    monkeypatch.setattr(trainer, "build_model", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(ConfigError, match=r"optimizer_state_dtype = 'bfloat16'.*C\+\+ compiler"):
+        runs.train_here(tmp_path / "out", **example_keys(optimizer_state_dtype="bfloat16"))
+
+
+@pytest.fixture(scope="module")
+def curve(tmp_path_factory, runs):
+    """``curve(name, nproc)``: the losses of ``SETTINGS[name]`` (or "float32", or "bfloat16
+    weights": plain rounding) on the tiny example, made once."""
+    root = tmp_path_factory.mktemp("precision")
+    made: dict[tuple[str, int], list[float]] = {}
+    extra = {"float32": {}, "bfloat16 weights": dict(train_dtype="bfloat16")}
+
+    def get(name: str, nproc: int = 1) -> list[float]:
+        if (name, nproc) not in made:
+            keys = example_keys(**{**SETTINGS, **extra}[name])
+            out = root / f"{len(made)}"
+            if nproc == 1:
+                _, lines = runs.train_here(out, **keys)
+            else:
+                run = runs.write_run(root / f"{len(made)}.toml", **keys, output_dir=str(out))
+                runs.launch("run", str(run), nproc=nproc)
+                lines = runs.metrics(out)
+            made[name, nproc] = [line["loss"] for line in lines]
+        return made[name, nproc]
+
+    return get
+
+
+# Margin: the coarsest stored moment is the 8-bit one, within half its map's widest step, 0.70%
+# of its block's largest value. An update made from such moments is off by about that fraction,
+# so to first order the loss drop, the sum of the updates' effects, is off by about that
+# fraction; three times it, 2.1% of the float32 run's whole drop, leaves room for the second-
+# order terms and the compounding over 30 steps. Stochastic rounding adds zero-mean noise; so
+# does the bfloat16 arithmetic that bfloat16 weights compute in on the CPU (no bound is derived
+# for these two: they average out over the sums of a loss and over the steps). Plain bfloat16
+# weights at this lr lose most updates and miss by far more (the negative control).
+MARGIN = 3 * 0.9 / 64 / 2
+
+
+def within_margin(losses: list[float], reference: list[float]) -> tuple[bool, float]:
+    drop = reference[0] - min(reference)
+    assert drop > 0.2, drop  # the float32 run does learn
+    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
+    return worst <= MARGIN * drop, worst / drop
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_each_setting_trains_within_the_margin_of_float32(curve, name):
+    assert len(curve(name)) == STEPS
+    ok, share = within_margin(curve(name), curve("float32"))
+    assert ok, f"{name}: {share:.2%} of the float32 drop"
+
+
+def test_plain_bfloat16_weights_miss_the_margin(curve):
+    """The negative control: the test above can fail (today's train_dtype = 'bfloat16')."""
+    ok, share = within_margin(curve("bfloat16 weights"), curve("float32"))
+    assert not ok, f"{share:.2%}"
+
+
+# Two of the four settings, to keep the suite's time: the 8-bit moments and stochastic rounding
+# of the last one cover the two mechanisms that differ across shards (blocks, random bits); the
+# first takes the other code path (torchao's AdamW with bfloat16 moment buffers).
+@pytest.mark.parametrize("name", ["bfloat16 moments",
+                                  "bfloat16 weights, stochastic rounding, 8-bit moments"])  # fmt: skip
+def test_two_gloo_ranks_train_like_one_process(curve, name):
+    """Two ranks sum their gradients in another order than one process (float32: relative
+    differences of γ_n), draw other random bits for stochastic rounding, and may round a
+    stored moment to the neighbouring code where the two float32 values straddle a rounding
+    boundary. None of this is bit for bit; each is within the margin above. The 8-bit blocks are
+    the same on both: every matrix of the example splits on 2 ranks at a multiple of 256
+    values (asserted below), so no block straddles two shards."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(EXAMPLE / "model")
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    for rows, columns in ((v, h), (h, h), (kv, h), (i, h), (h, i)):
+        assert (math.ceil(rows / 2) * columns) % QUANT_BLOCK == 0
+    ok, share = within_margin(curve(name, nproc=2), curve(name))
+    assert ok, f"{name}: 2 ranks differ from 1 by {share:.2%} of the drop"
+
+
+# ---- Resume --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "nproc"),
+    [("bfloat16 moments", 1), ("bfloat16 weights, stochastic rounding, 8-bit moments", 2)],
+)
+def test_each_setting_resumes_bit_for_bit(runs, tmp_path, name, nproc):
+    """Six steps with a checkpoint after the third, then the checkpoint resumed: steps 4-6 equal
+    the uninterrupted run's bit for bit (8-bit moments and the random bits of stochastic
+    rounding included: the checkpoint holds the quantized state and every rank's generator)."""
+    keys = dict(example_keys(**SETTINGS[name]), max_steps=6, checkpoint_every_steps=3,
+                learning_rate=3e-3)  # fmt: skip
+    run = runs.write_run(tmp_path / "run.toml", **keys, output_dir=str(tmp_path / "whole"))
+    resumed = tmp_path / "resumed"
+    if nproc == 1:  # in this process: the checkpoint, not the command line, is the subject
+        runs.train_here(tmp_path / "whole", run)
+        shutil.copytree(tmp_path / "whole", resumed)
+        (result, _) = runs.train_here(resumed, run)
+        assert result.steps == 6
+    else:
+        runs.launch("run", str(run), nproc=nproc)
+        shutil.copytree(tmp_path / "whole", resumed)
+        assert "resumed from" in runs.launch("run", str(run), f"--output_dir={resumed}",
+                                             nproc=nproc).stdout  # fmt: skip
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_3"]
+    whole, again = runs.metrics(tmp_path / "whole"), runs.metrics(resumed)
+    assert [s["step"] for s in again] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "lr"):
+        assert [s[key] for s in again] == [s[key] for s in whole], key
+    state = json.loads((resumed / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert state["step"] == 3
