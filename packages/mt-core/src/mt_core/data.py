@@ -77,9 +77,9 @@ def _source(
         return PretrainingBlocks(
             store, args.pretraining.block_size, args.pretraining.segment_documents
         )
-    if args.sequence_parallel_size == 1:
-        return SampleDataset(store, args.max_tokens_per_gpu, args.too_long_samples)
+    # a row holds sequence_parallel_size x max_tokens_per_gpu tokens; messages name the keys
+    size = args.sequence_parallel_size
+    limit_name = "max_tokens_per_gpu" + (" x sequence_parallel_size" if size > 1 else "")
     return SampleDataset(
-        store, args.max_tokens_per_gpu * args.sequence_parallel_size, args.too_long_samples,
-        limit_name="max_tokens_per_gpu x sequence_parallel_size",
-    )  # fmt: skip
+        store, args.max_tokens_per_gpu * size, args.too_long_samples, limit_name=limit_name
+    )
