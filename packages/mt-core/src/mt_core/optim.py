@@ -122,12 +122,15 @@ def build_scheduler(
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """The gradients' global L2 norm over all shards of all ranks (a 0-d tensor on their
-    device: reading it waits for the GPU); clipped to ``max_norm`` unless it is 0. Every rank
-    gets the same value."""
+    """The gradients' global L2 norm over all shards of all ranks (a 0-d tensor on the GPU, also
+    when the gradients are offloaded to the CPU: reading it waits for the GPU); clipped to
+    ``max_norm`` unless it is 0. Every rank gets the same value."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(norm, DTensor):  # sharded gradients: the norm of the local shards, reduced
+        local, mesh = norm.to_local(), norm.device_mesh
+        if local.device.type != mesh.device_type:  # cpu_offload: NCCL reduces GPU tensors only
+            norm = DTensor.from_local(local.to(mesh.device_type), mesh, norm.placements)
         norm = norm.full_tensor()
     if max_norm > 0:
         params = [p for p in model.parameters() if p.grad is not None]
