@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from transformers import PretrainedConfig
@@ -30,7 +31,15 @@ from mt_core.memory import (
 )
 from mt_core.model_shape import model_shape, osft_settings
 
-__all__ = ["Fit", "activation_budget_scope", "choose_fit", "fit_to_gpu", "run_settings"]
+__all__ = [
+    "Fit",
+    "activation_budget_scope",
+    "available_host_bytes",
+    "choose_fit",
+    "fit_to_gpu",
+    "host_memory_problem",
+    "run_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +146,55 @@ def fit_to_gpu(
     if said:
         said[-1] += f" (estimated peak {peak / GIB:.1f} of {usable / GIB:.1f} GiB usable)"
     return replace(fit, summary="; ".join(said))
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def available_host_bytes() -> float | None:
+    """What the kernel says a new allocation can still get without swapping (MemAvailable of
+    /proc/meminfo), or None where there is no such file (not Linux)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024  # reported in kB
+    return None
+
+
+def host_memory_problem(
+    args: TrainingArgs,
+    config: PretrainedConfig,
+    *,
+    world_size: int,
+    local_processes: int,
+    available_bytes: float | None,
+) -> str | None:
+    """Why what ``args`` keeps in host memory (cpu_offload: every process's shard of weights,
+    gradients and optimizer state) does not fit this node's available memory, or None when it
+    does (or nothing is offloaded, or the memory is unknown)."""
+    if not args.cpu_offload or available_bytes is None:
+        return None
+    shape = model_shape(
+        config, osft=osft_settings(args), master=args.train_dtype,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+    run = run_settings(args, world_size, liger=True, sync_each=True)
+    per_process = estimate(shape, run).host
+    needed = per_process * local_processes
+    if needed <= available_bytes:
+        return None
+    return (
+        f"cpu_offload = true keeps {_size(per_process)} per process in host memory (weights, "
+        f"gradients and AdamW state of its shard; {_size(needed)} for the {local_processes} "
+        f"process(es) of this node), but only {_size(available_bytes)} is available "
+        "(MemAvailable, /proc/meminfo). Lower it with optimizer_state_dtype = "
+        "'bfloat16' (or train_dtype = 'bfloat16' with stochastic_rounding = true), or spread "
+        "the run over more nodes"
+    )
 
 
 @contextlib.contextmanager

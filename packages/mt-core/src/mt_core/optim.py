@@ -8,6 +8,7 @@ weights take torchao's AdamW (:mod:`mt_core.optim_torchao`, the torchao extra), 
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import torch
@@ -26,6 +27,8 @@ __all__ = [
     "uses_torchao",
 ]
 
+logger = logging.getLogger(__name__)
+
 # optimizer_state_dtype's choices; '8bit' is a quantization, not a torch dtype
 STATE_DTYPES: dict[str, torch.dtype | None] = {
     "float32": torch.float32,
@@ -42,12 +45,26 @@ def uses_torchao(state_dtype: str | None, stochastic_rounding: bool, master: tor
 
 
 def check_optimizer(
-    state_dtype: str | None, stochastic_rounding: bool, master: torch.dtype, device: torch.device
+    state_dtype: str | None,
+    stochastic_rounding: bool,
+    master: torch.dtype,
+    device: torch.device,
+    offloaded: bool = False,
 ) -> None:
     """One ConfigError, before any weight is loaded, when the chosen optimizer cannot run with
-    parameters on ``device``: torchao missing, or no C++ compiler for its compiled CPU step."""
+    parameters on ``device``: torchao missing, or no C++ compiler for its compiled CPU step.
+    ``offloaded``: the parameters were moved off a GPU (cpu_offload), where a slow CPU step
+    deserves a warning."""
     if not uses_torchao(state_dtype, stochastic_rounding, master):
         return
+    if offloaded and state_dtype == "8bit":
+        # measured on 2 CPU threads, 14.7M values a step: 8-bit moments 275 ms, bfloat16 19 ms
+        # (tools/bench/RESULTS.md); on one H200 an 8B step took minutes
+        logger.warning(
+            "optimizer_state_dtype = '8bit' with cpu_offload = true: torchao's 8-bit step is "
+            "about 15x slower on the CPU than bfloat16 moments; optimizer_state_dtype = "
+            "'bfloat16' needs 1 byte more per moment value of host memory"
+        )
     key = (
         f"optimizer_state_dtype = {state_dtype!r}"
         if state_dtype is not None and STATE_DTYPES[state_dtype] != master

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -29,7 +30,12 @@ from mt_core.config import ConfigError, TrainingArgs, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.families import export_model
-from mt_core.fit import activation_budget_scope, fit_to_gpu
+from mt_core.fit import (
+    activation_budget_scope,
+    available_host_bytes,
+    fit_to_gpu,
+    host_memory_problem,
+)
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_core.metrics import (
@@ -145,11 +151,18 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     )  # fmt: skip
     if ctx.is_main and fit.summary:
         print(fit.summary, flush=True)
+    problem = host_memory_problem(
+        args, config, world_size=ctx.world_size, available_bytes=available_host_bytes(),
+        local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )  # fmt: skip
+    if problem is not None:
+        raise ConfigError([problem])
     master_dtype = TORCH_DTYPES[args.train_dtype]
     # torchao's optimizers (low-precision moments, stochastic rounding) must be able to run here
+    step_device = torch.device("cpu") if args.cpu_offload else ctx.device
     check_optimizer(
-        args.optimizer_state_dtype, args.stochastic_rounding, master_dtype,
-        torch.device("cpu") if args.cpu_offload else ctx.device,
+        args.optimizer_state_dtype, args.stochastic_rounding, master_dtype, step_device,
+        offloaded=args.cpu_offload and on_gpu,
     )  # fmt: skip
     model, _ = build_model(
         model_folder,

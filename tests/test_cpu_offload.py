@@ -1,0 +1,61 @@
+"""cpu_offload (FSDP2's CPU offload policy: sharded weights, gradients and optimizer state in host
+memory, the optimizer step on the CPU): it changes where tensors live, not the arithmetic, and a
+node without the host memory for it is told so before any weight is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mt_core import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny"
+
+
+def example_keys(**setting) -> dict:
+    return dict(model_name_or_path=str(EXAMPLE / "model"), data_path=str(EXAMPLE / "data.jsonl"),
+                batch_size=32, max_tokens_per_gpu=1024, learning_rate=1e-3, lr_scheduler="cosine",
+                training_mode="step", max_steps=3, seed=1, save_final_checkpoint=False,
+                attn_backend="sdpa", **setting)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{}, dict(train_dtype="bfloat16", stochastic_rounding=True, optimizer_state_dtype="bfloat16")],
+    ids=["float32 AdamW", "bfloat16 weights, stochastic rounding, bfloat16 moments"],
+)
+def test_offloaded_run_trains_bit_for_bit_like_the_plain_one(runs, tmp_path, setting):
+    """On a CPU run the policy moves nothing, so the arithmetic is the same operations in the
+    same order: the losses and gradient norms are equal, not close. (On a GPU the policy's
+    copies add no arithmetic either; what differs there is only where the step runs.)"""
+    _, plain = runs.train_here(tmp_path / "plain", **example_keys(**setting))
+    _, offloaded = runs.train_here(tmp_path / "offloaded", **example_keys(cpu_offload=True,
+                                                                           **setting))  # fmt: skip
+    assert len(plain) == 3
+    for key in ("loss", "grad_norm"):
+        assert [s[key] for s in offloaded] == [s[key] for s in plain], key
+
+
+def test_too_little_host_memory_is_one_clear_error_before_any_weight(runs, tmp_path, monkeypatch):
+    """Under cpu_offload every parameter of the tiny example keeps 16 bytes in host memory
+    (float32 weight, gradient and two moments): with less than that available the run stops
+    with one message naming the sizes and the fix. build_model would fail the test."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import mt_core.trainer as trainer
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EXAMPLE / "model"))
+    needed = 16 * sum(p.numel() for p in model.parameters())  # a tied weight counts once
+    monkeypatch.setattr(trainer, "build_model", lambda *args, **kwargs: pytest.fail("loaded"))
+    monkeypatch.setattr(trainer, "available_host_bytes", lambda: needed - 1.0)
+    with pytest.raises(ConfigError) as error:
+        runs.train_here(tmp_path / "out", **example_keys(cpu_offload=True))
+    (message,) = error.value.problems
+    assert f"cpu_offload = true keeps {needed / 2**20:.1f} MiB per process" in message
+    assert f"but only {(needed - 1) / 2**20:.1f} MiB is available" in message
+    assert "optimizer_state_dtype = 'bfloat16'" in message
+    # exactly enough is enough: the run goes on to build the model
+    monkeypatch.setattr(trainer, "available_host_bytes", lambda: float(needed))
+    with pytest.raises(pytest.fail.Exception, match="loaded"):
+        runs.train_here(tmp_path / "enough", **example_keys(cpu_offload=True))

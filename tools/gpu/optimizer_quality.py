@@ -1,0 +1,149 @@
+"""Does a lower-precision optimizer setting train as well as float32 AdamW? 300 steps on one GPU.
+
+On the GPU machine (see shared/GPU.md; torchao's wheel on PYTHONPATH), from the repository root:
+
+    python3 tools/gpu/optimizer_quality.py --out $OUT/quality          # 1B shape, 300 steps
+    python3 tools/gpu/optimizer_quality.py --shape tiny --device cpu --steps 20 --out /tmp/oq
+
+A random-init model of --shape learns a sorting task (a prompt of 24 random symbols, the answer
+the same symbols in ascending order; only the answer is trained), so the loss falls far: from
+ln(vocab) to well under a nat. Every setting trains the same model on the same samples in the
+same order (same seed) with ``mt run`` in a fresh process; --parallel of them share the GPU at a
+time (only the losses are compared here: speed is tools/bench/throughput.py's job). The table
+gives each setting's final loss (mean of the last 20 steps) and its curve's distance from the
+float32 run's: the largest and the mean absolute difference of the per-step losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
+from random_model import SHAPES, make_model  # noqa: E402
+
+SETTINGS = {  # run-file keys of each setting (float32 AdamW is the reference)
+    "float32": {},
+    "bfloat16 moments": {"optimizer_state_dtype": "bfloat16"},
+    "8-bit moments": {"optimizer_state_dtype": "8bit"},
+    "bf16 weights + SR": {"train_dtype": "bfloat16", "stochastic_rounding": True},
+    "bf16 weights + SR + 8-bit": {
+        "train_dtype": "bfloat16",
+        "stochastic_rounding": True,
+        "optimizer_state_dtype": "8bit",
+    },  # fmt: skip
+    "bf16 weights (no SR)": {"train_dtype": "bfloat16"},  # the negative control
+}
+SYMBOLS, ITEMS = 64, 24  # the alphabet of the sorting task and the items per sample
+
+
+def make_sort_data(path: Path, samples: int, vocab: int, seed: int = 0) -> None:
+    """``samples`` sorting problems: symbols ``first .. first + 63``, a separator and an end
+    token; labels only on the answer (and the end token)."""
+    first = min(1000, vocab - SYMBOLS - 2)
+    separator, end = first + SYMBOLS, first + SYMBOLS + 1
+    rng = np.random.default_rng(seed)
+    with path.open("w") as out:
+        for _ in range(samples):
+            items = rng.integers(first, first + SYMBOLS, ITEMS)
+            prompt = [*items.tolist(), separator]
+            answer = [*np.sort(items).tolist(), end]
+            labels = [-100] * len(prompt) + answer
+            out.write(json.dumps({"input_ids": prompt + answer, "labels": labels}) + "\n")
+
+
+def run_file(path: Path, options, model: Path, data: Path, out: Path, keys: dict) -> Path:
+    run = dict(
+        model_name_or_path=str(model), data_path=str(data), output_dir=str(out),
+        batch_size=options.batch_size, max_tokens_per_gpu=8192, learning_rate=options.lr,
+        num_warmup_steps=15, lr_scheduler="cosine", training_mode="step",
+        max_steps=options.steps, seed=42, save_final_checkpoint=False, **keys,
+    )  # fmt: skip
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run.items()))
+    return path
+
+
+def folder_of(root: Path, name: str) -> Path:
+    return root / "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+
+
+def losses(out: Path) -> tuple[np.ndarray, float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return np.array([line["loss"] for line in lines]), max(
+        line.get("peak_mem_gib", 0.0) or 0.0 for line in lines
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per step")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine)")
+    parser.add_argument("--parallel", type=int, default=3, help="settings run at a time")
+    parser.add_argument("--only", help="comma-separated settings (default: all)")
+    options = parser.parse_args()
+    options.out.mkdir(parents=True, exist_ok=True)
+    model = options.out / "model"
+    if not (model / "config.json").exists():
+        make_model(model, options.shape, device=options.device)
+    vocab = SHAPES[options.shape][1]["vocab_size"]
+    data = options.out / "sort.jsonl"
+    make_sort_data(data, options.steps * options.batch_size, vocab)
+    names = options.only.split(",") if options.only else list(SETTINGS)
+    env = {**os.environ}
+    if options.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    waiting = list(names)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed = []
+    while waiting or running:
+        while waiting and len(running) < options.parallel:
+            name = waiting.pop(0)
+            folder = folder_of(options.out, name)
+            keys = run_file(folder.with_suffix(".toml"), options, model, data, folder,
+                            SETTINGS[name])  # fmt: skip
+            log = folder.with_suffix(".log").open("w")
+            process = subprocess.Popen([sys.executable, "-m", "mt", "run", str(keys)],
+                                       stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            running[name] = (process, time.time())
+            print(f"started {name}", flush=True)
+        time.sleep(2)
+        for name, (process, started) in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                print(f"{name}: exit {process.returncode} after {time.time() - started:.0f} s",
+                      flush=True)  # fmt: skip
+                if process.returncode:
+                    failed.append(name)
+    folders = {name: folder_of(options.out, name) for name in names}
+    curves = {name: losses(folder) for name, folder in folders.items() if name not in failed}
+    reference = curves.get("float32", (None, 0.0))[0]
+    print(f"\n{options.shape}, {options.steps} steps of {options.batch_size} sorting samples, "
+          f"lr {options.lr:g} cosine, seed 42")  # fmt: skip
+    print(f"{'setting':28} {'step 1':>7} {'final':>7} {'max |diff|':>10} {'mean |diff|':>11} "
+          f"{'peak GiB':>8}")  # fmt: skip
+    for name, (curve, peak) in curves.items():
+        final = curve[-20:].mean()
+        if reference is not None and len(curve) == len(reference):
+            diff = np.abs(curve - reference)
+            gap = f"{diff.max():10.4f} {diff.mean():11.4f}"
+        else:
+            gap = f"{'-':>10} {'-':>11}"
+        print(f"{name:28} {curve[0]:7.3f} {final:7.4f} {gap} {peak:8.1f}")
+    for name in failed:
+        print(f"{name:28} FAILED (see its .log)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
