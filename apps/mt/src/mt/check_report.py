@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from mt.check import Plan, fitted
+from mt.check_levers import lever_lines
 from mt_core.memory import (
     GIB,
     QUANT_BLOCK,
@@ -53,7 +54,8 @@ def render(plan: Plan) -> str:
     lines = [f"mt check {plan.run_file}", ""]
     lines += _model_lines(plan) + [""] + _data_lines(plan) + [""]
     lines += _memory_lines(plan) + [""] + _step_lines(plan) + [""]
-    lines += _verdict_lines(plan)
+    levers = lever_lines(plan)
+    lines += levers + [""] * bool(levers) + _verdict_lines(plan)
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,155 @@
+"""The memory levers of ``mt check``: the peak per GPU with each setting that lowers it, and the
+cheapest combination of them that fits when the run as asked does not.
+
+"Cheapest" orders the levers by what they cost a run, as measured (tools/bench/RESULTS.md,
+issue #18): lower-precision optimizer state costs no speed on a GPU and stays within 0.01 of the
+float32 loss curve (bfloat16 or 8-bit moments; bfloat16 weights with stochastic rounding within
+0.02 on average); activation checkpointing recomputes the forward pass (about a third more
+compute); CPU offload moves the optimizer step to the CPU and every weight across PCIe, by far
+the slowest. A combination is cheaper when it needs fewer of the expensive levers, then the
+milder precision change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from itertools import product
+
+from mt.check import Plan, fitted
+from mt_core.memory import GIB, MASTER_BYTES, Settings, estimate, moment_bytes
+
+__all__ = ["Lever", "cheapest_fit", "lever_lines", "levers"]
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One setting of the run file that lowers memory."""
+
+    keys: str  # as the user writes them in the run file
+    changes: dict  # the change to the estimate's Settings
+    cost: str  # what it costs the run, in a few words
+
+
+def _precision_levers(run: Settings) -> list[Lever]:
+    """Lower-precision optimizer settings that would shrink ``run``'s state, mildest first."""
+    found = []
+    if moment_bytes(run) > 2:
+        found.append(
+            Lever(
+                "optimizer_state_dtype = 'bfloat16'",
+                dict(state="bfloat16"),
+                "no slower; 1B loss curve within 0.01 of float32's",
+            )
+        )
+    if run.state != "8bit":
+        found.append(
+            Lever(
+                "optimizer_state_dtype = '8bit'",
+                dict(state="8bit"),
+                "no slower on a GPU; within 0.01 of float32's",
+            )
+        )
+    if MASTER_BYTES[run.master] > 2:
+        found.append(
+            Lever(
+                "train_dtype = 'bfloat16', stochastic_rounding = true",
+                dict(master="bfloat16"),
+                "within 0.02 of float32's on average",
+            )
+        )
+        if run.state != "8bit":
+            found.append(
+                Lever(
+                    "train_dtype = 'bfloat16', stochastic_rounding = true, "
+                    "optimizer_state_dtype = '8bit'",
+                    dict(master="bfloat16", state="8bit"),
+                    "within 0.02 of float32's on average",
+                )
+            )
+    return found
+
+
+def levers(run: Settings) -> list[Lever]:
+    """Every lever that would change ``run``, cheapest first."""
+    found = _precision_levers(run)
+    if not run.checkpointing:
+        found.append(
+            Lever(
+                "activation_checkpointing = true",
+                dict(checkpointing=True),
+                "recomputes the forward pass: about a third more compute",
+            )
+        )
+    if not run.cpu_offload:
+        found.append(
+            Lever(
+                "cpu_offload = true",
+                dict(cpu_offload=True),
+                "optimizer step on the CPU, weights over PCIe: much slower",
+            )
+        )
+    return found
+
+
+def _fitted(plan: Plan, run: Settings) -> tuple[float, float]:
+    """The peak of ``run`` as the trainer would fit it, and the activation budget it needs."""
+    run = fitted(plan.args, plan.shape, run, plan.gpu)
+    return estimate(plan.shape, run).peak, run.activation_budget
+
+
+def _extra_compute(run: Settings, budget: float) -> float:
+    """At most how much more the GPU computes for the activations it does not keep: checkpointing
+    runs the forward pass again, a third of a step's FLOPs (2 of 6N a token, 4 of 12 per
+    attended position: mt_core.memory.recompute_factor); compiled blocks with a budget b < 1
+    recompute at most the share 1 - b of it (the cheapest first)."""
+    return 1 / 3 if run.checkpointing else (1 - budget) / 3
+
+
+def cheapest_fit(plan: Plan) -> tuple[list[Lever], float] | None:
+    """The cheapest combination of levers with which the run fits (with its peak), or None when
+    none does. Combinations: at most one precision change, with or without activation
+    checkpointing, with or without CPU offload. Cheapest: no CPU offload if any fits without,
+    then the least recomputation (in hundredths of a step), then the mildest precision change."""
+    run, usable = plan.settings, plan.gpu.usable_gib * GIB
+    precision = [[]] + [[lever] for lever in _precision_levers(run)]
+    checkpointing = [[]] + [[lever] for lever in levers(run) if "checkpointing" in lever.changes]
+    offload = [[]] + [[lever] for lever in levers(run) if "cpu_offload" in lever.changes]
+    fitting = []
+    for rank, (one, two, three) in enumerate(product(precision, checkpointing, offload)):
+        chosen = one + two + three
+        if not chosen:
+            continue
+        changed = replace(run, **{k: v for lever in chosen for k, v in lever.changes.items()})
+        peak, budget = _fitted(plan, changed)
+        if peak <= usable:
+            cost = (changed.cpu_offload, round(_extra_compute(changed, budget), 2), rank)
+            fitting.append((cost, chosen, peak))
+    if not fitting:
+        return None
+    _, chosen, peak = min(fitting, key=lambda found: found[0])
+    return chosen, peak
+
+
+def lever_lines(plan: Plan) -> list[str]:
+    """The ``levers`` section: each lever alone with its peak, and, when the run does not fit,
+    the cheapest combination that does."""
+    run, usable = plan.settings, plan.gpu.usable_gib * GIB
+    found = levers(run)
+    if not found:
+        return []
+    lines = ["levers  each alone, as the trainer would fit it (its cost in brackets):"]
+    for lever in found:
+        peak, budget = _fitted(plan, replace(run, **lever.changes))
+        word = "fits" if peak <= usable else "still too much"
+        if budget < 1:
+            word += f", activation budget {budget:.2f}"
+        lines.append(f"          - {lever.keys}: peak {peak / GIB:.1f} GiB, {word} ({lever.cost})")
+    if not plan.fits:
+        best = cheapest_fit(plan)
+        if best is None:
+            lines.append("        no combination of these fits: more GPUs (see below)")
+        else:
+            chosen, peak = best
+            keys = " and ".join(lever.keys for lever in chosen)
+            lines.append(f"        cheapest settings that fit: {keys} (peak {peak / GIB:.1f} GiB)")
+    return lines
