@@ -23,6 +23,8 @@ trains on the same global batches (mt's seeded sampler), each in a fresh process
 - ``mt ...``: ``mt_core.train`` itself (what ``mt run`` calls) at each setting.
 - ``dense``: the same ``mt_core.train`` on full 8,192-token rows of plain causal attention
   (``[pretraining]`` contiguous blocks): no documents to separate, the per-token ceiling.
+- ``--mini-trainer``: mini_trainer 0.9.0 through its own entry point on the same model folder
+  and data file (tools/bench/minitrainer.py says what is adapted).
 
 Timing is external: a callback (named by import path, like a user's) stamps the end of every
 step; the first ``--warmup`` steps (compilation) are left out. Tokens are real (non-pad) tokens.
@@ -277,7 +279,12 @@ def child(spec_file: Path) -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("mt_core").setLevel(logging.INFO)  # the trainer's choices, in log.txt
     spec = json.loads(spec_file.read_text())
-    result = run_padded(spec) if spec["kind"] == "padded" else run_mt(spec)
+    if spec["kind"] == "mini_trainer":
+        from minitrainer import run_mini_trainer
+
+        result = run_mini_trainer(spec)
+    else:
+        result = run_padded(spec) if spec["kind"] == "padded" else run_mt(spec)
     (Path(spec["out"]) / "result.json").write_text(json.dumps(result))
 
 
@@ -294,6 +301,9 @@ def summarise(name: str, result: dict, lengths: list[np.ndarray], config, peak: 
     seconds = stamps[-1] - stamps[warmup - 1]
     tokens = sum(int(lengths[i].sum()) for i in measured)
     flops = sum(step_flops(config, lengths[i]) for i in measured)
+    if "tokens" in result:  # its own batches (mini_trainer): mt's FLOPs per token of the mix
+        flops *= sum(result["tokens"][i] for i in measured) / tokens
+        tokens = sum(result["tokens"][i] for i in measured)
     row = {"name": name, "tokens_per_s": tokens / seconds,
            "mfu": flops / seconds / peak if peak else None,
            "peak_mem_gib": result.get("peak_mem_gib"), "micro_batch": result.get("micro_batch"),
@@ -331,6 +341,11 @@ def main() -> int:
         '\'{"mt 32k bf16": {"max_tokens_per_gpu": 32768, '
         '"train_dtype": "bfloat16"}}\'; an "env" key holds environment variables for that '
         "contestant's process; experiment keys: see experiments.py",
+    )
+    parser.add_argument(
+        "--mini-trainer",
+        help="mini_trainer 0.9.0 contestants (JSON: name -> its own flags), e.g. "
+        '\'{"mini_trainer 16k": {"max-tokens-per-gpu": 16384}}\' (tools/bench/minitrainer.py)',
     )
     parser.add_argument(
         "--profile",
@@ -376,6 +391,11 @@ def main() -> int:
     extra = json.loads(options.extra) if options.extra else {}
     runs += [{"name": name, "kind": "mt", "env": keys.pop("env", {}), "keys": keys}
              for name, keys in extra.items()]  # fmt: skip
+    rivals = json.loads(options.mini_trainer) if options.mini_trainer else {}
+    runs += [
+        {"name": name, "kind": "mini_trainer", "keys": flags} for name, flags in rivals.items()
+    ]
+    extra = {**extra, **rivals}  # contestants named on the command line run whatever --only says
     if options.profile:  # timed apart: the profiler slows the step it records
         runs.append({"name": "profile", "kind": "mt", "keys": json.loads(options.profile),
                      "profile": True})  # fmt: skip
