@@ -14,10 +14,11 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny"
 
 
 def example_keys(**setting) -> dict:
-    return dict(model_name_or_path=str(EXAMPLE / "model"), data_path=str(EXAMPLE / "data.jsonl"),
+    keys = dict(model_name_or_path=str(EXAMPLE / "model"), data_path=str(EXAMPLE / "data.jsonl"),
                 batch_size=32, max_tokens_per_gpu=1024, learning_rate=1e-3, lr_scheduler="cosine",
                 training_mode="step", max_steps=3, seed=1, save_final_checkpoint=False,
-                attn_backend="sdpa", **setting)  # fmt: skip
+                attn_backend="sdpa")  # fmt: skip
+    return {**keys, **setting}
 
 
 @pytest.mark.parametrize(
@@ -59,3 +60,37 @@ def test_too_little_host_memory_is_one_clear_error_before_any_weight(runs, tmp_p
     monkeypatch.setattr(trainer, "available_host_bytes", lambda: float(needed))
     with pytest.raises(pytest.fail.Exception, match="loaded"):
         runs.train_here(tmp_path / "enough", **example_keys(cpu_offload=True))
+
+
+def test_the_step_time_counts_the_optimizer_step_but_not_validation(runs, tmp_path, monkeypatch):
+    """Under cpu_offload the optimizer step runs on the host, after the step's one sync: its
+    time belongs to the step (it once did not: the clock restarted after it). The trainer's
+    clock is made to jump 100 s in the optimizer step and 1000 s in validation: step 2's time
+    (from step 1's sync to its own) holds the first jump and none of the second; the real
+    seconds of a tiny step are far from either."""
+    import time
+    from types import SimpleNamespace
+
+    import mt_core.trainer as trainer
+
+    jumped = [0.0]
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter()
+                                                         + jumped[0]))  # fmt: skip
+
+    def jump(seconds: float) -> None:
+        jumped[0] += seconds
+
+    build = trainer.build_optimizer
+
+    def slow_optimizer(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda *hook_args: jump(100.0))
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", slow_optimizer)
+    monkeypatch.setattr(trainer, "validation_due", lambda *args: True)
+    monkeypatch.setattr(trainer, "validation_loss", lambda *args: (jump(1000.0), 1.0)[1])
+    _, lines = runs.train_here(tmp_path / "out", **example_keys(max_steps=2, cpu_offload=True))
+    assert [line["val_loss"] for line in lines] == [1.0, 1.0]
+    assert lines[0]["step_time_s"] < 100  # before any optimizer step
+    assert 100 <= lines[1]["step_time_s"] < 1000

@@ -328,6 +328,11 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
                 "peak_mem_gib": _peak_memory_gib(ctx.device),
                 "skipped_steps": state.skipped_steps,
             }
+            # From here on: validation, logging, callbacks, exports and checkpoints, which are
+            # not step time. The optimizer step above is, and counts in the next step's time:
+            # its host side can be long (torchao's per-parameter launches; under cpu_offload the
+            # whole step runs on the CPU).
+            paused = time.perf_counter()
             improved = False
             if validation_due(args, state, epoch_ended, done):
                 state.validated_at = state.samples_seen
@@ -359,7 +364,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
             every = args.checkpoint_every_steps
             if every and state.step % every == 0 and not done:
                 checkpoint()
-            clock = time.perf_counter()  # validation, exports, checkpoints: not step time
+            clock += time.perf_counter() - paused
             if not done and stop_votes > 0:
                 folder = checkpoint()
                 if ctx.is_main:
