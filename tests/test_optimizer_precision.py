@@ -142,14 +142,17 @@ def test_bfloat16_weights_lose_small_updates_and_stochastic_rounding_keeps_them_
 # ---- Training the tiny example -------------------------------------------------------------------
 # 30 steps at a constant lr of 1e-4: the float32 loss falls from 5.58 by about 0.26, and most
 # updates are smaller than half the bfloat16 spacing of their weight (weights ~0.02: 2^-13).
-STEPS, LR = 30, 1e-4
+# Each run keeps a checkpoint of step 27: the resume tests continue it for the last three steps,
+# and the run itself is the uninterrupted one they must equal.
+STEPS, LR, CHECKPOINT_AT = 30, 1e-4, 27
 
 
 def example_keys(**setting) -> dict:
     return dict(model_name_or_path=str(EXAMPLE / "model"), data_path=str(EXAMPLE / "data.jsonl"),
                 batch_size=32, max_tokens_per_gpu=1024, learning_rate=LR, num_warmup_steps=0,
                 lr_scheduler="constant", training_mode="step", max_steps=STEPS, seed=42,
-                save_final_checkpoint=False, attn_backend="sdpa", **setting)  # fmt: skip
+                save_final_checkpoint=False, checkpoint_every_steps=CHECKPOINT_AT,
+                attn_backend="sdpa", **setting)  # fmt: skip
 
 
 def test_no_cpu_compiler_is_one_clear_error_before_any_weight(runs, tmp_path, monkeypatch):
@@ -167,27 +170,32 @@ def test_no_cpu_compiler_is_one_clear_error_before_any_weight(runs, tmp_path, mo
 
 
 @pytest.fixture(scope="module")
-def curve(tmp_path_factory, runs):
-    """``curve(name, nproc)``: the losses of ``SETTINGS[name]`` (or "float32", or "bfloat16
-    weights": plain rounding) on the tiny example, made once."""
+def trained(tmp_path_factory, runs):
+    """``trained(name, nproc)``: the output_dir of ``SETTINGS[name]`` (or "float32", or "bfloat16
+    weights": plain rounding) trained on the tiny example, made once and only read."""
     root = tmp_path_factory.mktemp("precision")
-    made: dict[tuple[str, int], list[float]] = {}
+    made: dict[tuple[str, int], Path] = {}
     extra = {"float32": {}, "bfloat16 weights": dict(train_dtype="bfloat16")}
 
-    def get(name: str, nproc: int = 1) -> list[float]:
+    def get(name: str, nproc: int = 1) -> Path:
         if (name, nproc) not in made:
             keys = example_keys(**{**SETTINGS, **extra}[name])
             out = root / f"{len(made)}"
             if nproc == 1:
-                _, lines = runs.train_here(out, **keys)
+                runs.train_here(out, **keys)
             else:
                 run = runs.write_run(root / f"{len(made)}.toml", **keys, output_dir=str(out))
                 runs.launch("run", str(run), nproc=nproc)
-                lines = runs.metrics(out)
-            made[name, nproc] = [line["loss"] for line in lines]
+            made[name, nproc] = out
         return made[name, nproc]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def curve(trained, runs):
+    """``curve(name, nproc)``: the losses of :func:`trained`'s run."""
+    return lambda name, nproc=1: [line["loss"] for line in runs.metrics(trained(name, nproc))]
 
 
 # Margin: the coarsest stored moment is the 8-bit one, within half its map's widest step, 0.70%
@@ -251,28 +259,26 @@ def test_two_gloo_ranks_train_like_one_process(curve, name):
     ("name", "nproc"),
     [("bfloat16 moments", 1), ("bfloat16 weights, stochastic rounding, 8-bit moments", 2)],
 )
-def test_each_setting_resumes_bit_for_bit(runs, tmp_path, name, nproc):
-    """Six steps with a checkpoint after the third, then the checkpoint resumed: steps 4-6 equal
-    the uninterrupted run's bit for bit (8-bit moments and the random bits of stochastic
+def test_each_setting_resumes_bit_for_bit(trained, runs, tmp_path, capsys, name, nproc):
+    """A copy of a run of the curves above resumed from its checkpoint of step 27: steps 28-30
+    equal the uninterrupted run's bit for bit (8-bit moments and the random bits of stochastic
     rounding included: the checkpoint holds the quantized state and every rank's generator)."""
-    keys = dict(example_keys(**SETTINGS[name]), max_steps=6, checkpoint_every_steps=3,
-                learning_rate=3e-3)  # fmt: skip
-    run = runs.write_run(tmp_path / "run.toml", **keys, output_dir=str(tmp_path / "whole"))
-    resumed = tmp_path / "resumed"
+    whole = trained(name, nproc)
+    resumed = shutil.copytree(whole, tmp_path / "resumed")
+    keys = example_keys(**SETTINGS[name])
     if nproc == 1:  # in this process: the checkpoint, not the command line, is the subject
-        runs.train_here(tmp_path / "whole", run)
-        shutil.copytree(tmp_path / "whole", resumed)
-        (result, _) = runs.train_here(resumed, run)
-        assert result.steps == 6
+        capsys.readouterr()
+        (result, _) = runs.train_here(resumed, **keys)
+        assert result.steps == STEPS
+        said = capsys.readouterr().out
     else:
-        runs.launch("run", str(run), nproc=nproc)
-        shutil.copytree(tmp_path / "whole", resumed)
-        assert "resumed from" in runs.launch("run", str(run), f"--output_dir={resumed}",
-                                             nproc=nproc).stdout  # fmt: skip
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_3"]
-    whole, again = runs.metrics(tmp_path / "whole"), runs.metrics(resumed)
-    assert [s["step"] for s in again] == list(range(1, 7))
+        run = runs.write_run(tmp_path / "run.toml", **keys, output_dir=str(resumed))
+        said = runs.launch("run", str(run), nproc=nproc).stdout
+    assert f"(step {CHECKPOINT_AT})" in said and "resumed from" in said, said[-2000:]
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == [f"step_{CHECKPOINT_AT}"]
+    want, again = runs.metrics(whole), runs.metrics(resumed)
+    assert [s["step"] for s in again] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm", "lr"):
-        assert [s[key] for s in again] == [s[key] for s in whole], key
-    state = json.loads((resumed / "checkpoints" / "step_3" / "trainer_state.json").read_text())
-    assert state["step"] == 3
+        assert [s[key] for s in again] == [s[key] for s in want], key
+    checkpoint = resumed / "checkpoints" / f"step_{CHECKPOINT_AT}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == CHECKPOINT_AT

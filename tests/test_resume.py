@@ -116,14 +116,17 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(reference, killed, 
         assert [s[key] for s in got] == [s[key] for s in want], key  # bitwise on CPU float32
 
 
-def test_checkpoints_reshard_between_rank_counts(reference, killed, launch, equivalence,
-                                                 llama_folder, tmp_path):  # fmt: skip
+def test_checkpoints_reshard_between_rank_counts(reference, killed, launch, equivalence, runs,
+                                                 workspace, llama_folder, tmp_path):  # fmt: skip
     params = sum(p.numel() for p in load_file(llama_folder / "model.safetensors").values())
     want = steps(reference(1))
     for written, read in ((2, 1), (1, 2)):
         out = shutil.copytree(killed(written), tmp_path / f"reshard{written}to{read}")
-        result = launch(out, nproc=read)
-        assert result.returncode == 0, result.stderr[-3000:]
+        if read == 1:  # in this process: the checkpoint, not the command line, is the subject
+            runs.train_here(out, workspace / "run.toml")
+        else:
+            result = launch(out, nproc=read)
+            assert result.returncode == 0, result.stderr[-3000:]
         got = steps(out)
         assert [s["step"] for s in got] == list(range(1, 9))
         # the same data order: identical token counts per step; losses equal up to the order of
@@ -207,14 +210,19 @@ def test_a_half_written_checkpoint_is_never_resumed(reference, tmp_path):
     assert state["step"] == 6 and state["sampler"]["seed"] == 5
 
 
-def test_a_second_run_on_the_same_output_dir_refuses(launch, tmp_path):
+def test_a_second_run_on_the_same_output_dir_refuses(workspace, tmp_path, capsys):
+    """`mt run` in this process (its status and its stderr, as the command ends them; any other
+    exception, a traceback, fails here): a lock taken through another open file, as a running mt
+    holds it, refuses this one as it does another process."""
+    from mt.cli import main
+
     out = tmp_path / "busy"
     out.mkdir()
-    with open(out / ".mt.lock", "a+") as lock:
+    with open(out / ".mt.lock", "a+") as lock, pytest.raises(SystemExit) as exit_:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running mt holds it
-        result = launch(out)
-    assert result.returncode == 2
-    assert "is in use by another run" in result.stderr and "Traceback" not in result.stderr
+        main(["run", str(workspace / "run.toml"), f"--output_dir={out}"])
+    assert exit_.value.code == 2
+    assert "is in use by another run" in capsys.readouterr().err
     assert not (out / "metrics.jsonl").exists()
 
 

@@ -3,6 +3,7 @@ torchrun run of `mt run` is in test_export.py, where the same run gives the chec
 
 import json
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,6 +73,29 @@ def test_bad_key_exits_2_with_the_suggestion_and_no_traceback(run_file, kit):
         f"mt: error: {path}: missing required key 'learning_rate': peak learning rate of AdamW\n"
     )
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+# In a fresh process: help, then a run file's mistake found by `mt run` and by `mt check`; then
+# which of the model stack's packages were imported.
+WITHOUT_TRAINING = """
+import contextlib, sys
+from mt.cli import main
+
+for argv in (["--help"], ["run", sys.argv[1]], ["check", sys.argv[1]]):
+    with contextlib.suppress(SystemExit):
+        main(argv)
+print(sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers"}))
+"""
+
+
+def test_help_and_run_file_mistakes_do_not_load_torch(run_file):
+    """The answers that need no model come in well under a second: torch and transformers (a
+    dozen seconds of start-up on a small CPU) are imported by the commands that build one."""
+    path = run_file(GOOD_FILE.replace("learning_rate", "learning_rat"))
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TRAINING, path], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.stderr.count("unknown key 'learning_rat'") == 2, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
 
 
 def test_override_with_a_wrong_type_exits_2_naming_the_key(run_file, trained, capsys):

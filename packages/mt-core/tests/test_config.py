@@ -85,13 +85,18 @@ def test_defaults_are_mini_trainers_and_mts_own():
 
 def test_choice_lists_match_the_modules_that_use_them():
     # spelled out in the config so reading a run file imports no torch; these keep them in step
+    from transformers import SchedulerType
+
     from mt_core.attention import ATTN_BACKENDS as backends
+    from mt_core.config.schedulers import SCHEDULERS, usable_scheduler
     from mt_core.model import TORCH_DTYPES
     from mt_core.optim import STATE_DTYPES
 
     assert backends == ATTN_BACKENDS
     assert set(DTYPES) == set(TORCH_DTYPES)
     assert tuple(STATE_DTYPES) == OPTIMIZER_STATE_DTYPES
+    # every schedule of transformers but those refused with their reason
+    assert tuple(s.value for s in SchedulerType if usable_scheduler(s.value) is None) == SCHEDULERS
 
 
 def test_stochastic_rounding_needs_bfloat16_weights_and_says_so():

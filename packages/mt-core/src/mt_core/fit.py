@@ -16,9 +16,9 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PretrainedConfig
 
 from mt_core.config import TrainingArgs
 from mt_core.memory import (
@@ -29,7 +29,9 @@ from mt_core.memory import (
     fitting_activation_budget,
     usable_bytes,
 )
-from mt_core.model_shape import model_shape, osft_settings
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = [
     "Fit",
@@ -114,6 +116,10 @@ def fit_to_gpu(
     budget = args.activation_memory_budget
     if capacity_bytes is None:  # host memory is not the limit the estimate is made for
         return Fit(_set_budget(budget, compiled, args.activation_checkpointing))
+    # here, not at the top: choose_fit and run_settings are arithmetic that `mt check` uses
+    # before any model is built, and a run file's mistakes are shown without loading torch
+    from mt_core.model_shape import model_shape, osft_settings
+
     shape = model_shape(
         config, osft=osft_settings(args), master=args.train_dtype,
         trust_remote_code=args.trust_remote_code,
@@ -178,6 +184,8 @@ def host_memory_problem(
     does (or nothing is offloaded, or the memory is unknown)."""
     if not args.cpu_offload or available_bytes is None:
         return None
+    from mt_core.model_shape import model_shape, osft_settings  # (see fit_to_gpu)
+
     shape = model_shape(
         config, osft=osft_settings(args), master=args.train_dtype,
         trust_remote_code=args.trust_remote_code,

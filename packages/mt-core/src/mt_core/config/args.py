@@ -25,7 +25,7 @@ from mt_core.config.fields import (
     shown,
     string_keys,
 )
-from mt_core.config.schedulers import scheduler_names, scheduler_problems, usable_scheduler
+from mt_core.config.schedulers import SCHEDULERS, scheduler_problems, usable_scheduler
 
 # The names of mt_core.model.TORCH_DTYPES and mt_core.attention.ATTN_BACKENDS, spelled out here
 # because those modules import torch and reading a run file should not; a test keeps them equal.
@@ -187,7 +187,7 @@ class TrainingArgs:
         "string",
         usable_scheduler,
         default="cosine",
-        choices=scheduler_names,
+        choices=fixed(*SCHEDULERS),
     )
     lr_scheduler_kwargs: dict = field(
         "Extra arguments of the schedule, e.g. num_cycles = 1 for cosine_with_restarts or "

@@ -1,14 +1,13 @@
 """Which learning-rate schedules of ``transformers.get_scheduler`` a run may name, and the checks
 of ``lr_scheduler_kwargs`` against the chosen schedule's own signature.
 
-transformers (and with it torch) is imported only once a schedule is checked, so importing the
-config stays light.
+transformers (and with it torch) is imported only once a schedule's arguments are checked, so
+importing the config, and printing its reference, stays light.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -28,12 +27,13 @@ _SET_BY_MT = {
 }
 
 
-@functools.cache
-def scheduler_names() -> tuple[str, ...]:
-    """The schedules the train loop can step (the ``choices`` of lr_scheduler)."""
-    from transformers import SchedulerType
-
-    return tuple(s.value for s in SchedulerType if s.value not in _METRIC_SCHEDULERS)
+# The schedules the train loop can step (the choices of lr_scheduler): transformers'
+# SchedulerType but the metric ones, spelled out so that --help imports no torch; a test keeps
+# them equal.
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+)  # fmt: skip
 
 
 def usable_scheduler(name: str) -> str | None:
