@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from mt_core.activation_offload import ActivationOffload
 from mt_core.callbacks import CallbackRunner, load_callbacks
 from mt_core.config import ConfigError, TrainingArgs, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.families import export_model
-from mt_core.fit import activation_budget_scope, fit_to_gpu
+from mt_core.fit import activation_budget_scope, fit_to_gpu, host_room_bytes
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_core.metrics import (
@@ -136,16 +137,18 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     sync_each = args.sync_gradients_every_minibatch
     if sync_each is None:  # the unsharded gradients of a deferred sync cost 4 bytes a parameter
         sync_each = ctx.world_size > 1
-    # how the run fits the GPU: the share of activations compiled blocks keep, and on one GPU
-    # whether blocks stay gathered from forward to backward
+    # how the run fits the GPU: the share of activations compiled blocks keep, on one GPU
+    # whether blocks stay gathered from forward to backward, whether activations are offloaded
     capacity = torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else None
     fit = fit_to_gpu(
-        args, config, capacity_bytes=capacity, world_size=ctx.world_size, compiled=compile_blocks,
-        liger=use_liger, sync_each=sync_each, lengths=data.train.lengths,
+        args, config, capacity_bytes=capacity, host_bytes=host_room_bytes(),
+        world_size=ctx.world_size, compiled=compile_blocks, liger=use_liger, sync_each=sync_each,
+        lengths=data.train.lengths,
     )  # fmt: skip
     if ctx.is_main and fit.summary:
         print(fit.summary, flush=True)
     master_dtype = TORCH_DTYPES[args.train_dtype]
+    offload = ActivationOffload(ctx.device) if fit.activation_offload else None
     # torchao's optimizers (low-precision moments, stochastic rounding) must be able to run here
     check_optimizer(
         args.optimizer_state_dtype, args.stochastic_rounding, master_dtype,
@@ -161,6 +164,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         use_liger=use_liger,
         activation_checkpointing=args.activation_checkpointing,
         compile_blocks=compile_blocks,
+        activation_offload=offload,
         cpu_offload=args.cpu_offload,
         keep_gathered=fit.keep_gathered,
         trust_remote_code=args.trust_remote_code,
@@ -315,6 +319,8 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
                 "peak_mem_gib": _peak_memory_gib(ctx.device),
                 "skipped_steps": state.skipped_steps,
             }
+            if offload is not None:  # what the last minibatch sent to host memory and fetched back
+                record["offloaded_gib"] = offload.pass_bytes / 2**30
             improved = False
             if validation_due(args, state, epoch_ended, done):
                 state.validated_at = state.samples_seen
