@@ -295,7 +295,9 @@ def test_a_run_that_does_not_fit_exits_1_and_says_what_to_change(tmp_path, kit, 
     assert plan.memory.peak <= usable
     assert estimate(plan.shape, replace(plan.settings, activation_budget=0.37)).peak > usable
     # eager blocks keep all: a shorter row is enough too
-    eager = make_plan(load_run_file(run, {"torch_compile": False}), str(run), 8, batches=2)
+    # (activation offload off: it would make it fit, test_activation_offload_*)
+    eager_keys = {"torch_compile": False, "activation_offload": False}
+    eager = make_plan(load_run_file(run, eager_keys), str(run), 8, batches=2)
     assert not eager.fits and eager.settings.activation_budget == 1.0
     assert suggestions(eager)[:2] == [
         "activation_checkpointing = true: peak 29.4 GiB, fits",
@@ -408,3 +410,52 @@ def test_without_gpu_the_plan_is_for_this_machines_gpu(tiny_run, monkeypatch):
     plan = make_plan(args, str(tiny_run))
     assert plan.gpu.peak_flops == gpu("H100").peak_flops
     assert plan.gpu.label.endswith("peak FLOP/s taken as an H100's")
+
+
+def test_activation_offload_is_a_lever_of_mt_check(tmp_path, kit, capsys):
+    model = tmp_path / "llama-8b"
+    LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256,
+    ).save_pretrained(model)  # fmt: skip
+    data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
+    run = kit.run_toml(tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768)
+    # Per token and layer the blocks keep a = 2·(4h + 2q + 2k + 3i) + 4·heads bytes (Liger);
+    # offloaded, the GPU holds 2 of the 32 layers and the host the 31 others.
+    a = 2 * (4 * 4096 + 2 * 4096 + 2 * 1024 + 3 * 14336) + 4 * 32
+    tokens = 32768
+
+    # 4 A100-40s: the weights, gradients and AdamW state leave too little room even so
+    with pytest.raises(SystemExit):
+        cli.main(["check", str(run), "--nproc_per_node=4", "--gpu=A100-40"])
+    host = 4 * 31 * tokens * 2 * 4096  # budget 0: each layer keeps only its input
+    assert (
+        f"- activation_offload = true (PCIe traffic; {host / GIB:.1f} GiB of host memory per "
+        "node): peak 35.1 GiB, still too much"
+    ) in capsys.readouterr().out
+
+    # 8 H100s, eager blocks (no budget to lower): the trainer turns the offload on, and says so
+    eager = load_run_file(run, {"torch_compile": False})
+    plan = make_plan(eager, str(run), nproc_per_node=8, batches=2)
+    assert plan.fits and plan.settings.activation_offload
+    without = replace(plan.settings, activation_offload=False)
+    assert estimate(plan.shape, without).peak > plan.gpu.usable_gib * GIB
+    # every part but the activations is the same: 30 of the 32 layers' fewer on the GPU
+    assert estimate(plan.shape, without).activations - plan.memory.activations == 30 * tokens * a
+    assert plan.memory.host == 31 * tokens * a
+    cli.main(["check", str(run), "--nproc_per_node=8", "--torch_compile=false"])
+    out = capsys.readouterr().out
+    assert "32,768 tokens x 32 layers, Liger on, 2 of them on the GPU    8.51 | 4.75" in out
+    assert "(activation_offload on: so that the row fits, the blocks' saved activations" in out
+    assert f"host memory     offloaded activations: {31 * tokens * a / GIB:.1f} GiB per GPU" in out
+    assert "verdict fits" in out
+    # set in the run file: no note of the fit's choice; with cpu_offload the host holds both
+    cli.main(["check", str(run), "--nproc_per_node=8", "--torch_compile=false",
+              "--activation_offload=true", "--cpu_offload=true"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "(activation_offload on" not in out
+    state = 16 * plan.shape.params / 8  # float32 weights, gradients and two moments, 1/8 each
+    assert (
+        "host memory     weights, gradients, optimizer state and offloaded activations: "
+        f"{(state + 31 * tokens * a) / GIB:.1f} GiB per GPU"
+    ) in out

@@ -70,6 +70,7 @@ def test_each_lever_is_listed_with_its_own_fitted_peak(run_file, capsys):
         "train_dtype = 'bfloat16', stochastic_rounding = true, optimizer_state_dtype = '8bit'": (
             dict(master="bfloat16", state="8bit"), True),
         "activation_checkpointing = true": (dict(checkpointing=True), False),
+        "activation_offload = true": (dict(activation_offload=True), False),
         "cpu_offload = true": (dict(cpu_offload=True), True),
     }  # fmt: skip
     assert [lever.keys for lever in levers(plan.settings)] == list(expected)

@@ -111,7 +111,8 @@ def test_the_trainer_chooses_the_budget_for_its_gpu(tmp_path, shape, caplog):
     fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **one_row)
     assert fit.activation_budget == expected > 0.51
     # the run file's value wins; eager blocks, checkpointing and the CPU keep everything
-    chosen = _args(tmp_path, activation_memory_budget=0.8)
+    # (activation offload, which would make the run fit, is off: test_activation_offload_*)
+    chosen = _args(tmp_path, activation_memory_budget=0.8, activation_offload=False)
     assert fit_to_gpu(chosen, capacity_bytes=H100, compiled=True, **choose).activation_budget == 0.8
     assert fit_to_gpu(chosen, capacity_bytes=None, compiled=True, **choose) == Fit(0.8)
     assert fit_to_gpu(chosen, capacity_bytes=H100, compiled=True, **choose).summary == ""
@@ -169,3 +170,81 @@ def test_the_budget_key_is_a_share(tmp_path):
     with pytest.raises(ConfigError, match="activation_memory_budget: must be <= 1, got 1.5"):
         _args(tmp_path, activation_memory_budget=1.5)
     assert _args(tmp_path, activation_memory_budget=0).activation_memory_budget == 0.0
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        Settings(max_tokens=8192, world_size=1, minibatches=2),
+        Settings(max_tokens=8192, world_size=1, minibatches=2, activation_budget=0.25),
+        Settings(max_tokens=8192, world_size=1, minibatches=2, checkpointing=True),
+        Settings(max_tokens=8192, world_size=4, cpu_offload=True),
+    ],
+    ids=["all kept", "budget 0.25", "checkpointing", "cpu_offload"],
+)
+def test_activation_offload_leaves_two_layers_of_activations_on_the_gpu(shape, run):
+    offloaded = estimate(shape, replace(run, activation_offload=True))
+    kept_here = estimate(shape, run)
+    per = activation_bytes_per_token_layer(shape, liger=True)
+    # what each layer keeps: its input under checkpointing, else the input and the budget's share
+    # of the rest (0.25 and these integers are exact in binary: so is every sum below)
+    each = COMPUTE_BYTES * shape.hidden
+    if not run.checkpointing:
+        each += run.activation_budget * (per - each)
+    assert kept_here.activations - offloaded.activations == 8192 * (shape.layers - 2) * each
+    assert offloaded.activations_end == kept_here.activations_end  # one layer at the end
+    assert offloaded.peak_at == kept_here.peak_at == "start of backward"
+    assert kept_here.peak - offloaded.peak == 8192 * (shape.layers - 2) * each
+    # the host holds every layer's but the last (the backward pass needs that one first)
+    assert offloaded.host - kept_here.host == 8192 * (shape.layers - 1) * each
+    # one layer: nothing is sent, nothing changes
+    one = replace(shape, layers=1)
+    assert estimate(one, replace(run, activation_offload=True)) == estimate(one, run)
+
+
+def test_the_trainer_turns_activation_offload_on_only_where_nothing_else_fits(tmp_path, shape):
+    # 64 samples of 3,000 tokens: two rows of 131,072 per step, the gradients of the first alive
+    lengths = np.full(1000, 3000)
+    choose = dict(config=LLAMA_3B, world_size=1, liger=True, sync_each=False, lengths=lengths)
+    long = _args(tmp_path, max_tokens_per_gpu=131072)
+    run = Settings(max_tokens=131072, world_size=1, minibatches=2, deferred_sync=True)
+    usable = usable_bytes(H100)
+    assert fitting_activation_budget(shape, run, usable) is None  # no budget is enough
+    fit = fit_to_gpu(long, capacity_bytes=H100, compiled=True, **choose)
+    offloaded = replace(run, activation_offload=True)
+    assert fit.activation_offload
+    # and the budget is the largest that fits with it, as without
+    assert fit.activation_budget == fitting_activation_budget(shape, offloaded, usable) == 0.83
+    memory = estimate(shape, fit.applied(run))
+    assert memory.peak <= usable
+    assert fit.summary.endswith(
+        "; activation_offload on: the decoder blocks' saved activations wait in host memory "
+        f"between their forward and backward passes ({memory.host / GIB:.1f} GiB of it per GPU) "
+        f"so that 131,072 tokens per GPU fit (estimated peak {memory.peak / GIB:.1f} of 71.9 GiB "
+        "usable)"
+    )
+    # where the host has less room, the blocks keep less (what they keep is what the host holds)
+    room = 100 * GIB
+    fit = fit_to_gpu(long, capacity_bytes=H100, host_bytes=room, compiled=True, **choose)
+    assert fit.activation_offload and fit.activation_budget == 0.28
+    assert estimate(shape, fit.applied(run)).host <= room
+    assert estimate(shape, replace(fit.applied(run), activation_budget=0.29)).host > room
+    # less room than even the blocks' inputs need: not on (and the run does not fit)
+    inputs = estimate(shape, replace(offloaded, activation_budget=0.0)).host
+    assert inputs == 131072 * (shape.layers - 1) * COMPUTE_BYTES * shape.hidden
+    cramped = fit_to_gpu(long, capacity_bytes=H100, host_bytes=inputs - 1, compiled=True, **choose)
+    assert not cramped.activation_offload and cramped.activation_budget == 0
+    # a budget that fits: not on; set false: never; set true: always (on CPU too)
+    fits = fit_to_gpu(_args(tmp_path), capacity_bytes=H100, compiled=True, **choose)
+    assert fits.activation_budget == 0.51 and not fits.activation_offload
+    off = _args(tmp_path, max_tokens_per_gpu=131072, activation_offload=False)
+    assert not fit_to_gpu(off, capacity_bytes=H100, compiled=True, **choose).activation_offload
+    on = _args(tmp_path, activation_offload=True)
+    fit = fit_to_gpu(on, capacity_bytes=H100, compiled=True, **choose)
+    assert fit.activation_offload and "activation_offload" not in fit.summary  # not chosen
+    assert fit_to_gpu(on, capacity_bytes=None, compiled=True, **choose) == Fit(
+        activation_offload=True
+    )
+    assert fit_to_gpu(long, capacity_bytes=None, compiled=True, **choose) == Fit()
+    # a GPU too small even so (the weights, gradients and AdamW state alone are 48 GiB): not on
+    assert not fit_to_gpu(long, capacity_bytes=50 * GIB, compiled=True, **choose).activation_offload

@@ -243,11 +243,12 @@ def make_plan(
 
 def fitted(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) -> Settings:
     """``run`` with the fit the trainer would choose on this GPU: the compiled blocks'
-    activation budget (blocks are compiled on a GPU unless torch_compile = false) and, on one
-    GPU, whether blocks stay gathered from forward to backward."""
+    activation budget (blocks are compiled on a GPU unless torch_compile = false), on one
+    GPU whether blocks stay gathered from forward to backward, and activation offload where
+    the run file leaves it unset and only that makes the run fit."""
     return choose_fit(
         shape, run, device.usable_gib * 2**30, compiled=args.torch_compile is not False,
-        budget=args.activation_memory_budget,
+        budget=args.activation_memory_budget, may_offload=args.activation_offload is None,
     ).applied(run)  # fmt: skip
 
 

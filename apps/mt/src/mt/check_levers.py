@@ -80,6 +80,14 @@ def levers(run: Settings) -> list[Lever]:
                 "recomputes the forward pass: about a third more compute",
             )
         )
+    if not run.activation_offload:
+        found.append(
+            Lever(
+                "activation_offload = true",
+                dict(activation_offload=True),
+                "saved activations to host memory and back each step, on a side stream",
+            )
+        )
     if not run.cpu_offload:
         found.append(
             Lever(
@@ -108,7 +116,8 @@ def _extra_compute(run: Settings, budget: float) -> float:
 def cheapest_fit(plan: Plan) -> tuple[list[Lever], float] | None:
     """The cheapest combination of levers with which the run fits (with its peak), or None when
     none does. Combinations: at most one precision change, with or without activation
-    checkpointing, with or without CPU offload. Cheapest: no CPU offload if any fits without,
+    checkpointing, with or without CPU offload (activation offload is listed, not combined:
+    its cost is PCIe traffic, not yet measured against recomputation). Cheapest: no CPU offload if any fits without,
     then the least recomputation (in hundredths of a step), then the mildest precision change."""
     run, usable = plan.settings, plan.gpu.usable_gib * GIB
     precision = [[]] + [[lever] for lever in _precision_levers(run)]

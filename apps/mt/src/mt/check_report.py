@@ -145,7 +145,8 @@ def _memory_lines(plan: Plan) -> list[str]:
         (
             "activations",
             f"{_n(run.max_tokens)} tokens x {s.layers} layers, Liger {'on' if run.liger else 'off'}"
-            + (f", budget {run.activation_budget:.2f}" if run.activation_budget < 1 else ""),
+            + (f", budget {run.activation_budget:.2f}" if run.activation_budget < 1 else "")
+            + (f", {min(s.layers, 2)} of them on the GPU" if run.activation_offload else ""),
             ac_off.activations,
             ac_on.activations,
         ),
@@ -173,10 +174,18 @@ def _memory_lines(plan: Plan) -> list[str]:
             f"  (the fullest minibatch of the sampled steps holds {_n(largest)} tokens on one GPU: "
             f"peak {_gib(seen.peak)} GiB there; the verdict assumes a full {_n(run.max_tokens)})"
         )
-    if run.cpu_offload:
+    if run.activation_offload and plan.args.activation_offload is None:
         lines.append(
-            f"  host memory     weights, gradients and optimizer state: {_gib(m.host)} GiB per "
-            f"GPU, {_gib(m.host * plan.nproc_per_node)} GiB per node"
+            "  (activation_offload on: so that the row fits, the blocks' saved activations wait in "
+            "host memory\n   between their forward and backward passes)"
+        )
+    held = ["weights", "gradients", "optimizer state"] if run.cpu_offload else []
+    held += ["offloaded activations"] if run.activation_offload else []
+    if held:
+        what = held[0] if len(held) == 1 else f"{', '.join(held[:-1])} and {held[-1]}"
+        lines.append(
+            f"  host memory     {what}: {_gib(m.host)} GiB per GPU, "
+            f"{_gib(m.host * plan.nproc_per_node)} GiB per node"
         )
     return lines
 
@@ -265,9 +274,14 @@ def _changes(plan: Plan, run, prefix: str) -> list[str]:
 
     def peak_of(**changes) -> str:
         # the changed run with its own fit, as the trainer would choose it
-        memory = estimate(shape, fitted(plan.args, shape, replace(run, **changes), plan.gpu))
+        changed = replace(run, **changes)
+        trained = fitted(plan.args, shape, changed, plan.gpu)
+        memory = estimate(shape, trained)
         word = "fits" if memory.peak <= usable else "still too much"
-        return f"peak {_gib(memory.peak)} GiB, {word}"
+        # (the trainer turns activation offload on where only that makes the changed run fit)
+        chosen = trained.activation_offload and not changed.activation_offload
+        offload = " with activation_offload on" if chosen else ""
+        return f"peak {_gib(memory.peak)} GiB{offload}, {word}"
 
     if not prefix and not run.checkpointing:
         found.append(f"activation_checkpointing = true: {peak_of(checkpointing=True)}")
@@ -280,6 +294,13 @@ def _changes(plan: Plan, run, prefix: str) -> list[str]:
             drop = f"; samples longer than that (up to {_n(plan.longest)} tokens) are dropped"
         found.append(
             f"{prefix}max_tokens_per_gpu = {_n(tokens)}{drop}: {peak_of(max_tokens=tokens)}"
+        )
+    if not run.activation_offload:
+        offloaded = fitted(plan.args, shape, replace(run, activation_offload=True), plan.gpu)
+        host = estimate(shape, offloaded).host * plan.nproc_per_node
+        found.append(
+            f"{prefix}activation_offload = true (PCIe traffic; {_gib(host)} GiB of host memory "
+            f"per node): {peak_of(activation_offload=True)}"
         )
     if not run.cpu_offload:
         host = estimate(shape, replace(run, cpu_offload=True)).host * plan.nproc_per_node

@@ -40,7 +40,7 @@ run file and validates the data exactly as `mt run` does (errors name path:line)
     lengths), samples dropped for length, steps per epoch and in all,
   - the step time and run time at the stated MFU,
 and, when the run does not fit, what to change (max_tokens_per_gpu, activation_checkpointing,
-cpu_offload, more GPUs), each with its own estimate.
+activation_offload, cpu_offload, more GPUs), each with its own estimate.
 
 options:
   --nproc_per_node=N   GPUs per node (default 1)

@@ -1,18 +1,23 @@
-"""Fitting a run to its GPU: the activation memory budget of the compiled blocks, and on one GPU
-whether the blocks stay gathered between their forward and backward passes.
+"""Fitting a run to its GPU: the activation memory budget of the compiled blocks, on one GPU
+whether the blocks stay gathered between their forward and backward passes, and, where nothing
+else makes the run fit, activation offloading.
 
 A compiled block may keep fewer of its activations for the backward pass and recompute the rest
 (PyTorch's partitioner picks the cheapest to recompute first: pointwise ops before matmuls). Left
 unset, mt chooses the largest share with which ``max_tokens_per_gpu`` fits the GPU by the memory
 estimate of ``mt check`` (measured within 4% of the real peak, tools/bench/RESULTS.md), so a model
 whose float32 weights, gradients and AdamW state fill most of the GPU still trains on long rows:
-on one H100 the 3B shape runs 16k-token rows instead of 8k.
+on one H100 the 3B shape runs 16k-token rows instead of 8k. Where even a budget of 0 (or
+activation checkpointing) leaves the run too large and activation_offload is not set, the blocks'
+saved activations wait in host memory if that makes it fit: slower, but it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,10 +45,22 @@ __all__ = [
     "choose_fit",
     "fit_to_gpu",
     "host_memory_problem",
+    "host_room_bytes",
     "run_settings",
 ]
 
 logger = logging.getLogger(__name__)
+
+# Of a host's memory, the share that what its GPU processes offload may take (pinned, so never
+# swapped out): the rest is for the processes themselves, the memory-mapped data, the page cache.
+HOST_SHARE = 0.5
+
+
+def host_room_bytes() -> float:
+    """The host memory one GPU process of this machine may fill with what it offloads:
+    :data:`HOST_SHARE` of the machine's memory, shared by torchrun's processes on it."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return HOST_SHARE * total / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 @dataclass(frozen=True)
@@ -52,11 +69,15 @@ class Fit:
 
     activation_budget: float = 1.0  # the share of their activations compiled blocks keep
     keep_gathered: bool = False  # one GPU: blocks stay gathered from their forward to backward
+    activation_offload: bool = False  # the blocks' saved activations wait in host memory
     summary: str = ""  # what was chosen and why, for the run's log (empty: nothing to say)
 
     def applied(self, run: Settings) -> Settings:
         """``run`` as it trains with this fit: what the memory estimate is made for."""
-        return replace(run, activation_budget=self.activation_budget, gathered=self.keep_gathered)
+        return replace(
+            run, activation_budget=self.activation_budget, gathered=self.keep_gathered,
+            activation_offload=self.activation_offload,
+        )  # fmt: skip
 
 
 def _set_budget(budget: float | None, compiled: bool, checkpointing: bool) -> float:
@@ -66,20 +87,42 @@ def _set_budget(budget: float | None, compiled: bool, checkpointing: bool) -> fl
 
 
 def choose_fit(
-    shape: ModelShape, run: Settings, usable: float, *, compiled: bool, budget: float | None
-) -> Fit:
+    shape: ModelShape, run: Settings, usable: float, *, compiled: bool, budget: float | None,
+    may_offload: bool = False, host_room: float = math.inf,
+) -> Fit:  # fmt: skip
     """The fit of ``run`` on a GPU that may allocate ``usable`` bytes; ``budget`` is the run
     file's activation_memory_budget (None: the largest that fits). On one GPU the blocks stay
     gathered between forward and backward where that fits with every activation kept: FSDP then
-    casts each block's weights once a minibatch instead of twice (1B, 16k and 32k rows: +1.6%)."""
+    casts each block's weights once a minibatch instead of twice (1B, 16k and 32k rows: +1.6%).
+    With ``may_offload`` (the run file leaves activation_offload unset) activation offload is
+    turned on where the run fits with it and not without, and what it then keeps in host memory
+    is within ``host_room`` bytes."""
+    fit = _fit_budget(shape, run, usable, compiled=compiled, budget=budget)
+    if may_offload and estimate(shape, fit.applied(run)).peak > usable:
+        offloaded = replace(run, activation_offload=True)
+        with_offload = _fit_budget(
+            shape, offloaded, usable, compiled=compiled, budget=budget, host_room=host_room
+        )
+        memory = estimate(shape, with_offload.applied(offloaded))
+        if memory.peak <= usable and memory.host <= host_room:
+            return with_offload
+    return fit
+
+
+def _fit_budget(
+    shape: ModelShape, run: Settings, usable: float, *, compiled: bool, budget: float | None,
+    host_room: float = math.inf,
+) -> Fit:  # fmt: skip
+    """The activation budget and gathering of ``run``, its activation offload as it is (and what
+    that keeps in host memory within ``host_room``)."""
     kept = _set_budget(budget, compiled, run.checkpointing)
     gathered = (run.world_size == 1 and not run.cpu_offload
                 and estimate(shape, replace(run, gathered=True, activation_budget=kept)).peak
                 <= usable)  # fmt: skip
     if budget is not None or not compiled or run.checkpointing:
-        return Fit(kept, gathered)
-    chosen = fitting_activation_budget(shape, replace(run, gathered=gathered), usable)
-    return Fit(0.0 if chosen is None else chosen, gathered)
+        return Fit(kept, gathered, run.activation_offload)
+    chosen = fitting_activation_budget(shape, replace(run, gathered=gathered), usable, host_room)
+    return Fit(0.0 if chosen is None else chosen, gathered, run.activation_offload)
 
 
 def run_settings(
@@ -95,6 +138,7 @@ def run_settings(
         liger=liger,
         checkpointing=args.activation_checkpointing,
         cpu_offload=args.cpu_offload,
+        activation_offload=bool(args.activation_offload),  # not set: the fit decides
         deferred_sync=not sync_each,
         minibatches=minibatches,
     )
@@ -105,6 +149,7 @@ def fit_to_gpu(
     config: PretrainedConfig,
     *,
     capacity_bytes: float | None,
+    host_bytes: float = math.inf,
     world_size: int,
     compiled: bool,
     liger: bool,
@@ -112,10 +157,12 @@ def fit_to_gpu(
     lengths: np.ndarray,
 ) -> Fit:
     """The trainer's fit, by the estimate of ``mt check`` for a GPU of ``capacity_bytes`` (None:
-    not a GPU; then only a budget set in the run file applies)."""
+    not a GPU; then only a budget set in the run file applies) whose process may keep up to
+    ``host_bytes`` in host memory."""
     budget = args.activation_memory_budget
     if capacity_bytes is None:  # host memory is not the limit the estimate is made for
-        return Fit(_set_budget(budget, compiled, args.activation_checkpointing))
+        kept = _set_budget(budget, compiled, args.activation_checkpointing)
+        return Fit(kept, activation_offload=bool(args.activation_offload))
     # here, not at the top: choose_fit and run_settings are arithmetic that `mt check` uses
     # before any model is built, and a run file's mistakes are shown without loading torch
     from mt_core.model_shape import model_shape, osft_settings
@@ -129,8 +176,12 @@ def fit_to_gpu(
     minibatches = 1 if largest_batch <= args.max_tokens_per_gpu * args.sequence_parallel_size else 2
     run = run_settings(args, world_size, liger, sync_each, minibatches)
     usable = usable_bytes(capacity_bytes)
-    fit = choose_fit(shape, run, usable, compiled=compiled, budget=budget)
-    peak = estimate(shape, fit.applied(run)).peak
+    fit = choose_fit(
+        shape, run, usable, compiled=compiled, budget=budget,
+        may_offload=args.activation_offload is None, host_room=host_bytes,
+    )  # fmt: skip
+    memory = estimate(shape, fit.applied(run))
+    peak = memory.peak
     if peak > usable:
         logger.warning(
             "max_tokens_per_gpu = %d needs about %.1f GiB per GPU (%.1f GiB usable)%s: lower it "
@@ -142,9 +193,16 @@ def fit_to_gpu(
     if budget is None and fit.activation_budget < 1:
         said.append(
             f"activation_memory_budget {fit.activation_budget:.2f}: the compiled blocks keep "
-            f"that share of their activations and recompute the rest so that "
-            f"{args.max_tokens_per_gpu:,} tokens per GPU fit"
+            f"that share of their activations and recompute the rest"
         )
+    if args.activation_offload is None and fit.activation_offload:
+        said.append(
+            f"activation_offload on: the decoder blocks' saved activations wait in host memory "
+            f"between their forward and backward passes ({memory.host / GIB:.1f} GiB of it per "
+            f"GPU)"
+        )
+    if said:
+        said[-1] += f" so that {args.max_tokens_per_gpu:,} tokens per GPU fit"
     if fit.keep_gathered:
         said.append(
             "decoder blocks stay gathered from forward to backward (one GPU, room to spare)"

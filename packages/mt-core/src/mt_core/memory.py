@@ -28,7 +28,11 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
   float32 copy (+4h per norm, two norms) and SwiGLU one more tensor (+c·i). With activation
   checkpointing each layer keeps only its input (c·h) and one layer is recomputed at a time.
   Compiled blocks with an activation memory budget b < 1 keep at most ``c·h + b·(a - c·h)``: the
-  compiler recomputes the rest (measured on one H100 at b = 0.6 and 0.8: within this bound);
+  compiler recomputes the rest (measured on one H100 at b = 0.6 and 0.8: within this bound).
+  With activation offload what each layer keeps waits in host memory between its forward and
+  backward passes (mt_core.activation_offload): the GPU holds that of min(L, 2) layers (the
+  running one and the one in flight to or from the host; the last layer is never sent, the
+  backward pass needs it first), the host that of the L - 1 others (counted in ``host``);
 * the loss: Liger's fused linear cross-entropy never holds the logits (about 4·c·T·h of chunks and
   gradients); without it the float32 logits, their log-softmax and its gradient, 12·T·V bytes.
 
@@ -42,6 +46,7 @@ most one shard (a few copies of it; not yet measured on a GPU), after the activa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 GIB = 2**30
@@ -131,6 +136,7 @@ class Settings:
     minibatches: int = 1  # the most minibatches one GPU runs in a step
     activation_budget: float = 1.0  # compiled blocks: the share of their activations kept
     gathered: bool = False  # blocks stay gathered (bf16) from their forward to their backward
+    activation_offload: bool = False  # what the blocks keep for backward waits in host memory
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,7 @@ class Memory:
     loss: float
     peak: float
     peak_at: str  # "start of backward" or "end of backward"
-    host: float  # bytes per GPU process kept in host memory (cpu_offload)
+    host: float  # bytes per GPU process kept in host memory (cpu_offload, activation_offload)
 
 
 def moment_bytes(run: Settings) -> float:
@@ -192,20 +198,23 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
 
     per_layer = activation_bytes_per_token_layer(shape, run.liger)
     t = run.max_tokens
+    # the layers whose kept activations are on the GPU at the start of the backward pass
+    on_gpu = min(shape.layers, 2) if run.activation_offload else shape.layers
     if run.checkpointing:  # each layer keeps its input; one layer is recomputed at a time
-        activations = t * (shape.layers * c * shape.hidden + per_layer)
-        activations_end = t * (c * shape.hidden + per_layer)
+        kept = c * shape.hidden
+        activations = t * (on_gpu * kept + per_layer)
+        activations_end = t * (kept + per_layer)
     else:
         # the compiler keeps each block's input and at most this share of the rest
-        per_layer = c * shape.hidden + run.activation_budget * (per_layer - c * shape.hidden)
-        activations = t * shape.layers * per_layer
-        activations_end = t * per_layer
+        kept = c * shape.hidden + run.activation_budget * (per_layer - c * shape.hidden)
+        activations = t * on_gpu * kept
+        activations_end = t * kept
     loss = loss_bytes(shape, t, run.liger)
 
     resident = weights + optimizer + osft  # on the GPU unless offloaded
-    host = 0.0
+    host = t * (shape.layers - 1) * kept if run.activation_offload else 0.0
     if run.cpu_offload:
-        host = resident + gradients
+        host += resident + gradients
         resident, grads_on_gpu = 0.0, 0.0
     else:
         grads_on_gpu = gradients
@@ -249,16 +258,21 @@ def largest_fitting_tokens(shape: ModelShape, run: Settings, budget_bytes: float
 
 
 def fitting_activation_budget(
-    shape: ModelShape, run: Settings, budget_bytes: float
+    shape: ModelShape, run: Settings, budget_bytes: float, host_bytes: float = math.inf
 ) -> float | None:
     """The largest activation memory budget (a multiple of 0.01 in [0, 1]) whose peak stays
-    within ``budget_bytes``: 1 when the run fits as it is, None when it does not fit even with
-    every activation recomputed but the blocks' inputs."""
+    within ``budget_bytes`` (and what it keeps in host memory within ``host_bytes``): 1 when the
+    run fits as it is, None when it does not fit even with every activation recomputed but the
+    blocks' inputs."""
     if run.checkpointing:  # nothing for the compiler to choose: every block is recomputed
         return 1.0
-    fits = [b / 100 for b in range(101)
-            if estimate(shape, replace(run, activation_budget=b / 100)).peak <= budget_bytes]  # fmt: skip
-    return max(fits) if fits else None
+
+    def fits(budget: float) -> bool:
+        memory = estimate(shape, replace(run, activation_budget=budget))
+        return memory.peak <= budget_bytes and memory.host <= host_bytes
+
+    fitting = [b / 100 for b in range(101) if fits(b / 100)]
+    return max(fitting) if fitting else None
 
 
 def step_flops(shape: ModelShape, tokens: float, context_sum: float) -> float:

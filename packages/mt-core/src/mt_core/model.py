@@ -1,8 +1,8 @@
 """Model set-up: an HF causal LM built on the meta device, patched, sharded, then loaded.
 
 The order matters: kernels and attention are chosen on the bare HF model, activation
-checkpointing wraps its blocks, FSDP2 shards it, and only then do the shards get memory and the
-checkpoint's weights.
+checkpointing, compilation and activation offloading wrap its blocks, FSDP2 shards it, and only
+then do the shards get memory and the checkpoint's weights.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from mt_core.activation_offload import ActivationOffload
 from mt_core.attention import has_attention_sinks, resolve_attn_backend, use_padding_free_attention
 from mt_core.config import ConfigError
 from mt_core.families import freeze_untrained, load_weights, new_model
@@ -131,13 +132,15 @@ def build_model(
     use_liger: bool = False,
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
+    activation_offload: ActivationOffload | None = None,
     cpu_offload: bool = False,
     keep_gathered: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, str]:
     """The sharded model of ``config``, its weights loaded from ``folder`` into ``master_dtype``
     (what the optimizer updates); and the attention backend used. Forward and backward compute
-    in ``compute_dtype`` (FSDP mixed precision casts each gathered block)."""
+    in ``compute_dtype`` (FSDP mixed precision casts each gathered block). ``activation_offload``
+    (None: off) is given the decoder blocks, whose saved activations it then moves."""
     with parameters_on_meta():
         model = new_model(config, master_dtype, trust_remote_code)
     freeze_untrained(model)
@@ -159,6 +162,9 @@ def build_model(
         # dynamic=True does, measured 12% slower: tools/bench/RESULTS.md.)
         for block in decoder_blocks(model):
             block.compile()
+    if activation_offload is not None:
+        # around each block's whole call: its checkpoint, compiled code and FSDP2's hooks
+        activation_offload.install(decoder_blocks(model))
     model.config.use_cache = False
     param_dtype = None if compute_dtype == master_dtype else compute_dtype
     shard_model(
@@ -169,12 +175,14 @@ def build_model(
     load_weights(model, folder)
     model.train()
     logger.info(
-        "model %s: %.1fM parameters, attention %s, liger %s, compiled blocks %s",
+        "model %s: %.1fM parameters, attention %s, liger %s, compiled blocks %s, activation "
+        "offload %s",
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
         backend,
         "on" if use_liger else "off",
         "on" if compile_blocks else "off",
+        "on" if activation_offload is not None else "off",
     )
     return model, backend
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from mt_core.activation_offload import ActivationOffload
 from mt_core.callbacks import CallbackRunner, load_callbacks
 from mt_core.config import ConfigError, TrainingArgs, write_run_file
 from mt_core.data import build_data
@@ -35,6 +36,7 @@ from mt_core.fit import (
     available_host_bytes,
     fit_to_gpu,
     host_memory_problem,
+    host_room_bytes,
 )
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
@@ -142,12 +144,13 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     sync_each = args.sync_gradients_every_minibatch
     if sync_each is None:  # the unsharded gradients of a deferred sync cost 4 bytes a parameter
         sync_each = ctx.world_size > 1
-    # how the run fits the GPU: the share of activations compiled blocks keep, and on one GPU
-    # whether blocks stay gathered from forward to backward
+    # how the run fits the GPU: the share of activations compiled blocks keep, on one GPU
+    # whether blocks stay gathered from forward to backward, whether activations are offloaded
     capacity = torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else None
     fit = fit_to_gpu(
-        args, config, capacity_bytes=capacity, world_size=ctx.world_size, compiled=compile_blocks,
-        liger=use_liger, sync_each=sync_each, lengths=data.train.lengths,
+        args, config, capacity_bytes=capacity, host_bytes=host_room_bytes(),
+        world_size=ctx.world_size, compiled=compile_blocks, liger=use_liger, sync_each=sync_each,
+        lengths=data.train.lengths,
     )  # fmt: skip
     if ctx.is_main and fit.summary:
         print(fit.summary, flush=True)
@@ -158,6 +161,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     if problem is not None:
         raise ConfigError([problem])
     master_dtype = TORCH_DTYPES[args.train_dtype]
+    offload = ActivationOffload(ctx.device) if fit.activation_offload else None
     # torchao's optimizers (low-precision moments, stochastic rounding) must be able to run here
     step_device = torch.device("cpu") if args.cpu_offload else ctx.device
     check_optimizer(
@@ -174,6 +178,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         use_liger=use_liger,
         activation_checkpointing=args.activation_checkpointing,
         compile_blocks=compile_blocks,
+        activation_offload=offload,
         cpu_offload=args.cpu_offload,
         keep_gathered=fit.keep_gathered,
         trust_remote_code=args.trust_remote_code,
@@ -328,6 +333,8 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
                 "peak_mem_gib": _peak_memory_gib(ctx.device),
                 "skipped_steps": state.skipped_steps,
             }
+            if offload is not None:  # what the last minibatch sent to host memory and fetched back
+                record["offloaded_gib"] = offload.pass_bytes / 2**30
             # From here on: validation, logging, callbacks, exports and checkpoints, which are
             # not step time. The optimizer step above is, and counts in the next step's time:
             # its host side can be long (torchao's per-parameter launches; under cpu_offload the

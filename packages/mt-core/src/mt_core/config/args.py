@@ -534,6 +534,19 @@ class TrainingArgs:
         "boolean",
         default=False,
     )
+    activation_offload: bool | None = field(
+        "Move the activations each decoder block saves for its backward pass to host memory "
+        "while the other blocks run, copied on a side stream that overlaps the compute: the "
+        "GPU holds those of about two blocks instead of all. Costs host memory and PCIe "
+        "traffic (each block's saved activations go to the host and back every minibatch); "
+        "slower where the copies outlast the compute. With activation_checkpointing only each "
+        "block's input, all that checkpointing keeps, is moved. Not set = off, unless on a GPU "
+        "max_tokens_per_gpu fits only with it by mt check's estimate.",
+        _SPEED,
+        "boolean",
+        default=None,
+        optional=True,
+    )
 
     wandb_project: str | None = field(
         "Weights & Biases project. Set = log every step to wandb too (needs the wandb extra).",
