@@ -141,6 +141,14 @@ def test_what_a_block_sends_and_what_stays():
     # block 0 was let go when block 2 started and came back from the host; block 1 was still
     # held when the backward pass began and was used where it was
     assert offload.fetched_bytes == 2 * activation
+    # a second pass counts afresh, also where the list holds a block that never runs (such as a
+    # vision tower's in a text-only run): a pass starts with a block at or before the last one run
+    unused = _Block(width)
+    offload.install([unused, *blocks])
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(run(), expected, strict=True))
+        assert offload.block_bytes == [0, 2 * activation, 2 * activation, 0]
+        assert offload.fetched_bytes == 2 * activation
     # at or above a tensor's size it moves; a byte more and nothing does
     for threshold, sent in ((activation, 2 * activation), (activation + 1, 0)):
         small = ActivationOffload(CPU, min_bytes=threshold)

@@ -103,6 +103,7 @@ class ActivationOffload:
         self.min_bytes = min_bytes
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._last = -1  # the last block's index: it is not offloaded
+        self._previous = -1  # the block that ran last (a block at or before it starts a pass)
         self.block_bytes: list[int] = []
         self.largest_pass_bytes = 0
         self.fetched_bytes = 0
@@ -130,8 +131,9 @@ class ActivationOffload:
     def _run_block(self, index: int, call: Callable, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():  # nothing is saved for a backward pass
             return call(*args, **kwargs)
-        if index == 0:
+        if index <= self._previous:
             self._new_pass()
+        self._previous = index
         self._let_go(before=index - 1)
         if index == self._last:
             return call(*args, **kwargs)
@@ -221,13 +223,13 @@ class ActivationOffload:
         """At the start of the backward pass: blocks still in flight are used where they are (once
         their copies are done, so that their memory can be freed in the compute stream's order)."""
         self._backward_started = True
-        for block, copied in self._in_flight:
+        for _, copied in self._in_flight:
             self._wait(copied)
-            self._sent.pop(block, None)
         self._in_flight = []
 
     def _fetch(self, block: int) -> None:
-        copies = self._sent.pop(block, None)
+        # (copies whose originals were kept for the backward pass need no fetch)
+        copies = [copy for copy in self._sent.pop(block, ()) if copy.device is None]
         if copies:
             self._bring_back(copies)
             self._fetched.append((block, copies))
