@@ -137,6 +137,10 @@ def test_a_deferred_gradient_sync_adds_the_unsharded_float32_gradients():
     assert deferred.peak - every.peak == 4 * ONE_B.grad_params
     one = Settings(max_tokens=8192, world_size=1)  # one GPU: nothing to defer
     assert estimate(ONE_B, replace(one, deferred_sync=True)).peak == estimate(ONE_B, one).peak
+    # ...unless the gradients go to host memory: then the deferred ones wait on the GPU
+    offload = replace(one, cpu_offload=True)
+    gained = estimate(ONE_B, replace(offload, deferred_sync=True)).peak
+    assert gained - estimate(ONE_B, offload).peak == 4 * ONE_B.grad_params
 
 
 def test_the_peak_moves_to_the_end_of_backward_when_activations_are_small():

@@ -9,7 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from mt_core import args_from_dict
-from mt_core.fit import Fit, choose_fit, fit_to_gpu
+from mt_core.fit import Fit, choose_fit, fit_to_gpu, syncs_every_minibatch
 from mt_core.memory import (
     COMPUTE_BYTES,
     GIB,
@@ -248,3 +248,17 @@ def test_the_trainer_turns_activation_offload_on_only_where_nothing_else_fits(tm
     assert fit_to_gpu(long, capacity_bytes=None, compiled=True, **choose) == Fit()
     # a GPU too small even so (the weights, gradients and AdamW state alone are 48 GiB): not on
     assert not fit_to_gpu(long, capacity_bytes=50 * GIB, compiled=True, **choose).activation_offload
+
+
+@pytest.mark.parametrize(
+    ("keys", "world_size", "expected"),
+    [
+        ({}, 1, False),  # one GPU: the deferred whole gradient is the gradient anyway
+        ({}, 2, True),  # several: each keeps only its shard between minibatches
+        ({"cpu_offload": True}, 1, True),  # deferred, the whole gradient would stay on the GPU
+        ({"cpu_offload": True, "sync_gradients_every_minibatch": False}, 1, False),  # as asked
+        ({"sync_gradients_every_minibatch": True}, 1, True),
+    ],
+)
+def test_when_gradients_are_reduced_every_minibatch(keys, world_size, expected, tmp_path):
+    assert syncs_every_minibatch(_args(tmp_path, **keys), world_size) is expected

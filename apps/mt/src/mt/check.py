@@ -27,7 +27,7 @@ import numpy as np
 
 from mt.errors import CommandError, Verdict
 from mt_core.config import TrainingArgs, load_run_file
-from mt_core.fit import choose_fit, run_settings
+from mt_core.fit import choose_fit, run_settings, syncs_every_minibatch
 from mt_core.memory import (
     Gpu,
     Memory,
@@ -196,7 +196,7 @@ def make_plan(
             f"liger-kernel has no kernels for model_type {config.model_type!r}: the logits are "
             "materialised (the loss row)"
         )
-    settings = run_settings(args, world, liger, args.sync_gradients_every_minibatch is not False)
+    settings = run_settings(args, world, liger, syncs_every_minibatch(args, world))
     with ExitStack() as stack:
         output_dir, cache_note = _cache_dir(args, stack)
         train, sampler, caught, counts = _data_plan(

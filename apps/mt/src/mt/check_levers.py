@@ -92,7 +92,8 @@ def levers(run: Settings) -> list[Lever]:
         found.append(
             Lever(
                 "cpu_offload = true",
-                dict(cpu_offload=True),
+                # gradients then go to host memory after every minibatch (the trainer's default)
+                dict(cpu_offload=True, deferred_sync=False),
                 "optimizer step on the CPU, weights over PCIe: much slower",
             )
         )

@@ -47,6 +47,7 @@ __all__ = [
     "host_memory_problem",
     "host_room_bytes",
     "run_settings",
+    "syncs_every_minibatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,17 @@ def _fit_budget(
         return Fit(kept, gathered, run.activation_offload)
     chosen = fitting_activation_budget(shape, replace(run, gathered=gathered), usable, host_room)
     return Fit(0.0 if chosen is None else chosen, gathered, run.activation_offload)
+
+
+def syncs_every_minibatch(args: TrainingArgs, world_size: int) -> bool:
+    """Whether gradients are reduce-scattered after every minibatch: the run file's
+    sync_gradients_every_minibatch, else yes on more than one GPU and under cpu_offload. A
+    deferred sync keeps each GPU's whole unsharded gradient on the GPU until the step's last
+    minibatch: 4 bytes a parameter, which cpu_offload is there to move off it (8B shape on one
+    H200: 37.4 GiB measured against 11.6 estimated without it)."""
+    if args.sync_gradients_every_minibatch is not None:
+        return args.sync_gradients_every_minibatch
+    return world_size > 1 or args.cpu_offload
 
 
 def run_settings(

@@ -37,6 +37,7 @@ from mt_core.fit import (
     fit_to_gpu,
     host_memory_problem,
     host_room_bytes,
+    syncs_every_minibatch,
 )
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
@@ -141,9 +142,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     if use_liger is None:
         use_liger = on_gpu and liger_available()
     compile_blocks = on_gpu if args.torch_compile is None else args.torch_compile
-    sync_each = args.sync_gradients_every_minibatch
-    if sync_each is None:  # the unsharded gradients of a deferred sync cost 4 bytes a parameter
-        sync_each = ctx.world_size > 1
+    sync_each = syncs_every_minibatch(args, ctx.world_size)
     # how the run fits the GPU: the share of activations compiled blocks keep, on one GPU
     # whether blocks stay gathered from forward to backward, whether activations are offloaded
     capacity = torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else None

@@ -520,8 +520,8 @@ class TrainingArgs:
         "Reduce-scatter the gradients after every minibatch, so each GPU keeps only its shard "
         "of them; false = once per step, after the last minibatch: less communication, but "
         "every GPU holds the whole unsharded float32 gradient (4 bytes per parameter) between "
-        "minibatches. Not set = every minibatch on more than one GPU (on one it makes no "
-        "difference).",
+        "minibatches (on the GPU, also under cpu_offload). Not set = every minibatch on more "
+        "than one GPU or with cpu_offload (on one GPU without it, it makes no difference).",
         _SPEED,
         "boolean",
         default=None,
