@@ -43,7 +43,8 @@ def write_run(folder, config: dict):
     run.write_text(
         f'model_name_or_path = "{model}"\ndata_path = "{folder / "data.jsonl"}"\n'
         f'output_dir = "{folder / "out"}"\nbatch_size = 32\nmax_tokens_per_gpu = 16384\n'
-        "learning_rate = 1e-5\nuse_liger_kernels = true\n"
+        # cpu_offload unset would be turned on where nothing else fits, as the trainer does
+        "learning_rate = 1e-5\nuse_liger_kernels = true\ncpu_offload = false\n"
     )
     return run
 
@@ -71,8 +72,7 @@ def test_each_lever_is_listed_with_its_own_fitted_peak(run_file, capsys):
             dict(master="bfloat16", state="8bit"), True),
         "activation_checkpointing = true": (dict(checkpointing=True), False),
         "activation_offload = true": (dict(activation_offload=True), False),
-        # (under cpu_offload the gradients go to host memory after each minibatch, as trained)
-        "cpu_offload = true": (dict(cpu_offload=True, deferred_sync=False), True),
+        "cpu_offload = true": (dict(cpu_offload=True), True),
     }  # fmt: skip
     assert [lever.keys for lever in levers(plan.settings)] == list(expected)
     with pytest.raises(SystemExit):
@@ -120,7 +120,7 @@ def test_offload_is_named_only_when_nothing_else_fits(tmp_path):
         assert fitted_peak(plan, master=master, state=state, checkpointing=checkpointing) > usable
     chosen, peak = cheapest_fit(plan)
     assert [lever.keys for lever in chosen] == ["cpu_offload = true"]
-    offloaded = replace(plan.settings, cpu_offload=True, deferred_sync=False)
+    offloaded = replace(plan.settings, cpu_offload=True)
     assert fitted(plan.args, plan.shape, offloaded, plan.gpu).activation_budget > 0
     assert peak <= usable
 

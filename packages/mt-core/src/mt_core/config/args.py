@@ -527,12 +527,16 @@ class TrainingArgs:
         default=None,
         optional=True,
     )
-    cpu_offload: bool = field(
+    cpu_offload: bool | None = field(
         "Keep the sharded weights, gradients and optimizer state in CPU memory (FSDP2 CPU "
-        "offload): fits larger models, runs slower.",
+        "offload), the optimizer step on the CPU: fits larger models, runs much slower. Not set "
+        "= off, unless on a GPU the run fits only with it by mt check's estimate (after "
+        "activation_memory_budget and activation_offload) and the node's available memory "
+        "holds it; the run says so when it starts.",
         _SPEED,
         "boolean",
-        default=False,
+        default=None,
+        optional=True,
     )
     activation_offload: bool | None = field(
         "Move the activations each decoder block saves for its backward pass to host memory "
