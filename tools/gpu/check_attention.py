@@ -35,6 +35,7 @@ the failures.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -235,7 +236,7 @@ def grad_error(grads, truth) -> float:
     return max((g - t).abs().max().item() for g, t in zip(grads, truth, strict=True)) / scale
 
 
-def model_checks(backends: list[str]) -> list[str]:
+def model_checks(backends: list[str], only: str | None = None) -> list[str]:
     rows = []
     cu, max_len, positions = documents(seed=2)
     g = torch.Generator(device=DEVICE).manual_seed(3)
@@ -256,14 +257,18 @@ def model_checks(backends: list[str]) -> list[str]:
         "cu_seqlens": cu[:1], "max_seqlen": 0,
     }  # fmt: skip
     for label, config_class, overrides, extras in MODELS:
+        if only and not label.startswith(only):
+            continue
         started = time.perf_counter()
         try:
-            rows += one_model(backends, label, config_class, overrides, extras, batch, leak, empty)
+            new = one_model(backends, label, config_class, overrides, extras, batch, leak, empty)
         except Exception as error:  # one broken model is a failure row, not the end of the check
-            rows.append(f"model  | {label} | ERROR {type(error).__name__}: {str(error)[:300]} | "
-                        f"{verdict(False, label, 'error')}")  # fmt: skip
+            new = [f"model  | {label} | ERROR {type(error).__name__}: {str(error)[:300]} | "
+                   f"{verdict(False, label, 'error')}"]  # fmt: skip
         torch.cuda.empty_cache()
-        print(f"# {label}: {time.perf_counter() - started:.0f} s", flush=True)
+        # each model's rows as soon as they are known: a call's time limit keeps what was done
+        print("\n".join(new), f"\n# {label}: {time.perf_counter() - started:.0f} s", flush=True)
+        rows += new
     return rows
 
 
@@ -350,6 +355,14 @@ def timing(backends: list[str]) -> list[str]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="mt's CUDA attention backends against SDPA")
+    parser.add_argument("--levels", default="kernel,model,timing",
+                        help="comma-separated: which of kernel, model, timing to run")  # fmt: skip
+    parser.add_argument("--model", help="only the model rows whose label starts so, e.g. gemma2")
+    options = parser.parse_args()
+    levels = set(options.levels.split(","))
+    if levels - {"kernel", "model", "timing"}:
+        parser.error(f"--levels: unknown {sorted(levels - {'kernel', 'model', 'timing'})}")
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 1
@@ -358,11 +371,16 @@ def main() -> int:
 
     print(f"transformers {transformers.__version__}")
     backends = available_backends()
-    started = time.perf_counter()
-    rows = kernel_checks(backends)
-    print("\n".join(rows), f"\n# kernel checks: {time.perf_counter() - started:.0f} s", flush=True)
-    rows = model_checks(backends) + timing(backends)
-    print("\n".join(rows))
+    if "kernel" in levels:
+        started = time.perf_counter()
+        rows = kernel_checks(backends)
+        print(
+            "\n".join(rows), f"\n# kernel checks: {time.perf_counter() - started:.0f} s", flush=True
+        )
+    if "model" in levels:
+        model_checks(backends, options.model)  # prints its rows model by model
+    if "timing" in levels:
+        print("\n".join(timing(backends)))
     print(f"FAILED: {'; '.join(FAILURES)}" if FAILURES else "all checks passed")
     return 1 if FAILURES else 0
 
