@@ -7,7 +7,8 @@ Two rules, both read from the tests' marks:
   the group through a suffix it writes into each test's node id, which pytest 9.2's structured
   node ids silently drop (pytest-dev/pytest-xdist#1386): every group was spread over the workers
   and its runs made on each. Here the workers tell the scheduler the groups instead.
-- ``@pytest.mark.slow(seconds)``: about how long a test takes on the 2-core CI machine. A group
+- ``@pytest.mark.slow(seconds)``: about how long a test takes with both cores of a 2-core machine
+  busy (rough: only the order matters; a test of a group counts what it makes first). A group
   weighs the sum of its tests. Work starts heaviest first (longest processing time first): the
   long end-to-end runs overlap each other and the quick tests fill the workers' last minutes,
   instead of one long test starting last while the other worker idles.
