@@ -29,7 +29,10 @@ def example_keys(**setting) -> dict:
 def test_offloaded_run_trains_bit_for_bit_like_the_plain_one(runs, tmp_path, setting):
     """On a CPU run the policy moves nothing, so the arithmetic is the same operations in the
     same order: the losses and gradient norms are equal, not close. (On a GPU the policy's
-    copies add no arithmetic either; what differs there is only where the step runs.)"""
+    copies add no arithmetic either; what differs there is only where the step runs.) Both
+    reduce the gradients after every minibatch, cpu_offload's default: a deferred sync sums
+    the minibatches' bfloat16 gradients in another order."""
+    setting = dict(setting, sync_gradients_every_minibatch=True)
     _, plain = runs.train_here(tmp_path / "plain", **example_keys(**setting))
     _, offloaded = runs.train_here(tmp_path / "offloaded", **example_keys(cpu_offload=True,
                                                                            **setting))  # fmt: skip

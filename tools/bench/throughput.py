@@ -130,12 +130,20 @@ class StepClock(TrainerCallback):
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.optimizer: list[float] = []  # seconds of each optimizer step (host wall clock)
 
     def on_step_end(self, **info) -> None:
         self.stamps.append(info["time"])  # when the step ended, not when this thread ran
 
+    def on_before_optimizer_step(self, **info) -> None:
+        self.optimizer.append(-info["time"])
+
+    def on_after_optimizer_step(self, **info) -> None:
+        self.optimizer[-1] += info["time"]
+
     def on_train_end(self, **info) -> None:
-        Path(os.environ["MT_BENCH_STAMPS"]).write_text(json.dumps(self.stamps))
+        stamps = {"steps": self.stamps, "optimizer": self.optimizer}
+        Path(os.environ["MT_BENCH_STAMPS"]).write_text(json.dumps(stamps))
 
 
 def run_mt(spec: dict) -> dict:
@@ -171,7 +179,8 @@ def run_mt(spec: dict) -> dict:
     lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     stamps = json.loads((out / "stamps.json").read_text())
-    return {"records": records, "stamps": stamps, **allocator_stats()}
+    return {"records": records, "stamps": stamps["steps"], "optimizer_s": stamps["optimizer"],
+            **allocator_stats()}  # fmt: skip
 
 
 def allocator_stats() -> dict:
@@ -308,7 +317,10 @@ def summarise(name: str, result: dict, lengths: list[np.ndarray], config, peak: 
            "mfu": flops / seconds / peak if peak else None,
            "peak_mem_gib": result.get("peak_mem_gib"), "micro_batch": result.get("micro_batch"),
            "alloc_retries": result.get("alloc_retries"),
-           "peak_reserved_gib": result.get("peak_reserved_gib")}  # fmt: skip
+           "peak_reserved_gib": result.get("peak_reserved_gib"),
+           "step_s": list(np.diff(stamps[warmup - 1:]))}  # fmt: skip
+    if result.get("optimizer_s"):  # the optimizer step's share (its host time, all of it on CPU)
+        row["optimizer_s"] = float(np.mean([result["optimizer_s"][i] for i in measured]))
     records = result.get("records")
     if records:
         steps = [records[i] for i in measured]
@@ -487,6 +499,8 @@ def print_table(rows: list[dict], options, config, peak: float | None, dense_blo
             bad += not ok
             own = " ".join(f"{g:+.1%}" for g in gaps) + (" ok" if ok else " DISAGREE")
         extra = f" (micro-batch {r['micro_batch']})" if r.get("micro_batch") else ""
+        if r.get("optimizer_s"):
+            extra += f" [optimizer {r['optimizer_s']:.2f} of {np.mean(r['step_s']):.2f} s a step]"
         if r.get("alloc_retries"):  # each one synchronised the device: the row is slowed by it
             extra += f" [{r['alloc_retries']} allocator retries]"
         print(f"{r['name']}{extra} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {ratio} | "

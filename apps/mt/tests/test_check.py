@@ -137,6 +137,10 @@ def test_a_deferred_gradient_sync_adds_the_unsharded_float32_gradients():
     assert deferred.peak - every.peak == 4 * ONE_B.grad_params
     one = Settings(max_tokens=8192, world_size=1)  # one GPU: nothing to defer
     assert estimate(ONE_B, replace(one, deferred_sync=True)).peak == estimate(ONE_B, one).peak
+    # ...unless the gradients go to host memory: then the deferred ones wait on the GPU
+    offload = replace(one, cpu_offload=True)
+    gained = estimate(ONE_B, replace(offload, deferred_sync=True)).peak
+    assert gained - estimate(ONE_B, offload).peak == 4 * ONE_B.grad_params
 
 
 def test_the_peak_moves_to_the_end_of_backward_when_activations_are_small():
@@ -271,7 +275,9 @@ def test_a_run_that_does_not_fit_exits_1_and_says_what_to_change(tmp_path, kit, 
         num_key_value_heads=8, vocab_size=128256,
     ).save_pretrained(model)  # fmt: skip
     data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
-    run = kit.run_toml(tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768)
+    run = kit.run_toml(
+        tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768, cpu_offload=False
+    )
     with pytest.raises(SystemExit) as exit_:
         cli.main(["check", str(run), "--nproc_per_node=4", "--gpu=A100-40"])
     out, err = capsys.readouterr()
@@ -419,7 +425,9 @@ def test_activation_offload_is_a_lever_of_mt_check(tmp_path, kit, capsys):
         num_key_value_heads=8, vocab_size=128256,
     ).save_pretrained(model)  # fmt: skip
     data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
-    run = kit.run_toml(tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768)
+    run = kit.run_toml(
+        tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768, cpu_offload=False
+    )
     # Per token and layer the blocks keep a = 2·(4h + 2q + 2k + 3i) + 4·heads bytes (Liger);
     # offloaded, the GPU holds 2 of the 32 layers and the host the 31 others.
     a = 2 * (4 * 4096 + 2 * 4096 + 2 * 1024 + 3 * 14336) + 4 * 32
@@ -459,3 +467,31 @@ def test_activation_offload_is_a_lever_of_mt_check(tmp_path, kit, capsys):
         "host memory     weights, gradients, optimizer state and offloaded activations: "
         f"{(state + 31 * tokens * a) / GIB:.1f} GiB per GPU"
     ) in out
+
+
+def test_mt_check_turns_cpu_offload_on_as_the_trainer_would(tmp_path, kit, capsys):
+    """The run that does not fit four A100-40s above, with cpu_offload left unset: nothing but
+    cpu_offload makes it fit, so the plan is made with it on, as the trainer's fit would choose
+    (its peak, the host memory it needs, and why); set false, the same run does not fit."""
+    model = tmp_path / "llama-8b"
+    LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256,
+    ).save_pretrained(model)  # fmt: skip
+    data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
+    run = kit.run_toml(tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768)
+    cli.main(["check", str(run), "--nproc_per_node=4", "--gpu=A100-40"])
+    out = capsys.readouterr().out
+    assert "verdict fits" in out
+    assert "(in host memory: cpu_offload)" in out
+    assert "(cpu_offload on: nothing else fits" in out
+    assert "cheapest settings that fit:" in out  # how it would fit without the slowest lever
+    # 16 bytes a parameter in host memory: 8.03e9 x 16 / 4 GPUs a GPU, x 4 a node
+    assert (
+        "host memory     weights, gradients and optimizer state: 29.9 GiB per GPU, 119.7 GiB per node"
+        in out
+    )
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["check", str(run), "--nproc_per_node=4", "--gpu=A100-40", "--cpu_offload=false"])
+    assert exit_.value.code == 1
+    assert "verdict DOES NOT FIT" in capsys.readouterr().out

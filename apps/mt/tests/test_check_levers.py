@@ -43,7 +43,8 @@ def write_run(folder, config: dict):
     run.write_text(
         f'model_name_or_path = "{model}"\ndata_path = "{folder / "data.jsonl"}"\n'
         f'output_dir = "{folder / "out"}"\nbatch_size = 32\nmax_tokens_per_gpu = 16384\n'
-        "learning_rate = 1e-5\nuse_liger_kernels = true\n"
+        # cpu_offload unset would be turned on where nothing else fits, as the trainer does
+        "learning_rate = 1e-5\nuse_liger_kernels = true\ncpu_offload = false\n"
     )
     return run
 
@@ -119,8 +120,8 @@ def test_offload_is_named_only_when_nothing_else_fits(tmp_path):
         assert fitted_peak(plan, master=master, state=state, checkpointing=checkpointing) > usable
     chosen, peak = cheapest_fit(plan)
     assert [lever.keys for lever in chosen] == ["cpu_offload = true"]
-    assert fitted(plan.args, plan.shape, replace(plan.settings, cpu_offload=True),
-                  plan.gpu).activation_budget > 0  # fmt: skip
+    offloaded = replace(plan.settings, cpu_offload=True)
+    assert fitted(plan.args, plan.shape, offloaded, plan.gpu).activation_budget > 0
     assert peak <= usable
 
 

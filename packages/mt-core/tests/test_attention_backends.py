@@ -39,6 +39,11 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
 
 FUNCTION = "def flash_attn_varlen_func(*args, **kwargs):\n    raise AssertionError('not called')\n"
+# flash-attn-4's layout: ``flash_attn`` has no ``__init__.py``; mt calls the forward and backward
+# of its autograd function, in ``flash_attn.cute.interface``
+HALVES = "def _flash_attn_fwd(*args, **kwargs):\n    raise AssertionError('not called')\n\n\n"
+HALVES += HALVES.replace("_fwd", "_bwd")
+FA4 = {"flash_attn/cute/__init__.py": "", "flash_attn/cute/interface.py": HALVES}
 
 
 def _flash_attn_modules() -> list[str]:
@@ -83,8 +88,7 @@ def _write(site: Path, files: dict[str, str]) -> None:
 
 @pytest.fixture
 def flash_attn_4(site: Path) -> None:
-    """flash-attn-4's layout: ``flash_attn`` has no ``__init__.py``, its function is in ``cute``."""
-    _write(site, {"flash_attn/cute/__init__.py": FUNCTION})
+    _write(site, FA4)
 
 
 class FakeGpu:
@@ -142,7 +146,7 @@ def test_auto_picks_flash_attn_4_on_hopper_and_blackwell(
 
 def test_flash_attn_4_comes_before_flash_attn_2(site: Path, gpu: FakeGpu) -> None:
     # both installed: flash-attn 2's package with flash-attn-4's cute folder inside it
-    _write(site, {"flash_attn/__init__.py": FUNCTION, "flash_attn/cute/__init__.py": FUNCTION})
+    _write(site, {"flash_attn/__init__.py": FUNCTION, **FA4})
     assert resolve_attn_backend("auto", CUDA) == "flash_attn_4"
     assert resolve_attn_backend("flash_attn", CUDA) == "flash_attn"
     gpu.capability = (8, 0)
@@ -186,10 +190,20 @@ def test_flash_attn_4_that_fails_to_import(site: Path) -> None:
     assert f"RuntimeError: {cause}" in str(caught.value)
 
 
+def test_flash_attn_4_without_the_functions_mt_calls(site: Path, gpu: FakeGpu) -> None:
+    """Another flash-attn-4 release may move the private halves of its autograd function: such
+    an install is refused when resolved, naming what is missing, not at the first backward."""
+    _write(site, {**FA4, "flash_attn/cute/interface.py": HALVES.split("\n\n\n")[0] + "\n"})
+    assert resolve_attn_backend("auto", CUDA) == "torch_varlen"
+    with pytest.raises(ValueError, match="flash-attn-4 failed to import") as caught:
+        resolve_attn_backend("flash_attn_4", CUDA)
+    assert "_flash_attn_bwd" in str(caught.value) and "4.0.0b36" in str(caught.value)
+
+
 def test_models_with_sinks(site: Path, gpu: FakeGpu) -> None:
     """Only flash-attn-4 and the per-document SDPA compute attention sinks."""
     assert resolve_attn_backend("auto", CUDA, sinks=True) == "sdpa"  # no flash-attn-4
-    _write(site, {"flash_attn/__init__.py": FUNCTION, "flash_attn/cute/__init__.py": FUNCTION})
+    _write(site, {"flash_attn/__init__.py": FUNCTION, **FA4})
     importlib.invalidate_caches()
     assert resolve_attn_backend("auto", CUDA, sinks=True) == "flash_attn_4"
     assert resolve_attn_backend("flash_attn_4", CUDA, sinks=True) == "flash_attn_4"
@@ -247,27 +261,22 @@ def test_torch_without_varlen_attn(site: Path, monkeypatch: pytest.MonkeyPatch) 
 # ---------------------------------------------------------------------------------------------
 # What the flash_attn_4 backend hands flash-attn-4's kernel, and what comes back
 
-# A stand-in for flash_attn.cute: records every call and computes what the kernel computes
-# (causal, a left window, GQA, softcapping of the scaled scores, a sink logit per head), in
-# float32 with plain tensor ops, one document at a time; like 4.0.0b36 it returns (out, lse).
+# A stand-in for flash_attn.cute.interface: records every call of the two halves mt calls and
+# computes what the kernels compute (causal, a left window, GQA, softcapping of the scaled
+# scores, a sink logit per head), in float32 with plain tensor ops, one document at a time. Like
+# 4.0.0b36's, the forward returns (out, lse, p, row_max, o_lo) and the backward dq, dk, dv (and
+# the sinks' gradient when there are sinks).
 FA4_REFERENCE = """
 import torch
 
 CALLS = []
 
 
-def flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                           max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None,
-                           causal=False, window_size=(None, None), learnable_sink=None,
-                           softcap=0.0, **others):
-    CALLS.append(dict(q=q, k=k, v=v, qv=qv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                      softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                      learnable_sink=learnable_sink, softcap=softcap, others=others))
+def _attention(q, k, v, cu_seqlens_q, softmax_scale, window_size_left, learnable_sink, softcap):
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     groups = q.shape[1] // k.shape[1]
     bounds = cu_seqlens_q.tolist()
-    outputs = []
+    outputs, lses = [], []
     for start, end in zip(bounds[:-1], bounds[1:]):
         qd, kd, vd = (t[start:end].float().transpose(0, 1) for t in (q, k, v))
         kd, vd = kd.repeat_interleave(groups, 0), vd.repeat_interleave(groups, 0)
@@ -277,26 +286,64 @@ def flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=Non
         i = torch.arange(end - start)[:, None]
         j = torch.arange(end - start)[None, :]
         seen = j <= i
-        if window_size[0] is not None:
-            seen = seen & (j >= i - window_size[0])
+        if window_size_left is not None:
+            seen = seen & (j >= i - window_size_left)
         scores = scores.masked_fill(~seen, float("-inf"))
         if learnable_sink is not None:
             sink = learnable_sink.float()[:, None, None].expand(-1, end - start, 1)
             scores = torch.cat([scores, sink], dim=-1)
+        lses.append(torch.logsumexp(scores, dim=-1))
         weights = torch.softmax(scores, dim=-1)[..., : end - start]
         outputs.append((weights @ vd).transpose(0, 1))
-    out = torch.cat(outputs).to(q.dtype)
-    return out, torch.zeros(q.shape[1], q.shape[0])
+    return torch.cat(outputs).to(q.dtype), torch.cat(lses, dim=1)
+
+
+def _record(half, softmax_scale, causal, window_size_left, window_size_right, softcap, **rest):
+    CALLS.append(dict(half=half, softmax_scale=softmax_scale, causal=causal, softcap=softcap,
+                      window_size=(window_size_left, window_size_right), **rest))
+
+
+def _flash_attn_fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                    max_seqlen_k=None, softmax_scale=None, causal=False, window_size_left=None,
+                    window_size_right=None, learnable_sink=None, softcap=0.0, return_lse=False,
+                    **others):
+    _record("forward", softmax_scale, causal, window_size_left, window_size_right, softcap,
+            q=q, k=k, v=v, qv=qv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            learnable_sink=learnable_sink, return_lse=return_lse, others=others)
+    out, lse = _attention(q, k, v, cu_seqlens_q, softmax_scale, window_size_left,
+                          learnable_sink, softcap)
+    return out, lse, None, None, None
+
+
+def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
+                    window_size_left=None, window_size_right=None, cu_seqlens_q=None,
+                    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                    learnable_sink=None, **others):
+    _record("backward", softmax_scale, causal, window_size_left, window_size_right, softcap,
+            q=q, k=k, v=v, out=out, dout=dout, lse=lse, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            learnable_sink=learnable_sink, others=others)
+    # (torch.func, not autograd: inside a torch op's kernel autograd is switched off)
+    def attention(q, k, v, *sinks):
+        return _attention(q, k, v, cu_seqlens_q, softmax_scale, window_size_left,
+                          sinks[0] if sinks else None, softcap)[0]
+
+    inputs = (q, k, v) + (() if learnable_sink is None else (learnable_sink,))
+    _, gradients = torch.func.vjp(attention, *inputs)
+    return gradients(dout)
 """
 
 
 @pytest.fixture
-def fa4_kernel(site: Path) -> Callable[[], list[dict]]:
-    """The reference flash-attn-4 installed; returns a function that gives its calls so far."""
-    _write(site, {"flash_attn/cute/__init__.py": FA4_REFERENCE})
+def fa4_kernel(site: Path) -> Callable[..., list[dict]]:
+    """The reference flash-attn-4 installed; returns a function that gives the calls so far of
+    one half ("forward" or "backward")."""
+    _write(site, {**FA4, "flash_attn/cute/interface.py": FA4_REFERENCE})
 
-    def calls() -> list[dict]:
-        return importlib.import_module("flash_attn.cute").CALLS
+    def calls(half: str = "forward") -> list[dict]:
+        made = importlib.import_module("flash_attn.cute.interface").CALLS
+        return [call for call in made if call["half"] == half]
 
     return calls
 
@@ -332,11 +379,12 @@ def _bf16(*tensors: torch.Tensor) -> list[torch.Tensor]:
     ],
     ids=["causal", "window", "window-past-documents", "softcap", "sinks", "all"],
 )
-def test_flash_attn_4_kernel_call(fa4_kernel: Callable[[], list[dict]], options: dict) -> None:
+def test_flash_attn_4_kernel_call(fa4_kernel: Callable[..., list[dict]], options: dict) -> None:
     """GQA (4 query heads over 2 K/V heads), three documents, a scale that is not the default:
-    the kernel gets the packed layout in bf16, every option by keyword, the max lengths as
-    Python ints even when the caller has a tensor (the CuTe DSL refuses one), HF's sliding window
-    less the query itself; its output and gradients are the sdpa backend's."""
+    the kernel gets the packed layout in bf16, contiguous, every option by keyword, the max
+    lengths as Python ints even when the caller has a tensor (the CuTe DSL refuses one), HF's
+    sliding window less the query itself; its backward gets what the forward saw and gave; the
+    output and gradients are the sdpa backend's."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 17, 8, generator=g) for h in (4, 2, 2))
     q, k, v = _bf16(q, k, v)
@@ -345,22 +393,34 @@ def test_flash_attn_4_kernel_call(fa4_kernel: Callable[[], list[dict]], options:
     if options.get("s_aux") == "sinks":
         options["s_aux"] = torch.randn(4, generator=g).mul(2).requires_grad_()
     out = _attend("flash_attn_4", q, k, v, cu, torch.tensor(9), **options)
-    (call,) = fa4_kernel()
+    (call,) = fa4_kernel("forward")
     assert type(call["max_seqlen_q"]) is int and type(call["max_seqlen_k"]) is int
     assert call["max_seqlen_q"] == call["max_seqlen_k"] == 9
-    assert call["cu_seqlens_q"] is cu and call["cu_seqlens_k"] is cu
+    assert torch.equal(call["cu_seqlens_q"], cu) and torch.equal(call["cu_seqlens_k"], cu)
     assert call["q"].shape == (17, 4, 8) and call["k"].shape == (17, 2, 8)  # no repeated K/V
     assert call["q"].dtype == call["k"].dtype == call["v"].dtype == torch.bfloat16
+    assert all(call[name].is_contiguous() for name in "qkv")
     assert call["qv"] is None and call["causal"] is True and call["softmax_scale"] == 0.3
     window = options.get("sliding_window")
     assert call["window_size"] == ((window - 1, 0) if window and window < 9 else (None, None))
     assert call["softcap"] == options.get("softcap", 0.0)
-    assert call["learnable_sink"] is options.get("s_aux")
-    assert call["others"] == {}
+    sinks = options.get("s_aux")
+    assert (call["learnable_sink"] is None) if sinks is None else torch.equal(
+        call["learnable_sink"], sinks)  # fmt: skip
+    assert call["return_lse"] is True and call["others"] == {}
 
     leaves = [q, k, v] + ([options["s_aux"]] if "s_aux" in options else [])
     grad_out = torch.randn(out.shape, generator=g)
     got = [out, *torch.autograd.grad(out, leaves, grad_out)]
+    (back,) = fa4_kernel("backward")
+    for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "learnable_sink"):
+        assert (back[name] is None) if call[name] is None else torch.equal(back[name], call[name])
+    for name in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_size",
+                 "softcap"):  # fmt: skip
+        assert back[name] == call[name], name
+    assert torch.equal(back["dout"], grad_out[0].bfloat16())
+    assert back["lse"].shape == (4, 17) and back["lse"].dtype == torch.float32
+    assert back["others"] == {}
     reference = _attend("sdpa", q, k, v, cu, 9, **options)
     want = [reference, *torch.autograd.grad(reference, leaves, grad_out)]
     for a, b in zip(got, want, strict=True):
@@ -369,26 +429,31 @@ def test_flash_attn_4_kernel_call(fa4_kernel: Callable[[], list[dict]], options:
 
 
 def test_flash_attn_4_in_a_compiled_block(
-    fa4_kernel: Callable[[], list[dict]], monkeypatch: pytest.MonkeyPatch
+    fa4_kernel: Callable[..., list[dict]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """flash-attn-4 is plain Python around CuTe DSL kernels, which dynamo cannot trace: compiled
-    as mt compiles decoder blocks, the backend runs the kernel eagerly, once, with the same
-    arguments and result as uncompiled."""
+    """flash-attn-4 is plain Python around CuTe DSL kernels, which dynamo cannot trace; as two
+    torch ops with shape functions it stays inside a compiled block's graph: compiled whole
+    (fullgraph: a graph break is an error), forward and backward run the kernels once each,
+    with the same arguments, result and gradients as uncompiled."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # dynamo asks; no resolving
     q, k, v = _bf16(*(torch.randn(1, h, 12, 8) for h in (4, 2, 2)))
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     function = ALL_ATTENTION_FUNCTIONS[register_padding_free_attention("flash_attn_4")]
-    compiled = torch.compile(function, backend="eager")
+    compiled = torch.compile(function, backend="aot_eager", fullgraph=True)
     try:
         out, _ = compiled(Causal(), q, k, v, None, scaling=0.3, sliding_window=3,
                           cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)  # fmt: skip
+        got = [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
     finally:
         torch._dynamo.reset()
-    (call,) = fa4_kernel()
+    (call,) = fa4_kernel("forward")
+    assert len(fa4_kernel("backward")) == 1
     assert type(call["max_seqlen_q"]) is int and call["window_size"] == (2, 0)
     assert call["softmax_scale"] == 0.3
-    torch.testing.assert_close(out, _attend("flash_attn_4", q, k, v, cu, 7, scaling=0.3,
-                                            sliding_window=3))  # fmt: skip
+    eager = _attend("flash_attn_4", q, k, v, cu, 7, scaling=0.3, sliding_window=3)
+    want = [eager, *torch.autograd.grad(eager.square().sum(), (q, k, v))]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same operations on the same numbers
 
 
 TEXT = dict(
@@ -451,7 +516,7 @@ def test_flash_attn_4_models_equal_sdpa(fa4_kernel: Callable[[], list[dict]], fa
     assert len(calls) == 2  # one per layer, and these are the kernel's
     if family == "gpt_oss-sinks":
         assert [
-            c["learnable_sink"] is layer.self_attn.sinks
+            torch.equal(c["learnable_sink"], layer.self_attn.sinks)
             for c, layer in zip(calls, model.model.layers, strict=True)
         ] == [True, True]
         assert [c["window_size"] for c in calls] == [(3, 0), (None, None)]

@@ -78,7 +78,7 @@ def test_defaults_are_mini_trainers_and_mts_own():
     assert args.use_liger_kernels is None  # auto
     assert args.max_grad_norm == 1.0
     assert args.activation_checkpointing is False
-    assert args.cpu_offload is False
+    assert args.cpu_offload is None  # the fit decides on a GPU (off unless nothing else fits)
     assert args.activation_offload is None  # the fit decides on a GPU
     assert args.attn_backend == "auto"
     assert args.too_long_samples == "drop"

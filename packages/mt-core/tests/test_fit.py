@@ -9,7 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from mt_core import args_from_dict
-from mt_core.fit import Fit, choose_fit, fit_to_gpu
+from mt_core.fit import Fit, choose_fit, fit_to_gpu, syncs_every_minibatch
 from mt_core.memory import (
     COMPUTE_BYTES,
     GIB,
@@ -89,16 +89,18 @@ def test_the_largest_fitting_budget(shape):
 
 
 def _args(tmp_path, **keys):
+    """A run file's keys; cpu_offload false unless said (where it is unset the fit may turn it
+    on for a run that fits no other way: its own test)."""
     return args_from_dict(
         {"model_name_or_path": str(tmp_path), "data_path": str(tmp_path / "d.jsonl"),
          "output_dir": str(tmp_path / "out"), "learning_rate": 1e-5, "batch_size": 64,
-         "max_tokens_per_gpu": 16384, **keys}
+         "max_tokens_per_gpu": 16384, "cpu_offload": False, **keys}
     )  # fmt: skip
 
 
 def test_the_trainer_chooses_the_budget_for_its_gpu(tmp_path, shape, caplog):
     lengths = np.full(1000, 600)  # 64 samples of 600 tokens: 38,400 tokens, 3 rows of 16,384
-    choose = dict(config=LLAMA_3B, world_size=1, liger=True, sync_each=False, lengths=lengths)
+    choose = dict(config=LLAMA_3B, world_size=1, liger=True, lengths=lengths)
     args = _args(tmp_path)
     fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **choose)
     assert (fit.activation_budget, fit.keep_gathered) == (0.51, False)  # no room to keep them
@@ -205,7 +207,7 @@ def test_activation_offload_leaves_two_layers_of_activations_on_the_gpu(shape, r
 def test_the_trainer_turns_activation_offload_on_only_where_nothing_else_fits(tmp_path, shape):
     # 64 samples of 3,000 tokens: two rows of 131,072 per step, the gradients of the first alive
     lengths = np.full(1000, 3000)
-    choose = dict(config=LLAMA_3B, world_size=1, liger=True, sync_each=False, lengths=lengths)
+    choose = dict(config=LLAMA_3B, world_size=1, liger=True, lengths=lengths)
     long = _args(tmp_path, max_tokens_per_gpu=131072)
     run = Settings(max_tokens=131072, world_size=1, minibatches=2, deferred_sync=True)
     usable = usable_bytes(H100)
@@ -248,3 +250,71 @@ def test_the_trainer_turns_activation_offload_on_only_where_nothing_else_fits(tm
     assert fit_to_gpu(long, capacity_bytes=None, compiled=True, **choose) == Fit()
     # a GPU too small even so (the weights, gradients and AdamW state alone are 48 GiB): not on
     assert not fit_to_gpu(long, capacity_bytes=50 * GIB, compiled=True, **choose).activation_offload
+
+
+@pytest.mark.parametrize(
+    ("keys", "world_size", "offloaded", "expected"),
+    [
+        ({}, 1, False, False),  # one GPU: the deferred whole gradient is the gradient anyway
+        ({}, 2, False, True),  # several: each keeps only its shard between minibatches
+        ({}, 1, True, True),  # cpu_offload (asked or chosen): deferred, it would stay on the GPU
+        ({"sync_gradients_every_minibatch": False}, 1, True, False),  # as asked
+        ({"sync_gradients_every_minibatch": True}, 1, False, True),
+    ],
+)
+def test_when_gradients_are_reduced_every_minibatch(
+    keys, world_size, offloaded, expected, tmp_path
+):
+    assert syncs_every_minibatch(_args(tmp_path, **keys), world_size, offloaded) is expected
+
+
+def test_cpu_offload_is_chosen_only_where_nothing_else_fits(tmp_path, shape):
+    """cpu_offload unset: the 3B shape at 131,072-token rows on one H100 fits neither with the
+    smallest activation budget nor with activation offload, so the fit moves the weights,
+    gradients and AdamW state to host memory (16 bytes a parameter) and says so; with too
+    little host memory available, or set false, or a run that fits without it, it does not."""
+    lengths = np.full(1000, 3000)
+    choose = dict(config=LLAMA_3B, world_size=1, liger=True, lengths=lengths)
+    unset = dict(max_tokens_per_gpu=131072, cpu_offload=None)
+    no_room = dict(unset, activation_offload=False)  # set false: cpu_offload is what is left
+    run = Settings(max_tokens=131072, world_size=1, minibatches=2)
+    usable = usable_bytes(H100)
+    assert fitting_activation_budget(shape, run, usable) is None
+    fit = fit_to_gpu(_args(tmp_path, **no_room), capacity_bytes=H100, compiled=True, **choose)
+    assert fit.cpu_offload and not fit.activation_offload
+    offloaded = replace(run, cpu_offload=True)
+    assert fit.activation_budget == fitting_activation_budget(shape, offloaded, usable)
+    memory = estimate(shape, fit.applied(run))
+    assert memory.peak <= usable and memory.host == 16 * shape.params
+    assert fit.summary.startswith(f"activation_memory_budget {fit.activation_budget:.2f}")
+    assert (
+        f"; cpu_offload on: the weights, gradients and optimizer state wait in host memory "
+        f"({memory.host / GIB:.1f} GiB of it per GPU) and the optimizer step runs on the CPU, "
+        "much slower so that 131,072 tokens per GPU fit"
+    ) in fit.summary
+    # the host must hold all of it: one byte less available and it stays off
+    short = fit_to_gpu(_args(tmp_path, **no_room), capacity_bytes=H100,
+                       host_available=memory.host - 1, compiled=True, **choose)  # fmt: skip
+    assert not short.cpu_offload and estimate(shape, short.applied(run)).peak > usable
+    exact = fit_to_gpu(_args(tmp_path, **no_room), capacity_bytes=H100,
+                       host_available=memory.host, compiled=True, **choose)  # fmt: skip
+    assert exact.cpu_offload
+    # activation offload, the cheaper lever, is taken first where it makes the run fit
+    first = fit_to_gpu(_args(tmp_path, **unset), capacity_bytes=H100, compiled=True, **choose)
+    assert first.activation_offload and not first.cpu_offload
+    # set false: never; a run that fits without it: not chosen; off a GPU: as set
+    off = dict(no_room, cpu_offload=False)
+    assert not fit_to_gpu(
+        _args(tmp_path, **off), capacity_bytes=H100, compiled=True, **choose
+    ).cpu_offload
+    fits = fit_to_gpu(
+        _args(tmp_path, cpu_offload=None), capacity_bytes=H100, compiled=True, **choose
+    )
+    assert not fits.cpu_offload and "cpu_offload" not in fits.summary
+    assert not fit_to_gpu(
+        _args(tmp_path, **no_room), capacity_bytes=None, compiled=True, **choose
+    ).cpu_offload
+    asked = fit_to_gpu(
+        _args(tmp_path, cpu_offload=True), capacity_bytes=None, compiled=True, **choose
+    )
+    assert asked.cpu_offload

@@ -196,7 +196,7 @@ def make_plan(
             f"liger-kernel has no kernels for model_type {config.model_type!r}: the logits are "
             "materialised (the loss row)"
         )
-    settings = run_settings(args, world, liger, args.sync_gradients_every_minibatch is not False)
+    settings = run_settings(args, world, liger)
     with ExitStack() as stack:
         output_dir, cache_note = _cache_dir(args, stack)
         train, sampler, caught, counts = _data_plan(
@@ -204,7 +204,7 @@ def make_plan(
         )
     steps = _sample_steps(args, train, sampler, world, shape, device, mfu, batches)
     settings = replace(settings, minibatches=max(step.minibatches for step in steps))
-    settings = fitted(args, shape, settings, device)
+    settings = fitted(args, shape, settings, device, cpu_offload=True)
     per_epoch = sampler.batches_per_epoch()
     notes += [str(w.message) for w in caught if not issubclass(w.category, DataWarning)]
     if args.osft and args.osft_adaptive_ratios:
@@ -241,14 +241,20 @@ def make_plan(
     )
 
 
-def fitted(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) -> Settings:
+def fitted(
+    args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu, cpu_offload: bool = False
+) -> Settings:
     """``run`` with the fit the trainer would choose on this GPU: the compiled blocks'
     activation budget (blocks are compiled on a GPU unless torch_compile = false), on one
     GPU whether blocks stay gathered from forward to backward, and activation offload where
-    the run file leaves it unset and only that makes the run fit."""
+    the run file leaves it unset and only that makes the run fit; with ``cpu_offload`` also
+    cpu_offload where the run file leaves it unset and nothing else makes it fit (the host
+    memory of the machine that will train is not known here). Levers and suggestions are
+    fitted without that choice: they say how the run fits without it."""
     return choose_fit(
         shape, run, device.usable_gib * 2**30, compiled=args.torch_compile is not False,
         budget=args.activation_memory_budget, may_offload=args.activation_offload is None,
+        may_cpu_offload=cpu_offload and args.cpu_offload is None,
     ).applied(run)  # fmt: skip
 
 

@@ -105,6 +105,14 @@ def _fitted(plan: Plan, run: Settings) -> tuple[float, float]:
     return estimate(plan.shape, run).peak, run.activation_budget
 
 
+def _as_asked(plan: Plan) -> tuple[Settings, bool]:
+    """The run the levers change, and whether the fit turned cpu_offload on for it. The levers
+    and the cheapest settings are shown for the run without that choice: they say how it fits
+    without the slowest lever."""
+    chosen = plan.settings.cpu_offload and plan.args.cpu_offload is None
+    return (replace(plan.settings, cpu_offload=False) if chosen else plan.settings), chosen
+
+
 def _extra_compute(run: Settings, budget: float) -> float:
     """At most how much more the GPU computes for the activations it does not keep: checkpointing
     runs the forward pass again, a third of a step's FLOPs (2 of 6N a token, 4 of 12 per
@@ -119,7 +127,7 @@ def cheapest_fit(plan: Plan) -> tuple[list[Lever], float] | None:
     checkpointing, with or without CPU offload (activation offload is listed, not combined:
     its cost is PCIe traffic, not yet measured against recomputation). Cheapest: no CPU offload if any fits without,
     then the least recomputation (in hundredths of a step), then the mildest precision change."""
-    run, usable = plan.settings, plan.gpu.usable_gib * GIB
+    (run, _), usable = _as_asked(plan), plan.gpu.usable_gib * GIB
     precision = [[]] + [[lever] for lever in _precision_levers(run)]
     checkpointing = [[]] + [[lever] for lever in levers(run) if "checkpointing" in lever.changes]
     offload = [[]] + [[lever] for lever in levers(run) if "cpu_offload" in lever.changes]
@@ -140,9 +148,9 @@ def cheapest_fit(plan: Plan) -> tuple[list[Lever], float] | None:
 
 
 def lever_lines(plan: Plan) -> list[str]:
-    """The ``levers`` section: each lever alone with its peak, and, when the run does not fit,
-    the cheapest combination that does."""
-    run, usable = plan.settings, plan.gpu.usable_gib * GIB
+    """The ``levers`` section: each lever alone with its peak, and, when the run does not fit
+    (or fits only by the cpu_offload the fit chose), the cheapest combination that does."""
+    (run, offload_chosen), usable = _as_asked(plan), plan.gpu.usable_gib * GIB
     found = levers(run)
     if not found:
         return []
@@ -153,7 +161,7 @@ def lever_lines(plan: Plan) -> list[str]:
         if budget < 1:
             word += f", activation budget {budget:.2f}"
         lines.append(f"          - {lever.keys}: peak {peak / GIB:.1f} GiB, {word} ({lever.cost})")
-    if not plan.fits:
+    if not plan.fits or offload_chosen:
         best = cheapest_fit(plan)
         if best is None:
             lines.append("        no combination of these fits: more GPUs (see below)")

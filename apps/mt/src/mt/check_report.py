@@ -179,6 +179,12 @@ def _memory_lines(plan: Plan) -> list[str]:
             "  (activation_offload on: so that the row fits, the blocks' saved activations wait in "
             "host memory\n   between their forward and backward passes)"
         )
+    if run.cpu_offload and plan.args.cpu_offload is None:
+        lines.append(
+            "  (cpu_offload on: nothing else fits, so the weights, gradients and optimizer state "
+            "wait in host memory\n   and the optimizer step runs on the CPU, much slower; it needs "
+            "the host memory below)"
+        )
     held = ["weights", "gradients", "optimizer state"] if run.cpu_offload else []
     held += ["offloaded activations"] if run.activation_offload else []
     if held:

@@ -15,8 +15,9 @@ fails loudly instead of letting documents see each other.
 Backends, all matching the model run on each document alone (the varlen kernels' adapters are in
 :mod:`mt_core.attention_kernels`):
 
-* ``flash_attn_4``: flash-attn-4's ``flash_attn.cute.flash_attn_varlen_func`` (CuTe DSL, Hopper
-  and Blackwell: compute capability 9.0 or higher; ``pip install "mt-core[flash-attn-4]"``);
+* ``flash_attn_4``: flash-attn-4's varlen kernels (CuTe DSL, Hopper and Blackwell: compute
+  capability 9.0 or higher; ``pip install "mt-core[flash-attn-4]"``) as two torch ops, so that a
+  compiled block keeps them in its graph;
 * ``flash_attn``: flash-attn 2's ``flash_attn.flash_attn_varlen_func`` (installed separately);
 * ``torch_varlen``: PyTorch's built-in ``torch.nn.attention.varlen.varlen_attn`` (CUDA);
 * ``sdpa``: ``scaled_dot_product_attention`` once per document; runs anywhere (CPU tests).
@@ -108,10 +109,11 @@ def _flash_attn_4_problem(device: torch.device) -> str | None:
 
 
 def _flash_attn_4_import_problem() -> str | None:
-    """Why flash-attn-4's varlen function does not import, or None. It is imported, as the
-    forward will; the CuTe DSL it loads raises RuntimeError where no runtime suits the driver."""
+    """Why the two halves of flash-attn-4's attention that mt calls (the forward and backward
+    of its own autograd function) do not import, or None. They are imported, as the first step
+    will; the CuTe DSL they load raises RuntimeError where no runtime suits the driver."""
     try:
-        from flash_attn.cute import flash_attn_varlen_func  # noqa: F401
+        from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd  # noqa: F401
     except (ImportError, OSError, RuntimeError) as error:
         missing = error.name if isinstance(error, ModuleNotFoundError) else None
         if missing in ("flash_attn", "flash_attn.cute"):
@@ -187,8 +189,8 @@ def _flash_attn_4_refusal(device: torch.device) -> str | None:
     problem = _flash_attn_4_import_problem()
     if problem is not None:
         return (
-            "attn_backend='flash_attn_4' needs flash-attn-4 (flash_attn.cute.flash_attn_varlen_func)"
-            f', but {problem}: install it with pip install "mt-core[flash-attn-4]" (or pip '
+            "attn_backend='flash_attn_4' needs flash-attn-4 (_flash_attn_fwd and _flash_attn_bwd "
+            f'of flash_attn.cute.interface, as in 4.0.0b36), but {problem}: install it with pip install "mt-core[flash-attn-4]" (or pip '
             "install flash-attn-4), or use attn_backend='torch_varlen' or 'auto'"
         )
     problem = _flash_attn_4_capability_problem(device)

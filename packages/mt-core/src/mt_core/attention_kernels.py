@@ -5,10 +5,12 @@ decides which one runs; this module imports nothing of mt's, so the arrows point
 
 * :func:`torch_varlen_function`: PyTorch's built-in ``torch.nn.attention.varlen.varlen_attn``;
 * :func:`flash_attn_varlen`: flash-attn 2's ``flash_attn.flash_attn_varlen_func``;
-* :func:`flash_attn_4_varlen`: flash-attn-4's ``flash_attn.cute.flash_attn_varlen_func`` (CuTe DSL,
-  Hopper and Blackwell), which alone of the three also computes attention sinks and softcapping.
+* :func:`flash_attn_4_varlen`: flash-attn-4's kernels (CuTe DSL, Hopper and Blackwell) as the torch
+  ops ``mt::flash_attn_4_forward`` and ``mt::flash_attn_4_backward``; alone of the three it also
+  computes attention sinks and softcapping.
 
-Each kernel is imported inside its function, so this module imports without any of them.
+Each kernel is imported inside its function, so this module imports without any of them (the
+two ops are defined on import; what they call is imported when they run).
 """
 
 from __future__ import annotations
@@ -211,22 +213,29 @@ def flash_attn_4_varlen(
     s_aux: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> AttentionOutput:
-    """flash-attn-4's ``flash_attn.cute.flash_attn_varlen_func`` (GQA native), with the model's
-    attention sinks (GPT-OSS's ``s_aux``: one logit per head, unscaled, as the kernel's
-    ``learnable_sink`` takes it, gradient included) and logit softcapping (Gemma 2's)."""
+    """flash-attn-4's varlen attention (GQA native), with the model's attention sinks (GPT-OSS's
+    ``s_aux``: one logit per head, unscaled, as the kernel's ``learnable_sink`` takes it, gradient
+    included) and logit softcapping (Gemma 2's), as one torch op (:func:`_fa4_forward`)."""
     cu_q, cu_k, max_q, max_k = check_call(module, query, key, attention_mask, dropout, kwargs)
-    q, k, v = _varlen_layout(query, key, value)
-    out = _flash_attn_4_call(
+    # contiguous (tokens, heads, dim): inside a compiled block the copy is the same kernel as
+    # the transpose and cast before it, and the kernel's loads are then plain rows
+    q, k, v = (t.contiguous() for t in _varlen_layout(query, key, value))
+    out, _ = torch.ops.mt.flash_attn_4_forward(
         q, k, v, cu_q, cu_k, max_q, max_k, scaling, _window(sliding_window, max_k),
         0.0 if softcap is None else float(softcap), s_aux,
     )  # fmt: skip
     return out.to(query.dtype).unsqueeze(0), None
 
 
-# flash-attn-4 is plain Python around CuTe DSL kernels (no torch custom op): dynamo cannot trace
-# it, so a compiled block runs it eagerly between its two graphs instead of failing to trace it.
-@torch.compiler.disable
-def _flash_attn_4_call(
+# flash-attn-4 is plain Python around CuTe DSL kernels, which dynamo cannot trace. As a torch op
+# with a shape function (register_fake) and a backward (register_autograd), a compiled block
+# keeps it inside its one graph: no graph break, and the compiler's memory planning and the
+# activation budget see its saved tensors. Its private _flash_attn_fwd/_flash_attn_bwd are the
+# two halves of its own autograd function (flash-attn-4 4.0.0b36), called by keyword. The ops
+# are not tied to CUDA: mt_core.attention refuses flash_attn_4 elsewhere, and a CPU stand-in
+# for flash-attn-4 runs them in the tests.
+@torch.library.custom_op("mt::flash_attn_4_forward", mutates_args=())
+def _fa4_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -238,15 +247,88 @@ def _flash_attn_4_call(
     left: int | None,
     softcap: float,
     sinks: torch.Tensor | None,
-) -> torch.Tensor:
-    from flash_attn.cute import flash_attn_varlen_func
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal varlen attention of packed ``q, k, v`` (tokens, heads, dim): the output and the
+    log-sum-exp of each query's scores, (heads, tokens) float32, that the backward needs. A left
+    window of None is unbounded."""
+    from flash_attn.cute.interface import _flash_attn_fwd
 
-    # All by keyword: the fourth parameter is qv (MLA), not cu_seqlens_q as in flash-attn 2. A
-    # left window of None means unbounded; (-1, 0) would turn on its local (windowed) kernel.
-    out = flash_attn_varlen_func(
+    out, lse, *_ = _flash_attn_fwd(
         q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-        softmax_scale=scaling, causal=True, window_size=(left, 0 if left is not None else None),
-        learnable_sink=sinks, softcap=softcap,
+        softmax_scale=scaling, causal=True, window_size_left=left,
+        window_size_right=0 if left is not None else None, learnable_sink=sinks,
+        softcap=softcap, return_lse=True,
     )  # fmt: skip
-    # 4.0.0b36 returns (out, lse) whatever return_lse says; a bare tensor would be out alone
-    return out[0] if isinstance(out, tuple) else out
+    return out, lse
+
+
+@_fa4_forward.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scaling, left, softcap, sinks):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mt::flash_attn_4_backward", mutates_args=())
+def _fa4_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scaling: float | None,
+    left: int | None,
+    softcap: float,
+    sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of q, k, v and the sinks (an empty tensor when there are none)."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    grads = _flash_attn_bwd(
+        q, k, v, out, dout, lse, softmax_scale=scaling, causal=True, softcap=softcap,
+        window_size_left=left, window_size_right=0 if left is not None else None,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        learnable_sink=sinks,
+    )  # fmt: skip
+    dq, dk, dv = grads[:3]
+    return dq, dk, dv, grads[3] if sinks is not None else q.new_empty(0)
+
+
+@_fa4_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scaling, left, softcap, sinks):
+    dsinks = torch.empty_like(sinks) if sinks is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
+
+
+def _fa4_save(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, scaling, left, softcap, sinks = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, sinks)
+    ctx.scalars = (max_q, max_k, scaling, left, softcap)
+
+
+def _fa4_gradients(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple:
+    q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = torch.ops.mt.flash_attn_4_backward(
+        dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.scalars, sinks
+    )
+    # one gradient per input of the forward: none for the lengths and scalars
+    return (
+        dq,
+        dk,
+        dv,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        dsinks if sinks is not None else None,
+    )
+
+
+_fa4_forward.register_autograd(_fa4_gradients, setup_context=_fa4_save)

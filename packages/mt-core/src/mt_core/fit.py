@@ -47,6 +47,7 @@ __all__ = [
     "host_memory_problem",
     "host_room_bytes",
     "run_settings",
+    "syncs_every_minibatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,13 +71,14 @@ class Fit:
     activation_budget: float = 1.0  # the share of their activations compiled blocks keep
     keep_gathered: bool = False  # one GPU: blocks stay gathered from their forward to backward
     activation_offload: bool = False  # the blocks' saved activations wait in host memory
+    cpu_offload: bool = False  # weights, gradients and optimizer state in host memory
     summary: str = ""  # what was chosen and why, for the run's log (empty: nothing to say)
 
     def applied(self, run: Settings) -> Settings:
         """``run`` as it trains with this fit: what the memory estimate is made for."""
         return replace(
             run, activation_budget=self.activation_budget, gathered=self.keep_gathered,
-            activation_offload=self.activation_offload,
+            activation_offload=self.activation_offload, cpu_offload=self.cpu_offload,
         )  # fmt: skip
 
 
@@ -88,7 +90,8 @@ def _set_budget(budget: float | None, compiled: bool, checkpointing: bool) -> fl
 
 def choose_fit(
     shape: ModelShape, run: Settings, usable: float, *, compiled: bool, budget: float | None,
-    may_offload: bool = False, host_room: float = math.inf,
+    may_offload: bool = False, host_room: float = math.inf, may_cpu_offload: bool = False,
+    host_available: float = math.inf,
 ) -> Fit:  # fmt: skip
     """The fit of ``run`` on a GPU that may allocate ``usable`` bytes; ``budget`` is the run
     file's activation_memory_budget (None: the largest that fits). On one GPU the blocks stay
@@ -96,7 +99,25 @@ def choose_fit(
     casts each block's weights once a minibatch instead of twice (1B, 16k and 32k rows: +1.6%).
     With ``may_offload`` (the run file leaves activation_offload unset) activation offload is
     turned on where the run fits with it and not without, and what it then keeps in host memory
-    is within ``host_room`` bytes."""
+    is within ``host_room`` bytes. With ``may_cpu_offload`` (cpu_offload unset), a run that fits
+    neither way is fitted again with cpu_offload, the slowest lever (its optimizer step runs on
+    the CPU), taken where the GPU then holds it and all the process keeps in host memory is
+    within ``host_available`` bytes."""
+    fit = _fit_gpu(shape, run, usable, compiled, budget, may_offload, host_room)
+    if may_cpu_offload and not run.cpu_offload and estimate(shape, fit.applied(run)).peak > usable:
+        offloaded = replace(run, cpu_offload=True)
+        chosen = _fit_gpu(shape, offloaded, usable, compiled, budget, may_offload, host_room)
+        memory = estimate(shape, chosen.applied(offloaded))
+        if memory.peak <= usable and memory.host <= host_available:
+            return chosen
+    return fit
+
+
+def _fit_gpu(
+    shape: ModelShape, run: Settings, usable: float, compiled: bool, budget: float | None,
+    may_offload: bool, host_room: float,
+) -> Fit:  # fmt: skip
+    """choose_fit without cpu_offload's choice: the budget, then activation offload."""
     fit = _fit_budget(shape, run, usable, compiled=compiled, budget=budget)
     if may_offload and estimate(shape, fit.applied(run)).peak > usable:
         offloaded = replace(run, activation_offload=True)
@@ -120,16 +141,30 @@ def _fit_budget(
                 and estimate(shape, replace(run, gathered=True, activation_budget=kept)).peak
                 <= usable)  # fmt: skip
     if budget is not None or not compiled or run.checkpointing:
-        return Fit(kept, gathered, run.activation_offload)
+        return Fit(kept, gathered, run.activation_offload, run.cpu_offload)
     chosen = fitting_activation_budget(shape, replace(run, gathered=gathered), usable, host_room)
-    return Fit(0.0 if chosen is None else chosen, gathered, run.activation_offload)
+    return Fit(0.0 if chosen is None else chosen, gathered, run.activation_offload, run.cpu_offload)
+
+
+def syncs_every_minibatch(args: TrainingArgs, world_size: int, cpu_offload: bool) -> bool:
+    """Whether gradients are reduce-scattered after every minibatch: the run file's
+    sync_gradients_every_minibatch, else yes on more than one GPU and under cpu_offload. A
+    deferred sync keeps each GPU's whole unsharded gradient on the GPU until the step's last
+    minibatch: 4 bytes a parameter, which cpu_offload is there to move off it (8B shape on one
+    H200: 37.4 GiB measured against 11.6 estimated without it). On one GPU without cpu_offload
+    the two cost the same memory (the memory model counts a deferred sync only as asked)."""
+    if args.sync_gradients_every_minibatch is not None:
+        return args.sync_gradients_every_minibatch
+    return world_size > 1 or cpu_offload
 
 
 def run_settings(
-    args: TrainingArgs, world_size: int, liger: bool, sync_each: bool, minibatches: int = 1
+    args: TrainingArgs, world_size: int, liger: bool, minibatches: int = 1
 ) -> Settings:
     """What the memory estimate needs to know of a run, from its keys and what the trainer
-    resolved (Liger on or off, the gradient sync)."""
+    resolved (Liger on or off). cpu_offload not set counts as off (the fit may turn it on); a
+    deferred gradient sync counts where the run file asks for one, the only case in which it
+    costs memory (syncs_every_minibatch)."""
     return Settings(
         max_tokens=args.max_tokens_per_gpu,
         world_size=world_size,
@@ -137,9 +172,9 @@ def run_settings(
         state=args.optimizer_state_dtype,
         liger=liger,
         checkpointing=args.activation_checkpointing,
-        cpu_offload=args.cpu_offload,
+        cpu_offload=bool(args.cpu_offload),  # not set: the fit decides
         activation_offload=bool(args.activation_offload),  # not set: the fit decides
-        deferred_sync=not sync_each,
+        deferred_sync=args.sync_gradients_every_minibatch is False,
         minibatches=minibatches,
     )
 
@@ -150,19 +185,21 @@ def fit_to_gpu(
     *,
     capacity_bytes: float | None,
     host_bytes: float = math.inf,
+    host_available: float = math.inf,
     world_size: int,
     compiled: bool,
     liger: bool,
-    sync_each: bool,
     lengths: np.ndarray,
 ) -> Fit:
     """The trainer's fit, by the estimate of ``mt check`` for a GPU of ``capacity_bytes`` (None:
     not a GPU; then only a budget set in the run file applies) whose process may keep up to
-    ``host_bytes`` in host memory."""
+    ``host_bytes`` of offloaded activations in host memory, and up to ``host_available`` in all
+    when the fit turns cpu_offload on."""
     budget = args.activation_memory_budget
     if capacity_bytes is None:  # host memory is not the limit the estimate is made for
         kept = _set_budget(budget, compiled, args.activation_checkpointing)
-        return Fit(kept, activation_offload=bool(args.activation_offload))
+        return Fit(kept, activation_offload=bool(args.activation_offload),
+                   cpu_offload=bool(args.cpu_offload))  # fmt: skip
     # here, not at the top: choose_fit and run_settings are arithmetic that `mt check` uses
     # before any model is built, and a run file's mistakes are shown without loading torch
     from mt_core.model_shape import model_shape, osft_settings
@@ -174,11 +211,12 @@ def fit_to_gpu(
     # A step runs one minibatch per GPU only if its largest possible batch fits one row.
     largest_batch = int(np.sort(lengths)[-args.batch_size :].sum())
     minibatches = 1 if largest_batch <= args.max_tokens_per_gpu * args.sequence_parallel_size else 2
-    run = run_settings(args, world_size, liger, sync_each, minibatches)
+    run = run_settings(args, world_size, liger, minibatches)
     usable = usable_bytes(capacity_bytes)
     fit = choose_fit(
         shape, run, usable, compiled=compiled, budget=budget,
         may_offload=args.activation_offload is None, host_room=host_bytes,
+        may_cpu_offload=args.cpu_offload is None, host_available=host_available,
     )  # fmt: skip
     memory = estimate(shape, fit.applied(run))
     peak = memory.peak
@@ -200,6 +238,12 @@ def fit_to_gpu(
             f"activation_offload on: the decoder blocks' saved activations wait in host memory "
             f"between their forward and backward passes ({memory.host / GIB:.1f} GiB of it per "
             f"GPU)"
+        )
+    if args.cpu_offload is None and fit.cpu_offload:
+        said.append(
+            f"cpu_offload on: the weights, gradients and optimizer state wait in host memory "
+            f"({memory.host / GIB:.1f} GiB of it per GPU) and the optimizer step runs on the CPU, "
+            f"much slower"
         )
     if said:
         said[-1] += f" so that {args.max_tokens_per_gpu:,} tokens per GPU fit"
@@ -248,7 +292,7 @@ def host_memory_problem(
         config, osft=osft_settings(args), master=args.train_dtype,
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
-    run = run_settings(args, world_size, liger=True, sync_each=True)
+    run = run_settings(args, world_size, liger=True)
     per_process = estimate(shape, run).host
     needed = per_process * local_processes
     if needed <= available_bytes:

@@ -219,8 +219,10 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     else:
         grads_on_gpu = gradients
     # a deferred sync: FSDP2 accumulates whole float32 gradients from the first minibatch's
-    # backward to the step's last, alive at both moments of every later minibatch
-    accumulated = 4 * shape.grad_params if run.deferred_sync and w > 1 else 0.0
+    # backward to the step's last, alive at both moments of every later minibatch (on the GPU
+    # also under cpu_offload; on one GPU without it they are the gradients counted above)
+    deferred = run.deferred_sync and (w > 1 or run.cpu_offload)
+    accumulated = 4 * shape.grad_params if deferred else 0.0
     # after a step's first minibatch its gradients (sharded, or the deferred whole ones) are alive
     earlier = 0.0 if run.minibatches == 1 or accumulated else grads_on_gpu
     start = resident + accumulated + earlier + copies + activations + loss

@@ -37,6 +37,7 @@ from mt_core.fit import (
     fit_to_gpu,
     host_memory_problem,
     host_room_bytes,
+    syncs_every_minibatch,
 )
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
@@ -141,32 +142,34 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     if use_liger is None:
         use_liger = on_gpu and liger_available()
     compile_blocks = on_gpu if args.torch_compile is None else args.torch_compile
-    sync_each = args.sync_gradients_every_minibatch
-    if sync_each is None:  # the unsharded gradients of a deferred sync cost 4 bytes a parameter
-        sync_each = ctx.world_size > 1
     # how the run fits the GPU: the share of activations compiled blocks keep, on one GPU
-    # whether blocks stay gathered from forward to backward, whether activations are offloaded
+    # whether blocks stay gathered from forward to backward, whether activations, or the
+    # weights, gradients and optimizer state, wait in host memory
     capacity = torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else None
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    available = available_host_bytes()
     fit = fit_to_gpu(
         args, config, capacity_bytes=capacity, host_bytes=host_room_bytes(),
-        world_size=ctx.world_size, compiled=compile_blocks, liger=use_liger, sync_each=sync_each,
+        host_available=math.inf if available is None else available / local_processes,
+        world_size=ctx.world_size, compiled=compile_blocks, liger=use_liger,
         lengths=data.train.lengths,
     )  # fmt: skip
+    sync_each = syncs_every_minibatch(args, ctx.world_size, fit.cpu_offload)
     if ctx.is_main and fit.summary:
         print(fit.summary, flush=True)
     problem = host_memory_problem(
-        args, config, world_size=ctx.world_size, available_bytes=available_host_bytes(),
-        local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        args, config, world_size=ctx.world_size, available_bytes=available,
+        local_processes=local_processes,
     )  # fmt: skip
     if problem is not None:
         raise ConfigError([problem])
     master_dtype = TORCH_DTYPES[args.train_dtype]
     offload = ActivationOffload(ctx.device) if fit.activation_offload else None
     # torchao's optimizers (low-precision moments, stochastic rounding) must be able to run here
-    step_device = torch.device("cpu") if args.cpu_offload else ctx.device
+    step_device = torch.device("cpu") if fit.cpu_offload else ctx.device
     check_optimizer(
         args.optimizer_state_dtype, args.stochastic_rounding, master_dtype, step_device,
-        offloaded=args.cpu_offload and on_gpu,
+        offloaded=fit.cpu_offload and on_gpu,
     )  # fmt: skip
     model, _ = build_model(
         model_folder,
@@ -179,7 +182,7 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
         activation_checkpointing=args.activation_checkpointing,
         compile_blocks=compile_blocks,
         activation_offload=offload,
-        cpu_offload=args.cpu_offload,
+        cpu_offload=fit.cpu_offload,
         keep_gathered=fit.keep_gathered,
         trust_remote_code=args.trust_remote_code,
     )

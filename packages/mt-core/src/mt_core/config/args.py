@@ -520,19 +520,23 @@ class TrainingArgs:
         "Reduce-scatter the gradients after every minibatch, so each GPU keeps only its shard "
         "of them; false = once per step, after the last minibatch: less communication, but "
         "every GPU holds the whole unsharded float32 gradient (4 bytes per parameter) between "
-        "minibatches. Not set = every minibatch on more than one GPU (on one it makes no "
-        "difference).",
+        "minibatches (on the GPU, also under cpu_offload). Not set = every minibatch on more "
+        "than one GPU or with cpu_offload (on one GPU without it, it makes no difference).",
         _SPEED,
         "boolean",
         default=None,
         optional=True,
     )
-    cpu_offload: bool = field(
+    cpu_offload: bool | None = field(
         "Keep the sharded weights, gradients and optimizer state in CPU memory (FSDP2 CPU "
-        "offload): fits larger models, runs slower.",
+        "offload), the optimizer step on the CPU: fits larger models, runs much slower. Not set "
+        "= off, unless on a GPU the run fits only with it by mt check's estimate (after "
+        "activation_memory_budget and activation_offload) and the node's available memory "
+        "holds it; the run says so when it starts.",
         _SPEED,
         "boolean",
-        default=False,
+        default=None,
+        optional=True,
     )
     activation_offload: bool | None = field(
         "Move the activations each decoder block saves for its backward pass to host memory "
