@@ -263,6 +263,7 @@ def test_batch_size_below_the_rank_count_is_refused(workspace, tmp_path):
     assert len(build_data(args, ranks, VOCAB, tmp_path).train) == 12  # 2 ranks, 2 samples: fine
 
 
+@pytest.mark.slow(15)
 def test_batch_size_below_the_rank_count_under_torchrun(workspace, earlier):
     """The same with a real 2-rank job: both ranks stop with the message, the user reads it once
     (mt_core.errors.report_error), and no traceback of ours (torchrun then adds its
@@ -397,6 +398,7 @@ def test_a_refused_run_keeps_the_earlier_run_toml(workspace, earlier, mistake):
 # Through the command line, and two runs at once
 
 
+@pytest.mark.slow(10)
 def test_the_command_line_shows_user_errors_alone(workspace, earlier):
     """One ``mt: error:`` line per problem on stderr, exit 2, no traceback: for a run-file
     mistake (found before torch loads) and a data mistake (found by the run)."""
@@ -420,6 +422,7 @@ def test_the_command_line_shows_user_errors_alone(workspace, earlier):
     assert_intact(out, before)
 
 
+@pytest.mark.slow(15)
 def test_two_runs_on_one_output_dir_at_once(workspace, tmp_path):
     """Two real runs started together on one output_dir: the lock lets exactly one in, the
     other refuses ('in use', exit 2) at once; the first trains on (stopped here by SIGTERM,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 CALLBACKS = """
 import os
 from mt_core import TrainerCallback
@@ -26,6 +28,7 @@ class Broken(TrainerCallback):
 """
 
 
+@pytest.mark.slow(15)
 def test_hooks_run_in_order_on_every_rank_and_a_broken_callback_does_not_stop_training(
     tmp_path, llama_folder, runs
 ):

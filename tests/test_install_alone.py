@@ -101,6 +101,7 @@ def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
 
 
 @needs_uv
+@pytest.mark.slow(50)
 def test_mt_packing_installs_alone_and_passes_its_own_tests(tmp_path):
     venv = tmp_path / "venv"
     # The same interpreter as this test run: nothing to download, and the same Python version.

@@ -15,7 +15,7 @@ STEPS = 3
 
 @pytest.mark.parametrize(
     ("checkpointing", "compiled"),
-    [(False, False), (True, False), (False, True)],
+    [(False, False), (True, False), pytest.param(False, True, marks=pytest.mark.slow(20))],
     ids=["kept", "checkpointing", "compiled blocks"],
 )
 def test_activation_offload_trains_the_tiny_example_bit_for_bit(

@@ -17,8 +17,8 @@ from torch import nn
 from mt_core.memory import QUANT_BLOCK, STATE_BYTES
 from mt_core.optim import build_optimizer
 
-# one worker runs this file (pytest-xdist): its tests share the float32 reference runs
-pytestmark = pytest.mark.xdist_group("optimizer_precision")
+# the tests of the training runs go to one worker (pytest-xdist): they share the runs of `trained`
+SHARES_RUNS = pytest.mark.xdist_group("optimizer_precision")
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny"
 U32 = torch.finfo(torch.float32).eps / 2
@@ -216,6 +216,8 @@ def within_margin(losses: list[float], reference: list[float]) -> tuple[bool, fl
     return worst <= MARGIN * drop, worst / drop
 
 
+@SHARES_RUNS
+@pytest.mark.slow(20)
 @pytest.mark.parametrize("name", SETTINGS)
 def test_each_setting_trains_within_the_margin_of_float32(curve, name):
     assert len(curve(name)) == STEPS
@@ -223,6 +225,8 @@ def test_each_setting_trains_within_the_margin_of_float32(curve, name):
     assert ok, f"{name}: {share:.2%} of the float32 drop"
 
 
+@SHARES_RUNS
+@pytest.mark.slow(8)
 def test_plain_bfloat16_weights_miss_the_margin(curve):
     """The negative control: the test above can fail (today's train_dtype = 'bfloat16')."""
     ok, share = within_margin(curve("bfloat16 weights"), curve("float32"))
@@ -232,6 +236,8 @@ def test_plain_bfloat16_weights_miss_the_margin(curve):
 # Two of the four settings, to keep the suite's time: the 8-bit moments and stochastic rounding
 # of the last one cover the two mechanisms that differ across shards (blocks, random bits); the
 # first takes the other code path (torchao's AdamW with bfloat16 moment buffers).
+@SHARES_RUNS
+@pytest.mark.slow(45)
 @pytest.mark.parametrize("name", ["bfloat16 moments",
                                   "bfloat16 weights, stochastic rounding, 8-bit moments"])  # fmt: skip
 def test_two_gloo_ranks_train_like_one_process(curve, name):
@@ -255,6 +261,8 @@ def test_two_gloo_ranks_train_like_one_process(curve, name):
 # ---- Resume --------------------------------------------------------------------------------------
 
 
+@SHARES_RUNS
+@pytest.mark.slow(25)
 @pytest.mark.parametrize(
     ("name", "nproc"),
     [("bfloat16 moments", 1), ("bfloat16 weights, stochastic rounding, 8-bit moments", 2)],

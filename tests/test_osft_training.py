@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from mt_osft import residual_bound
 
-# one worker runs this file (pytest-xdist): its tests share the 6-step run
-pytestmark = pytest.mark.xdist_group("osft_training")
+# the tests of the 6-step run and of the one step go to one worker (pytest-xdist): they share them
+SHARES_RUNS = pytest.mark.xdist_group("osft_training")
 
 RATIO = 0.5
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -86,6 +86,8 @@ def assert_in_the_trainable_subspace(original: dict, trained: dict, moved_at_lea
     assert checked == 2 * len(TARGETS)
 
 
+@SHARES_RUNS
+@pytest.mark.slow(30)
 def test_osft_keeps_the_frozen_subspace_and_two_ranks_agree(workspace, equivalence, runs,
                                                             llama_folder):  # fmt: skip
     original = load_file(llama_folder / "model.safetensors")
@@ -115,6 +117,8 @@ def same_step_on_two_ranks(workspace, equivalence, runs, original, *extra: str) 
         assert difference <= atol.norm() + rounding, name
 
 
+@SHARES_RUNS
+@pytest.mark.slow(15)
 def test_osft_under_sequence_parallelism_agrees_with_one_process(workspace, equivalence, runs,
                                                                  llama_folder):  # fmt: skip
     """The same step with the two ranks as one sequence-parallel group (rows of 2 x 48 tokens,
@@ -123,6 +127,8 @@ def test_osft_under_sequence_parallelism_agrees_with_one_process(workspace, equi
     same_step_on_two_ranks(workspace, equivalence, runs, original, "--sequence_parallel_size=2")
 
 
+@SHARES_RUNS
+@pytest.mark.slow(15)
 def test_a_resumed_osft_run_equals_the_uninterrupted_one(workspace, killer_source, runs):
     reference = workspace / "one"
     if not (reference / "metrics.jsonl").is_file():

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-# one worker runs this file (pytest-xdist): its tests share the reference and killed runs
-pytestmark = pytest.mark.xdist_group("resume")
+# the tests of the reference and killed runs go to one worker (pytest-xdist): they share them
+SHARES_RUNS = pytest.mark.xdist_group("resume")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,8 @@ def killed(workspace, launch) -> Callable[[int], Path]:
     return get
 
 
+@SHARES_RUNS
+@pytest.mark.slow(35)
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(reference, killed, launch, nproc,
                                                              tmp_path):  # fmt: skip
@@ -116,6 +118,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(reference, killed, 
         assert [s[key] for s in got] == [s[key] for s in want], key  # bitwise on CPU float32
 
 
+@SHARES_RUNS
+@pytest.mark.slow(20)
 def test_checkpoints_reshard_between_rank_counts(reference, killed, launch, equivalence, runs,
                                                  workspace, llama_folder, tmp_path):  # fmt: skip
     params = sum(p.numel() for p in load_file(llama_folder / "model.safetensors").values())
@@ -138,6 +142,7 @@ def test_checkpoints_reshard_between_rank_counts(reference, killed, launch, equi
             assert b["loss"] == pytest.approx(a["loss"], rel=rtol), a["step"]
 
 
+@pytest.mark.slow(10)
 def test_sigterm_under_torchrun_checkpoints_and_resumes(workspace, runs):
     out = workspace / "sigterm"
     command = [str(runs.BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python",
@@ -185,6 +190,7 @@ def signal_after_two_steps(
     return process, stdout, stderr
 
 
+@pytest.mark.slow(10)
 def test_sigint_in_one_process_exits_0_with_a_checkpoint(workspace, runs):
     out = workspace / "sigint"
     process, stdout, stderr = signal_after_two_steps(runs, workspace, out, signal.SIGINT)
@@ -193,6 +199,7 @@ def test_sigint_in_one_process_exits_0_with_a_checkpoint(workspace, runs):
     assert any(p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
 
 
+@SHARES_RUNS
 def test_a_half_written_checkpoint_is_never_resumed(reference, tmp_path):
     from mt_fsdp import latest_checkpoint
 
@@ -283,6 +290,7 @@ def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in load_file(export / "model.safetensors").values())
 
 
+@pytest.mark.slow(10)
 def test_mini_trainer_on_demand_keys_checkpoint_on_sigusr1_and_resume(workspace, runs, capsys):
     out = workspace / "on_demand"
     process, stdout, stderr = signal_after_two_steps(

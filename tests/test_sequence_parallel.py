@@ -59,6 +59,7 @@ def qwen2_folder(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.slow(15)
 def test_two_ranks_holding_parts_of_each_row_equal_one_process(family, keys, tmp_path, runs):
     """The same rows (one group of 2 x 32 tokens packs as one process of 64 does), each split over
     two ranks: the loss, gradient norm and every updated weight equal the one-process step's
@@ -103,6 +104,7 @@ def test_attention_across_the_part_boundary_is_what_the_comparison_checks(keys, 
     assert worst > 100
 
 
+@pytest.mark.slow(15)
 def test_a_sequence_parallel_checkpoint_resumes_on_one_process(keys, tmp_path, runs, llama_folder,
                                                                equivalence):  # fmt: skip
     """Two steps on two ranks with sequence parallelism, and its step-1 checkpoint resumed by one

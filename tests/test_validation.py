@@ -58,6 +58,7 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
     assert sorted(train.indices.tolist() + held_out.indices.tolist()) == list(range(30))
 
 
+@pytest.mark.slow(20)
 def test_validation_loss_is_the_same_on_one_and_two_ranks(run_file, tmp_path, equivalence, runs,
                                                           llama_folder):  # fmt: skip
     _, one = runs.train_here(tmp_path / "one", run_file)

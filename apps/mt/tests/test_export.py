@@ -46,6 +46,7 @@ def trained(run) -> Path:
     return out
 
 
+@pytest.mark.slow(20)
 def test_torchrun_with_two_processes_logs_each_step_once(run, trained):
     lines = (trained / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # rank 0 writes, alone

@@ -10,6 +10,11 @@ import pytest
 VOCAB = 64
 
 
+def pytest_configure(config):
+    """The workspace's pyproject.toml declares the ``slow`` mark; this package's tests alone too."""
+    config.addinivalue_line("markers", "slow(seconds): about how long the test takes")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, object]:
     """A random-init Llama of a few thousand parameters and 12 SFT samples of 4 to 19 tokens; the

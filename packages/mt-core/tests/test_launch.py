@@ -38,6 +38,7 @@ def losses(output_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if '"step"' in line]
 
 
+@pytest.mark.slow(30)
 def test_two_processes_equal_the_mt_command(tiny, tmp_path, one_thread):
     if not (BIN / "mt").is_file():
         pytest.skip("the mt command (apps/mt) is not installed next to this Python")
@@ -60,6 +61,7 @@ def test_two_processes_equal_the_mt_command(tiny, tmp_path, one_thread):
     assert "step 1 " in log and "step 2 " in log, log[-2000:]
 
 
+@pytest.mark.slow(15)
 def test_a_failing_run_raises_with_its_cause(tiny, tmp_path, one_thread):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
@@ -144,6 +146,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 
 
 @needs_proc
+@pytest.mark.slow(20)
 def test_ctrl_c_leaves_no_process_of_the_run(tiny, tmp_path, one_thread):
     output_dir = tmp_path / f"endless-{os.getpid()}"
     keys = {**tiny, "training_mode": "infinite", "max_steps": 0}
