@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from mt_core.memory import QUANT_BLOCK, STATE_BYTES
+from mt_core.memory import STATE_BYTES, quant_block
 from mt_core.optim import build_optimizer
 
 # the tests of the training runs go to one worker (pytest-xdist): they share the runs of `trained`
@@ -30,6 +30,16 @@ SETTINGS = {  # run-file keys of each choice besides float32 AdamW
         train_dtype="bfloat16", stochastic_rounding=True, optimizer_state_dtype="8bit"
     ),
 }
+
+
+def example_matrices() -> list[tuple[int, int]]:
+    """The shapes of the tiny example's matrices: embeddings and LM head, q/o, k/v, gate/up, down."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(EXAMPLE / "model")
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    return [(v, h), (h, h), (kv, h), (i, h), (h, i)]
 
 
 def one_step(master: torch.dtype, **choices) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -87,6 +97,36 @@ def test_the_moments_are_stored_as_chosen_in_the_bytes_the_memory_model_counts(
     bound = (0.9 / 64 / 2 * want.abs().max()) if stored is None else 2**-8 * want.abs()
     if master == torch.float32:  # (bfloat16 weights make other gradients)
         assert ((got - want).abs() <= bound + 4 * U32 * want.abs()).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [
+        ((64, 256), 256),  # rows a multiple of 256 (every matrix of the Llama family)
+        ((14336, 4096), 256),
+        ((64, 128), 128),  # the tiny example's hidden size: half-row blocks would straddle
+        ((100, 2880), 64),  # GPT-OSS's hidden size: 2880 = 45 x 64
+        ((4096,), None),  # a norm: shards of a 1-D tensor end anywhere
+        ((8, 256), None),  # 2,048 values: too small to be worth it
+        ((64, 4097), None),  # no power-of-two factor of 32 or more in the row
+    ],
+)
+def test_8bit_blocks_follow_whole_rows(shape, block):
+    """The block depends on the whole shape only and divides a row: FSDP2's shards (whole rows
+    on any rank count, uneven ones included) never cut a block, so a checkpoint's moments load
+    on any rank count, and each rank stores exactly those blocks (codes and scales)."""
+    assert quant_block(shape) == block
+    if block is None:
+        return
+    row = math.prod(shape[1:])
+    for world in (1, 2, 3, 5, 8):  # torch.chunk's cuts, as FSDP2 makes them
+        rows = [len(chunk) for chunk in torch.empty(shape[0], 0).chunk(world)]
+        assert all(r * row % block == 0 for r in rows) and sum(rows) == shape[0]
+    weight = nn.Parameter(torch.zeros(shape))
+    optimizer = build_optimizer(nn.ParameterList([weight]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                                weight_decay=0.0, state_dtype="8bit")  # fmt: skip
+    moment = optimizer._new_buffer(weight, signed=True)  # what the first step stores
+    assert moment.block_size == block and moment.scale.numel() == math.prod(shape) // block
 
 
 def test_torchao_alone_would_keep_float32_moments_for_float32_weights():
@@ -245,15 +285,10 @@ def test_two_gloo_ranks_train_like_one_process(curve, name):
     differences of γ_n), draw other random bits for stochastic rounding, and may round a
     stored moment to the neighbouring code where the two float32 values straddle a rounding
     boundary. None of this is bit for bit; each is within the margin above. The 8-bit blocks are
-    the same on both: every matrix of the example splits on 2 ranks at a multiple of 256
-    values (asserted below), so no block straddles two shards."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(EXAMPLE / "model")
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * config.head_dim
-    for rows, columns in ((v, h), (h, h), (kv, h), (i, h), (h, i)):
-        assert (math.ceil(rows / 2) * columns) % QUANT_BLOCK == 0
+    the same on both (quant_block: whole rows of the matrix), and every matrix of the example
+    has 8-bit moments (asserted below), so the comparison covers all of them."""
+    for shape in example_matrices():
+        assert quant_block(shape) is not None, shape
     ok, share = within_margin(curve(name, nproc=2), curve(name))
     assert ok, f"{name}: 2 ranks differ from 1 by {share:.2%} of the drop"
 
@@ -290,3 +325,24 @@ def test_each_setting_resumes_bit_for_bit(trained, runs, tmp_path, capsys, name,
         assert [s[key] for s in again] == [s[key] for s in want], key
     checkpoint = resumed / "checkpoints" / f"step_{CHECKPOINT_AT}"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == CHECKPOINT_AT
+
+
+@SHARES_RUNS
+@pytest.mark.slow(30)
+def test_an_8bit_checkpoint_resumes_on_another_rank_count(trained, curve, runs, tmp_path):
+    """The 2-rank run's checkpoint of step 27 resumes on 3 ranks, whose shards of the
+    example's 64-row matrices (22, 22 and 20 rows) cut the 2-rank shards mid-way: its 8-bit
+    moments load (block by block: quant_block makes the same blocks on every rank count), and
+    steps 28-30 continue the curve within the margin that holds between 2 ranks and 1 process
+    (other summation orders, other random bits for stochastic rounding)."""
+    name = "bfloat16 weights, stochastic rounding, 8-bit moments"
+    whole = trained(name, 2)
+    resumed = shutil.copytree(whole, tmp_path / "resumed")
+    run = runs.write_run(tmp_path / "run.toml", **example_keys(**SETTINGS[name]),
+                         output_dir=str(resumed))  # fmt: skip
+    said = runs.launch("run", str(run), nproc=3).stdout
+    assert f"(step {CHECKPOINT_AT})" in said and "resumed from" in said, said[-2000:]
+    again = runs.metrics(resumed)
+    assert [s["step"] for s in again] == list(range(1, STEPS + 1))
+    ok, share = within_margin([s["loss"] for s in again], curve(name, 2))
+    assert ok, f"3 ranks after 2 differ by {share:.2%} of the drop"

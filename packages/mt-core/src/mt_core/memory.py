@@ -12,9 +12,10 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
 
 * weights m·P/W, gradients m·P_g/W, AdamW state 2·s·P_g/W (FSDP2 shards all three), s the
   bytes of one moment value (optimizer_state_dtype; m when not set): 4 for float32, 2 for
-  bfloat16, 1 + 4/256 for 8-bit moments (a byte a value and a float32 scale per block of 256;
-  the few tensors torchao leaves unquantized, shards under 4096 values such as norms, are
-  counted as quantized too: well under 0.1% of a model worth quantizing); with the
+  bfloat16, 1 + 4/256 for 8-bit moments (a byte a value and a float32 scale per block of 256,
+  :func:`quant_block`; the few tensors left unquantized, such as norms and biases, and the
+  smaller blocks of rows that are not a multiple of 256 values are counted as if quantized in
+  blocks of 256: well under 0.1% of a model worth quantizing); with the
   gradient sync deferred to a step's last minibatch on several GPUs, 4·P_g more: the unsharded
   float32 gradients accumulated until then;
 * compute copies: the bf16 root group (embeddings, final norm, LM head) gathered for the whole step,
@@ -53,8 +54,31 @@ GIB = 2**30
 COMPUTE_BYTES = 2  # bf16 forward/backward on a GPU (FSDP2 mixed precision)
 MASTER_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANT_BLOCK = 256  # values sharing one float32 scale in 8-bit moments (mt_core.optim_torchao)
+QUANT_MIN_VALUES = 4096  # smaller tensors keep plain moments (bitsandbytes' rule, as torchao's)
+QUANT_MIN_BLOCK = 32  # rows of a length with no larger power-of-two factor: plain moments
 # bytes of one moment value by optimizer_state_dtype (not set: MASTER_BYTES of train_dtype)
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "8bit": 1 + 4 / QUANT_BLOCK}
+
+
+def quant_block(shape: tuple[int, ...]) -> int | None:
+    """How many values of a parameter of this (whole, unsharded) shape share one scale in its
+    8-bit moments, or None: plain moments.
+
+    FSDP2 cuts a parameter between rows (dim 0), so a shard starts and ends at a multiple of the
+    row length prod(shape[1:]) on any number of ranks. Blocks that divide the row therefore never
+    straddle two shards, and every rank count makes the same blocks: a checkpoint reshards to
+    another rank count (DCP cuts the saved moments along rows), and the moments of a shard are
+    those of the same rows trained in one process. The block is the largest power of two up to
+    :data:`QUANT_BLOCK` that divides the row; the choice depends on the whole shape only, never
+    on a rank's shard, so that all rank counts choose alike (torchao's own rule looks at the
+    shard). One-dimensional tensors (norms, biases) keep plain moments: their shards end anywhere.
+    """
+    if len(shape) < 2 or math.prod(shape) < QUANT_MIN_VALUES:
+        return None
+    block = math.gcd(math.prod(shape[1:]), QUANT_BLOCK)
+    return block if block >= QUANT_MIN_BLOCK else None
+
+
 RESERVED_GIB = 1.5  # CUDA context, NCCL and cuBLAS workspaces: outside torch's allocator
 FIT_FRACTION = 0.92  # of the rest: the allocator's fragmentation needs some room
 

@@ -3,8 +3,8 @@ torchao's optimizers (the torchao extra). Imported only when a run chooses one o
 
 torchao's step runs each parameter through one ``torch.compile``-d function that computes in
 float32 (whatever the weights' and moments' dtypes) and works on FSDP2's DTensor shards, each
-rank on its own; its 8-bit moments are a tensor subclass that DCP saves, and reshards where
-the new shards split at block boundaries.
+rank on its own; its 8-bit moments are a tensor subclass that DCP saves and, with the blocks of
+:func:`mt_core.memory.quant_block`, reshards to any rank count.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 import torch._functorch.config as functorch_config
 import torchao.optim as ao
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torchao.optim.subclass_8bit import OptimState8bit
 
-from mt_core.memory import QUANT_BLOCK
+from mt_core.memory import QUANT_BLOCK, quant_block
 
 __all__ = ["AdamW", "AdamW8bit"]
 
@@ -88,16 +89,29 @@ class AdamW(_Step, ao._AdamW):
 
 class AdamW8bit(_Step, ao.AdamW8bit):
     """torchao's 8-bit AdamW: each moment stored as one byte a value (a code of a dynamic
-    quantization map) and one float32 scale per block of :data:`QUANT_BLOCK` values of a
-    rank's shard; shards of fewer than 4096 values, or of a count not a multiple of the block,
-    keep the weights' dtype."""
+    quantization map) and one float32 scale per block of values, the blocks chosen from the
+    parameter's whole shape (:func:`~mt_core.memory.quant_block`: :data:`QUANT_BLOCK` values,
+    fewer where a row is not a multiple of it) so that they are the same on any rank count;
+    1-D and small tensors keep the weights' dtype."""
 
     def __init__(self, params: Iterable[Tensor], **kwargs: Any):
         super().__init__(params, block_size=QUANT_BLOCK, **kwargs)
 
-    @staticmethod
-    def _subclass_zeros(p: Tensor, signed: bool, block_size: int) -> Tensor:
-        # A float32 appearance whatever the weights' dtype: the view that wraps a shard in a
-        # DTensor drops it (to float32), and with bfloat16 weights the two then disagree and
-        # torch.compile refuses the step.
-        return OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=torch.float32)
+    def _new_buffer(self, p: Tensor, signed: bool) -> Tensor:
+        # torchao decides from the rank's shard (>= 4096 values, a multiple of its one block):
+        # on another rank count the same parameter could get plain moments, or blocks that
+        # straddle the new shards, and its checkpoint would not load there
+        local = p.to_local() if isinstance(p, DTensor) else p
+        block = quant_block(tuple(p.shape))
+        if block is None or local.numel() == 0:
+            out = torch.zeros_like(local)
+        else:
+            # a float32 appearance whatever the weights' dtype: the view that wraps a shard in
+            # a DTensor drops it (to float32), and with bfloat16 weights the two then disagree
+            # and torch.compile refuses the step
+            out = OptimState8bit.zeros(local.shape, signed, block, local.device,
+                                       dtype=torch.float32)  # fmt: skip
+        if isinstance(p, DTensor):  # shards may differ in size: the whole shape is given
+            out = DTensor.from_local(out, p.device_mesh, p.placements, run_check=False,
+                                     shape=p.shape, stride=p.stride())  # fmt: skip
+        return out.to(p.device)  # from_local moves it to the mesh's device (cpu_offload: back)
