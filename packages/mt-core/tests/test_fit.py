@@ -294,10 +294,10 @@ def test_cpu_offload_is_chosen_only_where_nothing_else_fits(tmp_path, shape):
     ) in fit.summary
     # the host must hold all of it: one byte less available and it stays off
     short = fit_to_gpu(_args(tmp_path, **no_room), capacity_bytes=H100,
-                       host_available=memory.host - 1, compiled=True, **choose)  # fmt: skip
+                       host_bytes=memory.host - 1, compiled=True, **choose)  # fmt: skip
     assert not short.cpu_offload and estimate(shape, short.applied(run)).peak > usable
     exact = fit_to_gpu(_args(tmp_path, **no_room), capacity_bytes=H100,
-                       host_available=memory.host, compiled=True, **choose)  # fmt: skip
+                       host_bytes=memory.host, compiled=True, **choose)  # fmt: skip
     assert exact.cpu_offload
     # activation offload, the cheaper lever, is taken first where it makes the run fit
     first = fit_to_gpu(_args(tmp_path, **unset), capacity_bytes=H100, compiled=True, **choose)

@@ -52,16 +52,23 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Of a host's memory, the share that what its GPU processes offload may take (pinned, so never
-# swapped out): the rest is for the processes themselves, the memory-mapped data, the page cache.
+# Of a host's memory, the share that the fit may fill on its own with what it offloads (pinned,
+# so never swapped out): the rest is for the processes themselves, the memory-mapped data, the
+# page cache. What a run file asks for is refused only where it cannot fit at all
+# (host_memory_problem).
 HOST_SHARE = 0.5
 
 
 def host_room_bytes() -> float:
-    """The host memory one GPU process of this machine may fill with what it offloads:
-    :data:`HOST_SHARE` of the machine's memory, shared by torchrun's processes on it."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return HOST_SHARE * total / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    """The host memory one GPU process of this machine may fill with what the fit chooses to
+    offload (activations, or with cpu_offload its shard of weights, gradients and optimizer
+    state): :data:`HOST_SHARE` of the machine's memory, and no more than is available now
+    (MemAvailable), shared by torchrun's processes on it."""
+    room = HOST_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = available_host_bytes()
+    if available is not None:
+        room = min(room, available)
+    return room / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 @dataclass(frozen=True)
@@ -91,24 +98,22 @@ def _set_budget(budget: float | None, compiled: bool, checkpointing: bool) -> fl
 def choose_fit(
     shape: ModelShape, run: Settings, usable: float, *, compiled: bool, budget: float | None,
     may_offload: bool = False, host_room: float = math.inf, may_cpu_offload: bool = False,
-    host_available: float = math.inf,
 ) -> Fit:  # fmt: skip
     """The fit of ``run`` on a GPU that may allocate ``usable`` bytes; ``budget`` is the run
     file's activation_memory_budget (None: the largest that fits). On one GPU the blocks stay
     gathered between forward and backward where that fits with every activation kept: FSDP then
     casts each block's weights once a minibatch instead of twice (1B, 16k and 32k rows: +1.6%).
     With ``may_offload`` (the run file leaves activation_offload unset) activation offload is
-    turned on where the run fits with it and not without, and what it then keeps in host memory
-    is within ``host_room`` bytes. With ``may_cpu_offload`` (cpu_offload unset), a run that fits
-    neither way is fitted again with cpu_offload, the slowest lever (its optimizer step runs on
-    the CPU), taken where the GPU then holds it and all the process keeps in host memory is
-    within ``host_available`` bytes."""
+    turned on where the run fits with it and not without. With ``may_cpu_offload`` (cpu_offload
+    unset), a run that fits neither way is fitted again with cpu_offload, the slowest lever (its
+    optimizer step runs on the CPU), taken where the GPU then holds it. Either is taken only where
+    all the process then keeps in host memory is within ``host_room`` bytes."""
     fit = _fit_gpu(shape, run, usable, compiled, budget, may_offload, host_room)
     if may_cpu_offload and not run.cpu_offload and estimate(shape, fit.applied(run)).peak > usable:
         offloaded = replace(run, cpu_offload=True)
         chosen = _fit_gpu(shape, offloaded, usable, compiled, budget, may_offload, host_room)
         memory = estimate(shape, chosen.applied(offloaded))
-        if memory.peak <= usable and memory.host <= host_available:
+        if memory.peak <= usable and memory.host <= host_room:
             return chosen
     return fit
 
@@ -185,7 +190,6 @@ def fit_to_gpu(
     *,
     capacity_bytes: float | None,
     host_bytes: float = math.inf,
-    host_available: float = math.inf,
     world_size: int,
     compiled: bool,
     liger: bool,
@@ -193,8 +197,7 @@ def fit_to_gpu(
 ) -> Fit:
     """The trainer's fit, by the estimate of ``mt check`` for a GPU of ``capacity_bytes`` (None:
     not a GPU; then only a budget set in the run file applies) whose process may keep up to
-    ``host_bytes`` of offloaded activations in host memory, and up to ``host_available`` in all
-    when the fit turns cpu_offload on."""
+    ``host_bytes`` in host memory where the fit turns an offload on (:func:`host_room_bytes`)."""
     budget = args.activation_memory_budget
     if capacity_bytes is None:  # host memory is not the limit the estimate is made for
         kept = _set_budget(budget, compiled, args.activation_checkpointing)
@@ -216,7 +219,7 @@ def fit_to_gpu(
     fit = choose_fit(
         shape, run, usable, compiled=compiled, budget=budget,
         may_offload=args.activation_offload is None, host_room=host_bytes,
-        may_cpu_offload=args.cpu_offload is None, host_available=host_available,
+        may_cpu_offload=args.cpu_offload is None,
     )  # fmt: skip
     memory = estimate(shape, fit.applied(run))
     peak = memory.peak

@@ -16,7 +16,9 @@ import torch
 import torch._functorch.config as functorch_config
 import torchao.optim as ao
 from torch import Tensor
+from torch._dynamo.utils import disable_cache_limit
 from torch.distributed.tensor import DTensor
+from torchao.optim.adam import single_param_adam
 from torchao.optim.subclass_8bit import OptimState8bit
 
 from mt_core.memory import QUANT_BLOCK, quant_block
@@ -27,14 +29,20 @@ __all__ = ["AdamW", "AdamW8bit"]
 class _Step:
     """What mt changes in torchao's step, for every choice.
 
-    torchao keeps each group's lr as a tensor so that its compiled step does not recompile
-    whenever the schedule moves it; mt's schedule, metrics and JSON checkpoints expect the float
-    that torch's optimizers keep. Here lr is that float except during :meth:`step`.
+    The step is mt's own loop around torchao's compiled per-parameter update
+    (``single_param_adam``), for two reasons. It hands the update each rank's local shard, not
+    FSDP2's DTensor: the arithmetic is elementwise, so nothing changes but what the compiler
+    sees, and a DTensor brings its device mesh into the graph's inputs, whose cache key then
+    differs in every process: each process compiled every parameter shape afresh (about 2.5 s of
+    CPU a graph), where local tensors are found in PyTorch's on-disk FX graph cache. And lr stays
+    the float that torch's optimizers keep (mt's schedule, metrics and JSON checkpoints expect
+    it); torchao keeps it as a tensor so that its step does not recompile when the schedule
+    moves it, which the tensor made here for each step does as well.
 
     The compiled step is not looked up in PyTorch's on-disk AOTAutograd cache: its key does not
     tell torchao's 8-bit state subclass from a plain tensor of the same shape, so a process could
     load another's step for the other kind of moments (seen: an AttributeError on resume, and a
-    segmentation fault). Each process compiles its own (seconds, once per parameter shape).
+    segmentation fault).
     """
 
     param_groups: list[dict[str, Any]]
@@ -63,15 +71,41 @@ class _Step:
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        floats = [group["lr"] for group in self.param_groups]
-        for group in self.param_groups:
-            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32)
-        try:
-            with functorch_config.patch(enable_autograd_cache=False):
-                return super().step(closure)  # type: ignore[misc]
-        finally:
-            for group, lr in zip(self.param_groups, floats, strict=True):
-                group["lr"] = lr
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+        # one graph per parameter shape and moment kind, a fixed number: no cache limit needed
+        with disable_cache_limit(), functorch_config.patch(enable_autograd_cache=False):
+            for group in self.param_groups:
+                lr = torch.tensor(group["lr"], dtype=torch.float32)
+                beta1, beta2 = group["betas"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = self._new_buffer(p, True)  # type: ignore[attr-defined]
+                        state["exp_avg_sq"] = self._new_buffer(p, False)  # type: ignore[attr-defined]
+                        if group["amsgrad"]:
+                            state["max_exp_avg_sq"] = self._new_buffer(p, False)  # type: ignore[attr-defined]
+                    state["step"] += 1
+                    maximum = state.get("max_exp_avg_sq")
+                    update(
+                        _local(p.detach()), _local(p.grad), state["step"],
+                        _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                        None if maximum is None else _local(maximum), lr, beta1, beta2,
+                        group["weight_decay"], group["eps"], self.is_adamw,  # type: ignore[attr-defined]
+                        self.bf16_stochastic_round and p.dtype is torch.bfloat16,  # type: ignore[attr-defined]
+                    )  # fmt: skip
+        return loss
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A rank's shard of an FSDP2 DTensor (its storage: updates in place reach the DTensor)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class AdamW(_Step, ao._AdamW):

@@ -150,7 +150,6 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     available = available_host_bytes()
     fit = fit_to_gpu(
         args, config, capacity_bytes=capacity, host_bytes=host_room_bytes(),
-        host_available=math.inf if available is None else available / local_processes,
         world_size=ctx.world_size, compiled=compile_blocks, liger=use_liger,
         lengths=data.train.lengths,
     )  # fmt: skip
