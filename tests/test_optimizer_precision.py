@@ -273,9 +273,10 @@ def test_plain_bfloat16_weights_miss_the_margin(curve):
     assert not ok, f"{share:.2%}"
 
 
-# Two of the four settings, to keep the suite's time: the 8-bit moments and stochastic rounding
-# of the last one cover the two mechanisms that differ across shards (blocks, random bits); the
-# first takes the other code path (torchao's AdamW with bfloat16 moment buffers).
+# Two of the four settings over the whole run (the other two over 10 steps below, to keep the
+# suite's time): the 8-bit moments and stochastic rounding of the last one cover the two
+# mechanisms that differ across shards (blocks, random bits); the first takes the other code
+# path (torchao's AdamW with bfloat16 moment buffers).
 @SHARES_RUNS
 @pytest.mark.slow(45)
 @pytest.mark.parametrize("name", ["bfloat16 moments",
@@ -291,6 +292,26 @@ def test_two_gloo_ranks_train_like_one_process(curve, name):
         assert quant_block(shape) is not None, shape
     ok, share = within_margin(curve(name, nproc=2), curve(name))
     assert ok, f"{name}: 2 ranks differ from 1 by {share:.2%} of the drop"
+
+
+@SHARES_RUNS
+@pytest.mark.slow(25)
+@pytest.mark.parametrize("name", ["8-bit moments", "bfloat16 weights, stochastic rounding"])
+def test_the_other_settings_train_alike_on_two_ranks(curve, runs, tmp_path, name):
+    """The two settings the test above leaves out, over their first 10 steps (the suite's
+    time): two gloo ranks stay within the same margin of one process, the same share of the
+    one-process run's whole drop."""
+    keys = {**example_keys(**SETTINGS[name]), "max_steps": 10}
+    run = runs.write_run(tmp_path / "run.toml", **keys, output_dir=str(tmp_path / "out"))
+    runs.launch("run", str(run), nproc=2)
+    two = [line["loss"] for line in runs.metrics(tmp_path / "out")]
+    one = curve(name)
+    drop = one[0] - min(one)
+    assert len(two) == 10 and drop > 0.2, (two, drop)
+    worst = max(abs(a - b) for a, b in zip(two, one[:10], strict=True))
+    assert worst <= MARGIN * drop, (
+        f"{name}: 2 ranks differ from 1 by {worst / drop:.2%} of the drop"
+    )
 
 
 # ---- Resume --------------------------------------------------------------------------------------
@@ -334,15 +355,25 @@ def test_an_8bit_checkpoint_resumes_on_another_rank_count(trained, curve, runs, 
     example's 64-row matrices (22, 22 and 20 rows) cut the 2-rank shards mid-way: its 8-bit
     moments load (block by block: quant_block makes the same blocks on every rank count), and
     steps 28-30 continue the curve within the margin that holds between 2 ranks and 1 process
-    (other summation orders, other random bits for stochastic rounding)."""
+    (other summation orders, other random bits for stochastic rounding). At the end the run
+    exports the model to HF as any run does: it loads, in the example's names and shapes."""
+    from transformers import AutoModelForCausalLM
+
     name = "bfloat16 weights, stochastic rounding, 8-bit moments"
     whole = trained(name, 2)
     resumed = shutil.copytree(whole, tmp_path / "resumed")
-    run = runs.write_run(tmp_path / "run.toml", **example_keys(**SETTINGS[name]),
-                         output_dir=str(resumed))  # fmt: skip
+    keys = dict(example_keys(**SETTINGS[name]), save_final_checkpoint=True)
+    run = runs.write_run(tmp_path / "run.toml", **keys, output_dir=str(resumed))
     said = runs.launch("run", str(run), nproc=3).stdout
     assert f"(step {CHECKPOINT_AT})" in said and "resumed from" in said, said[-2000:]
     again = runs.metrics(resumed)
     assert [s["step"] for s in again] == list(range(1, STEPS + 1))
     ok, share = within_margin([s["loss"] for s in again], curve(name, 2))
     assert ok, f"3 ranks after 2 differ by {share:.2%} of the drop"
+    initial = AutoModelForCausalLM.from_pretrained(EXAMPLE / "model").state_dict()
+    exported = runs.exported_weights(resumed)
+    assert {k: v.shape for k, v in exported.items()} == {
+        k: v.shape for k, v in initial.items() if k in exported
+    } and len(exported) >= len(initial) - 1  # (an LM head tied to the embeddings: stored once)
+    assert all(torch.isfinite(v).all() for v in exported.values())
+    assert not torch.equal(exported["model.norm.weight"].float(), initial["model.norm.weight"])

@@ -164,6 +164,9 @@ def run_mt(spec: dict) -> dict:
         keys["pretraining"] = {"block_size": MAX_LEN, "segment_documents": False}
     os.environ["MT_BENCH_STAMPS"] = str(out / "stamps.json")
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    if spec.get("gpu_memory_gib"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(spec["gpu_memory_gib"] * 2**30 / total)
     if spec.get("profile"):
         from torch.profiler import ProfilerActivity, profile
         from trace_summary import summarise
@@ -352,7 +355,9 @@ def main() -> int:
         help="more mt contestants (JSON: name -> keys), e.g. "
         '\'{"mt 32k bf16": {"max_tokens_per_gpu": 32768, '
         '"train_dtype": "bfloat16"}}\'; an "env" key holds environment variables for that '
-        "contestant's process; experiment keys: see experiments.py",
+        'contestant\'s process, a "gpu_memory_gib" key caps what its process may allocate on '
+        "the GPU (as on a smaller one: the caching allocator gives back its cache and retries "
+        "before it fails); experiment keys: see experiments.py",
     )
     parser.add_argument(
         "--mini-trainer",
@@ -401,7 +406,8 @@ def main() -> int:
     wanted = set(options.only.split(",")) if options.only else None
     runs = contestants(options.quick)
     extra = json.loads(options.extra) if options.extra else {}
-    runs += [{"name": name, "kind": "mt", "env": keys.pop("env", {}), "keys": keys}
+    runs += [{"name": name, "kind": "mt", "env": keys.pop("env", {}),
+              "gpu_memory_gib": keys.pop("gpu_memory_gib", None), "keys": keys}
              for name, keys in extra.items()]  # fmt: skip
     rivals = json.loads(options.mini_trainer) if options.mini_trainer else {}
     runs += [

@@ -447,9 +447,10 @@ class TrainingArgs:
     )
     optimizer_state_dtype: str | None = field(
         "Precision of AdamW's two moments: 'float32' (8 bytes a parameter), 'bfloat16' (4), or "
-        "'8bit' (about 2: blockwise-quantized as in 8-bit Adam, each block of 256 values with "
-        "one float32 scale; a tensor whose shard on a GPU has fewer than 4096 values, or a "
-        "count not a multiple of 256, keeps train_dtype's). Not set = train_dtype's, with "
+        "'8bit' (about 2: blockwise-quantized as in 8-bit Adam, each block of 256 values of a "
+        "matrix's rows with one float32 scale, fewer where a row is not a multiple of 256, the "
+        "same blocks on any number of GPUs; 1-D tensors and tensors of fewer than 4096 values "
+        "keep train_dtype's). Not set = train_dtype's, with "
         "PyTorch's (fused) AdamW; any other choice uses torchao's AdamW, which computes each "
         "step in float32 and stores the moments in this precision (the torchao extra: pip "
         "install 'mt-core[torchao]').",
