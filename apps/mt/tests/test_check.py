@@ -267,14 +267,21 @@ def test_check_prints_the_plan_and_exits_0(tiny_run, capsys):
     assert "AdamW: 2 x 8-bit, a float32 scale per 256, 1/2 shard" in capsys.readouterr().out
 
 
-def test_a_run_that_does_not_fit_exits_1_and_says_what_to_change(tmp_path, kit, capsys):
-    # the config of Llama-3.1-8B and no weights at all: mt check needs none
+def llama_8b(tmp_path: Path, kit) -> tuple[Path, Path]:
+    """The config of Llama-3.1-8B (no weights at all: mt check needs none) and 64 samples of
+    100 to 4,000 tokens."""
     model = tmp_path / "llama-8b"
     LlamaConfig(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256,
     ).save_pretrained(model)  # fmt: skip
-    data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
+    return model, kit.write_jsonl(
+        tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2)
+    )
+
+
+def test_a_run_that_does_not_fit_exits_1_and_says_what_to_change(tmp_path, kit, capsys):
+    model, data = llama_8b(tmp_path, kit)
     run = kit.run_toml(
         tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768, cpu_offload=False
     )
@@ -419,12 +426,7 @@ def test_without_gpu_the_plan_is_for_this_machines_gpu(tiny_run, monkeypatch):
 
 
 def test_activation_offload_is_a_lever_of_mt_check(tmp_path, kit, capsys):
-    model = tmp_path / "llama-8b"
-    LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256,
-    ).save_pretrained(model)  # fmt: skip
-    data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
+    model, data = llama_8b(tmp_path, kit)
     run = kit.run_toml(
         tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768, cpu_offload=False
     )
@@ -473,12 +475,7 @@ def test_mt_check_turns_cpu_offload_on_as_the_trainer_would(tmp_path, kit, capsy
     """The run that does not fit four A100-40s above, with cpu_offload left unset: nothing but
     cpu_offload makes it fit, so the plan is made with it on, as the trainer's fit would choose
     (its peak, the host memory it needs, and why); set false, the same run does not fit."""
-    model = tmp_path / "llama-8b"
-    LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256,
-    ).save_pretrained(model)  # fmt: skip
-    data = kit.write_jsonl(tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
+    model, data = llama_8b(tmp_path, kit)
     run = kit.run_toml(tmp_path, model, data, batch_size=32, max_tokens_per_gpu=32768)
     cli.main(["check", str(run), "--nproc_per_node=4", "--gpu=A100-40"])
     out = capsys.readouterr().out

@@ -59,16 +59,16 @@ logger = logging.getLogger(__name__)
 HOST_SHARE = 0.5
 
 
-def host_room_bytes() -> float:
+def host_room_bytes(available_bytes: float | None, local_processes: int) -> float:
     """The host memory one GPU process of this machine may fill with what the fit chooses to
     offload (activations, or with cpu_offload its shard of weights, gradients and optimizer
-    state): :data:`HOST_SHARE` of the machine's memory, and no more than is available now
-    (MemAvailable), shared by torchrun's processes on it."""
+    state): :data:`HOST_SHARE` of the machine's memory, and no more than ``available_bytes``
+    (MemAvailable, :func:`available_host_bytes`; None: unknown), shared by the node's
+    ``local_processes``."""
     room = HOST_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    available = available_host_bytes()
-    if available is not None:
-        room = min(room, available)
-    return room / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if available_bytes is not None:
+        room = min(room, available_bytes)
+    return room / local_processes
 
 
 @dataclass(frozen=True)

@@ -149,9 +149,9 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     available = available_host_bytes()
     fit = fit_to_gpu(
-        args, config, capacity_bytes=capacity, host_bytes=host_room_bytes(),
-        world_size=ctx.world_size, compiled=compile_blocks, liger=use_liger,
-        lengths=data.train.lengths,
+        args, config, capacity_bytes=capacity,
+        host_bytes=host_room_bytes(available, local_processes), world_size=ctx.world_size,
+        compiled=compile_blocks, liger=use_liger, lengths=data.train.lengths,
     )  # fmt: skip
     sync_each = syncs_every_minibatch(args, ctx.world_size, fit.cpu_offload)
     if ctx.is_main and fit.summary:
