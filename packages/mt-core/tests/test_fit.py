@@ -9,10 +9,18 @@ import pytest
 from transformers import LlamaConfig
 
 from mt_core import args_from_dict
-from mt_core.fit import Fit, choose_fit, fit_to_gpu, syncs_every_minibatch
+from mt_core.fit import (
+    Fit,
+    choose_fit,
+    fit_to_gpu,
+    gpu_room,
+    gpu_room_bytes,
+    syncs_every_minibatch,
+)
 from mt_core.memory import (
     COMPUTE_BYTES,
     GIB,
+    RESERVED_GIB,
     Settings,
     activation_bytes_per_token_layer,
     estimate,
@@ -318,3 +326,36 @@ def test_cpu_offload_is_chosen_only_where_nothing_else_fits(tmp_path, shape):
         _args(tmp_path, cpu_offload=True), capacity_bytes=None, compiled=True, **choose
     )
     assert asked.cpu_offload
+
+
+def test_the_fit_plans_for_what_the_process_may_use_of_its_gpu(tmp_path, monkeypatch):
+    """A GPU capped by torch's per-process memory fraction, or shared with another process, is
+    planned for with what this process may use of it, and the 3B run then keeps fewer
+    activations; alone and uncapped, a process plans for the whole GPU as before."""
+    import torch
+
+    context = 0.5 * GIB  # this process's CUDA context: the driver no longer counts it free
+    assert gpu_room_bytes(H100, free_bytes=H100 - context) == (H100, "")
+    # what this process's allocator holds is its own, not another process's
+    assert gpu_room_bytes(H100, free_bytes=H100 - context - 10 * GIB, own_bytes=10 * GIB) == (
+        H100, "")  # fmt: skip
+    room, why = gpu_room_bytes(H100, fraction=0.25, free_bytes=H100 - context)
+    assert (room, why) == (H100 * 0.25, "its per-process memory fraction 0.25")
+    # another process holds 20 GiB: the rest, with the context's headroom given back to
+    # usable_bytes, which takes RESERVED_GIB off again
+    other = 20 * GIB
+    room, why = gpu_room_bytes(H100, free_bytes=H100 - other - context)
+    assert room == H100 - other - context + RESERVED_GIB * GIB
+    assert why == "other processes and this one's CUDA context hold 20.5 GiB"
+    both = gpu_room_bytes(H100, fraction=0.5, free_bytes=H100 - other - context)
+    assert both == (H100 * 0.5, "its per-process memory fraction 0.5")  # the cap is lower
+    # what the trainer reads (torch.cuda, stubbed here: no GPU in the tests) is what it plans for
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (H100 - other - context, H100))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 0)
+    assert gpu_room(torch.device("cuda", 0), world_size=1) == (room, why)
+    lengths = np.full(1000, 600)
+    choose = dict(config=LLAMA_3B, world_size=1, liger=True, lengths=lengths, compiled=True)
+    whole = fit_to_gpu(_args(tmp_path), capacity_bytes=H100, **choose)
+    shared = fit_to_gpu(_args(tmp_path), capacity_bytes=room, **choose)
+    assert shared.activation_budget < whole.activation_budget == 0.51

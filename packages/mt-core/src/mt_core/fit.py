@@ -28,6 +28,7 @@ import numpy as np
 from mt_core.config import TrainingArgs
 from mt_core.memory import (
     GIB,
+    RESERVED_GIB,
     ModelShape,
     Settings,
     estimate,
@@ -36,6 +37,7 @@ from mt_core.memory import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "available_host_bytes",
     "choose_fit",
     "fit_to_gpu",
+    "gpu_room",
+    "gpu_room_bytes",
     "host_memory_problem",
     "host_room_bytes",
     "run_settings",
@@ -69,6 +73,48 @@ def host_room_bytes(available_bytes: float | None, local_processes: int) -> floa
     if available_bytes is not None:
         room = min(room, available_bytes)
     return room / local_processes
+
+
+def gpu_room_bytes(
+    total_bytes: float, *, fraction: float = 1.0, free_bytes: float | None = None,
+    own_bytes: float = 0.0,
+) -> tuple[float, str]:  # fmt: skip
+    """The GPU memory this process's fit plans for, and why it is less than the GPU's
+    ``total_bytes`` ("" where it is not): no more than its allocator may take (the per-process
+    ``fraction`` of torch.cuda.set_per_process_memory_fraction), and no more than other
+    processes leave it: the ``free_bytes`` the driver reports, what this process's allocator
+    already holds (``own_bytes``), and the headroom :func:`usable_bytes` keeps for this process's
+    own CUDA context (which the driver no longer counts as free). Alone on its GPU, a process
+    so plans for the whole GPU, as before."""
+    room, why = total_bytes, []
+    if fraction < 1:
+        room = total_bytes * fraction
+        why.append(f"its per-process memory fraction {fraction:g}")
+    if free_bytes is not None:
+        left = free_bytes + own_bytes + RESERVED_GIB * GIB
+        if left < room:
+            room = left
+            held = total_bytes - free_bytes - own_bytes
+            why.append(f"other processes and this one's CUDA context hold {_size(held)}")
+    return room, " and ".join(why)
+
+
+def gpu_room(device: torch.device, world_size: int) -> tuple[float, str]:
+    """:func:`gpu_room_bytes` of this process's CUDA ``device``, as torch and the driver report
+    it, and the smallest over the run's ``world_size`` ranks (every rank must choose the same
+    offloads); the reason is this rank's own."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    room, why = gpu_room_bytes(
+        total, fraction=torch.cuda.get_per_process_memory_fraction(device), free_bytes=free,
+        own_bytes=torch.cuda.memory_reserved(device),
+    )  # fmt: skip
+    if world_size > 1:
+        smallest = torch.tensor([room], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+        room = smallest.item()
+    return room, why
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from mt_core.fit import (
     activation_budget_scope,
     available_host_bytes,
     fit_to_gpu,
+    gpu_room,
     host_memory_problem,
     host_room_bytes,
     syncs_every_minibatch,
@@ -145,7 +146,12 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     # how the run fits the GPU: the share of activations compiled blocks keep, on one GPU
     # whether blocks stay gathered from forward to backward, whether activations, or the
     # weights, gradients and optimizer state, wait in host memory
-    capacity = torch.cuda.get_device_properties(ctx.device).total_memory if on_gpu else None
+    # (a GPU shared with other processes, or capped by torch's per-process memory fraction, is
+    # planned for with what this process may use of it)
+    capacity, smaller = gpu_room(ctx.device, ctx.world_size) if on_gpu else (None, "")
+    if smaller:
+        print(f"rank {ctx.rank}: planning for {capacity / 2**30:.1f} GiB of GPU memory: {smaller}",
+              flush=True)  # fmt: skip
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     available = available_host_bytes()
     fit = fit_to_gpu(
