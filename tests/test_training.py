@@ -213,7 +213,7 @@ def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch, ru
     by the fit; forced here on CPU): the same losses, gradient norms, validation losses and
     weights as resharding after every forward, with validation's forward-only passes between
     the optimizer steps."""
-    import mt_core.trainer as trainer
+    import mt_core.fit as fit
     from mt_core.fit import Fit
 
     tmp_path, common = setup
@@ -222,8 +222,12 @@ def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch, ru
                 max_tokens_per_gpu=32, max_steps=3, validation_split=0.25,
                 validation_frequency=1)  # fmt: skip
     _, resharded = runs.train_here(tmp_path / "resharded", **keys)
-    monkeypatch.setattr(trainer, "fit_to_gpu", lambda *args, **kwargs: Fit(keep_gathered=True))
+    fits = []  # the trainer's fit, as a GPU with room to spare would choose it
+    monkeypatch.setattr(
+        fit, "fit_to_gpu", lambda *args, **kwargs: fits.append(1) or Fit(keep_gathered=True)
+    )
     _, gathered = runs.train_here(tmp_path / "gathered", **keys)
+    assert fits == [1]
     assert len(gathered) == len(resharded) == 3
     # one rank: the gathered weights are the same numbers, run through the same kernels in the
     # same order either way, so everything is equal bit for bit

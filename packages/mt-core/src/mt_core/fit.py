@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mt_core.config import TrainingArgs
+from mt_core.config import ConfigError, TrainingArgs
 from mt_core.memory import (
     GIB,
     RESERVED_GIB,
@@ -40,11 +40,14 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
+    from mt_fsdp import DistContext
+
 __all__ = [
     "Fit",
     "activation_budget_scope",
     "available_host_bytes",
     "choose_fit",
+    "fit_this_process",
     "fit_to_gpu",
     "gpu_room",
     "gpu_room_bytes",
@@ -303,6 +306,42 @@ def fit_to_gpu(
     if said:
         said[-1] += f" (estimated peak {peak / GIB:.1f} of {usable / GIB:.1f} GiB usable)"
     return replace(fit, summary="; ".join(said))
+
+
+def fit_this_process(
+    args: TrainingArgs,
+    config: PretrainedConfig,
+    ctx: DistContext,
+    *,
+    compiled: bool,
+    liger: bool,
+    lengths: np.ndarray,
+) -> Fit:
+    """:func:`fit_to_gpu` for this process: its GPU's room (:func:`gpu_room`, said when less than
+    the whole GPU), its share of the node's host memory (:func:`host_room_bytes`); the main rank
+    prints what was chosen. A run file whose cpu_offload the node's memory cannot hold is a
+    ConfigError (:func:`host_memory_problem`)."""
+    on_gpu = ctx.device.type == "cuda"
+    capacity, smaller = gpu_room(ctx.device, ctx.world_size) if on_gpu else (None, "")
+    if smaller:
+        print(f"rank {ctx.rank}: planning for {capacity / GIB:.1f} GiB of GPU memory: {smaller}",
+              flush=True)  # fmt: skip
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    available = available_host_bytes()
+    fit = fit_to_gpu(
+        args, config, capacity_bytes=capacity,
+        host_bytes=host_room_bytes(available, local_processes), world_size=ctx.world_size,
+        compiled=compiled, liger=liger, lengths=lengths,
+    )  # fmt: skip
+    if ctx.is_main and fit.summary:
+        print(fit.summary, flush=True)
+    problem = host_memory_problem(
+        args, config, world_size=ctx.world_size, available_bytes=available,
+        local_processes=local_processes,
+    )  # fmt: skip
+    if problem is not None:
+        raise ConfigError([problem])
+    return fit
 
 
 def _size(nbytes: float) -> str:

@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -31,15 +30,7 @@ from mt_core.config import ConfigError, TrainingArgs, write_run_file
 from mt_core.data import build_data
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.families import export_model
-from mt_core.fit import (
-    activation_budget_scope,
-    available_host_bytes,
-    fit_to_gpu,
-    gpu_room,
-    host_memory_problem,
-    host_room_bytes,
-    syncs_every_minibatch,
-)
+from mt_core.fit import activation_budget_scope, fit_this_process, syncs_every_minibatch
 from mt_core.lifecycle import OutputDir, StopRequest, resume_folder, truncate_metrics
 from mt_core.loss import minibatch_loss, minibatch_tensors
 from mt_core.metrics import (
@@ -143,31 +134,13 @@ def _run(args: TrainingArgs, ctx: DistContext, output_dir: Path) -> TrainResult:
     if use_liger is None:
         use_liger = on_gpu and liger_available()
     compile_blocks = on_gpu if args.torch_compile is None else args.torch_compile
-    # how the run fits the GPU: the share of activations compiled blocks keep, on one GPU
-    # whether blocks stay gathered from forward to backward, whether activations, or the
+    # how the run fits its GPU (mt_core.fit): the share of activations compiled blocks keep, on
+    # one GPU whether blocks stay gathered from forward to backward, whether activations, or the
     # weights, gradients and optimizer state, wait in host memory
-    # (a GPU shared with other processes, or capped by torch's per-process memory fraction, is
-    # planned for with what this process may use of it)
-    capacity, smaller = gpu_room(ctx.device, ctx.world_size) if on_gpu else (None, "")
-    if smaller:
-        print(f"rank {ctx.rank}: planning for {capacity / 2**30:.1f} GiB of GPU memory: {smaller}",
-              flush=True)  # fmt: skip
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    available = available_host_bytes()
-    fit = fit_to_gpu(
-        args, config, capacity_bytes=capacity,
-        host_bytes=host_room_bytes(available, local_processes), world_size=ctx.world_size,
-        compiled=compile_blocks, liger=use_liger, lengths=data.train.lengths,
-    )  # fmt: skip
+    fit = fit_this_process(
+        args, config, ctx, compiled=compile_blocks, liger=use_liger, lengths=data.train.lengths
+    )
     sync_each = syncs_every_minibatch(args, ctx.world_size, fit.cpu_offload)
-    if ctx.is_main and fit.summary:
-        print(fit.summary, flush=True)
-    problem = host_memory_problem(
-        args, config, world_size=ctx.world_size, available_bytes=available,
-        local_processes=local_processes,
-    )  # fmt: skip
-    if problem is not None:
-        raise ConfigError([problem])
     master_dtype = TORCH_DTYPES[args.train_dtype]
     offload = ActivationOffload(ctx.device) if fit.activation_offload else None
     # torchao's optimizers (low-precision moments, stochastic rounding) must be able to run here
