@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mt_core.activation_offload import ActivationOffload
+from mt_core.model import checkpoint_blocks
 
 CPU = torch.device("cpu")
 HIDDEN, LAYERS = 64, 4
@@ -27,7 +28,7 @@ def _llama(*, checkpointing: bool, compiled: bool) -> nn.Module:
     model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), dtype=torch.float32).train()
     model.config.use_cache = False  # as mt_core.model.build_model
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_blocks(model)
     if compiled:
         for block in model.model.layers:
             block.compile()
@@ -169,3 +170,16 @@ def test_no_grad_passes_are_left_alone():
     # the blocks keep their class names (found by name, as HF's _no_split_modules lists them),
     # and one class serves every block (one compiled graph for all)
     assert type(blocks[0]).__name__ == "_Block" and len({type(b) for b in blocks}) == 1
+
+
+def test_checkpointing_is_enabled_without_a_deprecation_warning():
+    """transformers 5.2x renamed gradient_checkpointing_enable, which now warns on every run
+    with activation_checkpointing; mt calls the new name where it exists."""
+    import warnings
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), dtype=torch.float32).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpoint_blocks(model)
+    assert model.is_gradient_checkpointing
+    assert all(block.gradient_checkpointing for block in model.model.layers)

@@ -32,6 +32,7 @@ from mt_fsdp.load import safetensors_files
 __all__ = [
     "TORCH_DTYPES",
     "build_model",
+    "checkpoint_blocks",
     "export_dtype",
     "liger_available",
     "load_config",
@@ -121,6 +122,17 @@ def _apply_liger(model: PreTrainedModel, loss_only: bool) -> None:
     )
 
 
+def checkpoint_blocks(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing of every decoder block, through transformers'
+    ``activation_checkpointing_enable`` (5.2x; its older name, ``gradient_checkpointing_enable``,
+    warns there that it is deprecated, and is all that transformers 5.17 has)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(
     folder: str | Path,
     config: PretrainedConfig,
@@ -153,7 +165,7 @@ def build_model(
     if activation_checkpointing:
         # Non-reentrant checkpointing per decoder block: activations inside a block are
         # recomputed in the backward pass, and it composes with FSDP2's hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_blocks(model)
     if compile_blocks:
         # Regional compilation: each decoder block's forward is compiled (the same code for
         # every layer, so one graph is reused) and FSDP2's hooks stay outside the graphs. Packed
