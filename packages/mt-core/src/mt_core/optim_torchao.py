@@ -1,9 +1,9 @@
 """AdamW with low-precision moments, or with stochastically rounded bfloat16 weights, built on
 torchao's optimizers (the torchao extra). Imported only when a run chooses one of them.
 
-torchao's step runs each parameter through one ``torch.compile``-d function that computes in
-float32 (whatever the weights' and moments' dtypes) and works on FSDP2's DTensor shards, each
-rank on its own; its 8-bit moments are a tensor subclass that DCP saves and, with the blocks of
+torchao's update runs each parameter through one ``torch.compile``-d function that computes in
+float32 (whatever the weights' and moments' dtypes); mt hands it each rank's local shard of
+FSDP2's DTensors (:class:`_Step`); its 8-bit moments are a tensor subclass that DCP saves and, with the blocks of
 :func:`mt_core.memory.quant_block`, reshards to any rank count.
 """
 
@@ -24,6 +24,10 @@ from torchao.optim.subclass_8bit import OptimState8bit
 from mt_core.memory import QUANT_BLOCK, quant_block
 
 __all__ = ["AdamW", "AdamW8bit"]
+
+# torchao's per-parameter update, compiled when first called: one graph per parameter shape and
+# moment kind, a fixed number (so the step lifts dynamo's cache limit)
+_UPDATE = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
 
 
 class _Step:
@@ -75,8 +79,6 @@ class _Step:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
-        # one graph per parameter shape and moment kind, a fixed number: no cache limit needed
         with disable_cache_limit(), functorch_config.patch(enable_autograd_cache=False):
             for group in self.param_groups:
                 lr = torch.tensor(group["lr"], dtype=torch.float32)
@@ -93,7 +95,7 @@ class _Step:
                             state["max_exp_avg_sq"] = self._new_buffer(p, False)  # type: ignore[attr-defined]
                     state["step"] += 1
                     maximum = state.get("max_exp_avg_sq")
-                    update(
+                    _UPDATE(
                         _local(p.detach()), _local(p.grad), state["step"],
                         _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
                         None if maximum is None else _local(maximum), lr, beta1, beta2,
