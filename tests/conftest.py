@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedConfig, PreTrainedModel
 
-from mt_core.loss import minibatch_loss, minibatch_tensors
+from mt_core.trainer.loss import minibatch_loss, minibatch_tensors
 from mt_data import SampleDataset, collate_minibatch, open_token_store
 
 
@@ -225,17 +225,17 @@ def equivalence() -> SimpleNamespace:
 # Run as ``python killer.py RUN.toml OUTPUT_DIR``, also under torchrun.
 KILLER = """
 import os, signal, sys
-import mt_core.trainer as trainer
+import mt_core.trainer.step as trainer_step
 from mt_core import load_run_file, train
 calls = 0
-original = trainer.clip_gradients
+original = trainer_step.clip_gradients
 def clip_then_die(model, max_norm):
     global calls
     calls += 1
     if calls == int(os.environ["KILL_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(model, max_norm)
-trainer.clip_gradients = clip_then_die
+trainer_step.clip_gradients = clip_then_die
 train(load_run_file(sys.argv[1], {"output_dir": sys.argv[2]}))
 """
 

@@ -248,7 +248,7 @@ def test_bad_data_is_one_error(workspace, earlier, case):
 def test_batch_size_below_the_rank_count_is_refused(workspace, tmp_path):
     """Two ranks and batch_size 1: a rank would get no sample in any step. Checked with two
     ranks as build_data sees them (a real 2-rank job gives the same message on each rank)."""
-    from mt_core.data import build_data
+    from mt_core.trainer.data import build_data
     from mt_fsdp import DistContext
 
     ranks = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), mesh=None)

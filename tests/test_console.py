@@ -31,9 +31,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 from mt_core import ConfigError, load_run_file
 from mt_core import errors as mt_errors
-from mt_core.attention import register_padding_free_attention, use_padding_free_attention
-from mt_core.loss import minibatch_loss
-from mt_core.metrics import step_text
+from mt_core.model.attention import register_padding_free_attention, use_padding_free_attention
+from mt_core.trainer.loss import minibatch_loss
+from mt_core.trainer.metrics import step_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ROOT / "examples" / "tiny" / "run.toml"
@@ -112,7 +112,7 @@ def test_the_loss_call_reads_no_use_return_dict(monkeypatch):
     warning, unless the call says return_dict; mt's loss call says it. (Liger's fused loss needs
     a GPU; in eval mode its forward computes the logits and HF's loss, which runs here.)"""
     pytest.importorskip("liger_kernel.transformers")
-    from mt_core.model import _apply_liger
+    from mt_core.model.build import _apply_liger
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64)  # fmt: skip

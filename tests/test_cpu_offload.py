@@ -47,12 +47,12 @@ def test_too_little_host_memory_is_one_clear_error_before_any_weight(runs, tmp_p
     with one message naming the sizes and the fix. build_model would fail the test."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import mt_core.fit as fit
-    import mt_core.trainer as trainer
+    import mt_core.plan.fit as fit
+    import mt_core.trainer.setup as trainer_setup
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EXAMPLE / "model"))
     needed = 16 * sum(p.numel() for p in model.parameters())  # a tied weight counts once
-    monkeypatch.setattr(trainer, "build_model", lambda *args, **kwargs: pytest.fail("loaded"))
+    monkeypatch.setattr(trainer_setup, "build_model", lambda *args, **kwargs: pytest.fail("loaded"))
     monkeypatch.setattr(fit, "available_host_bytes", lambda: needed - 1.0)
     with pytest.raises(ConfigError) as error:
         runs.train_here(tmp_path / "out", **example_keys(cpu_offload=True))
@@ -75,25 +75,27 @@ def test_the_step_time_counts_the_optimizer_step_but_not_validation(runs, tmp_pa
     import time
     from types import SimpleNamespace
 
-    import mt_core.trainer as trainer
+    import mt_core.trainer.after_step as trainer_after_step
+    import mt_core.trainer.setup as trainer_setup
+    import mt_core.trainer.step as trainer_step
 
     jumped = [0.0]
-    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter()
+    monkeypatch.setattr(trainer_step, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter()
                                                          + jumped[0]))  # fmt: skip
 
     def jump(seconds: float) -> None:
         jumped[0] += seconds
 
-    build = trainer.build_optimizer
+    build = trainer_setup.build_optimizer
 
     def slow_optimizer(*args, **kwargs):
         optimizer = build(*args, **kwargs)
         optimizer.register_step_pre_hook(lambda *hook_args: jump(100.0))
         return optimizer
 
-    monkeypatch.setattr(trainer, "build_optimizer", slow_optimizer)
-    monkeypatch.setattr(trainer, "validation_due", lambda *args: True)
-    monkeypatch.setattr(trainer, "validation_loss", lambda *args: (jump(1000.0), 1.0)[1])
+    monkeypatch.setattr(trainer_setup, "build_optimizer", slow_optimizer)
+    monkeypatch.setattr(trainer_after_step, "validation_due", lambda *args: True)
+    monkeypatch.setattr(trainer_after_step, "validation_loss", lambda *args: (jump(1000.0), 1.0)[1])
     _, lines = runs.train_here(tmp_path / "out", **example_keys(max_steps=2, cpu_offload=True))
     assert [line["val_loss"] for line in lines] == [1.0, 1.0]
     assert lines[0]["step_time_s"] < 100  # before any optimizer step

@@ -1,6 +1,6 @@
-"""Model families beyond plain causal LMs (mt_core.families): vision-language models trained on
+"""Model families beyond plain causal LMs (mt_core.model.families): vision-language models trained on
 text (Mistral3, Gemma3, Qwen3-VL), GPT-OSS (MoE router, attention sinks, MXFP4 experts) and
-hybrid attention / state-space models whose stateful layers run per document (mt_core.stateful:
+hybrid attention / state-space models whose recurrent layers run per document (mt_core.model.recurrent:
 Bamba and GraniteMoeHybrid's Mamba2, LFM2's short convolutions, Qwen3-Next's gated delta rule).
 
 For each, on a tiny random config in float32:
@@ -42,10 +42,10 @@ from transformers import (
 )
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from mt_core.attention import use_padding_free_attention
 from mt_core.config import ConfigError
-from mt_core.families import freeze_untrained, mxfp4_experts, new_model
-from mt_core.stateful import stateful_layers
+from mt_core.model.attention import use_padding_free_attention
+from mt_core.model.families import freeze_untrained, mxfp4_experts, new_model
+from mt_core.model.recurrent import recurrent_layers
 from mt_fsdp.mxfp4 import dequantize, quantize
 
 VOCAB = 128
@@ -104,7 +104,7 @@ FAMILIES = {
     # experts that a checkpoint stores one by one (transformers fuses them on load)
     "mixtral": lambda: MixtralConfig(**TEXT, **MOE, num_local_experts=4),
     "qwen3_moe": lambda: Qwen3MoeConfig(**TEXT, **MOE, num_experts=4, moe_intermediate_size=32),
-    # hybrids: a stateful layer first, then attention
+    # hybrids: a recurrent layer first, then attention
     "bamba": lambda: BambaConfig(**TEXT, **MAMBA2, attn_layer_indices=[1]),
     "granitemoehybrid": lambda: GraniteMoeHybridConfig(
         **TEXT,
@@ -176,9 +176,9 @@ def test_what_is_frozen():
     }
 
 
-def test_stateful_layers_found_and_unknown_hybrids_refused():
+def test_recurrent_layers_found_and_unknown_hybrids_refused():
     for family in FAMILIES:
-        layers = stateful_layers(tiny(family))
+        layers = recurrent_layers(tiny(family))
         # exactly the first layer's mixer in a hybrid, none elsewhere
         assert len(layers) == (family in HYBRIDS), family
     # Jamba's Mamba (1) mixers are not run per document: refused, by name, not trained inexactly
@@ -187,7 +187,7 @@ def test_stateful_layers_found_and_unknown_hybrids_refused():
                     mamba_d_state=8, mamba_dt_rank=8),
         torch.float32,
     )  # fmt: skip
-    assert len(stateful_layers(jamba)) == 1
+    assert len(recurrent_layers(jamba)) == 1
     with pytest.raises(ConfigError, match="model type 'jamba' has state-space"):
         use_padding_free_attention(jamba, "sdpa")
 
@@ -207,7 +207,7 @@ def test_packed_minibatch_equals_samples_alone(family, dataset, equivalence):
     assert difference <= rtol, f"{name}: gradients differ by {difference:.2e} of their scale"
     assert frozen_names(model).isdisjoint(grads)
     if family in HYBRIDS:  # without the per-document layers, state flows across documents
-        for layer in stateful_layers(model):
+        for layer in recurrent_layers(model):
             del layer.forward  # back to the class's own forward
         try:
             leaked, other = eq.packed_loss_and_grads(model, [eq.packed(dataset, ids, count)])

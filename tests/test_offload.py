@@ -21,8 +21,8 @@ STEPS = 3
 def test_activation_offload_trains_the_tiny_example_bit_for_bit(
     tmp_path, monkeypatch, runs, checkpointing, compiled
 ):
-    import mt_core.trainer as trainer
-    from mt_core.activation_offload import ActivationOffload
+    import mt_core.trainer.setup as trainer_setup
+    from mt_core.model.activation_offload import ActivationOffload
 
     keys = dict(
         model_name_or_path=str(TINY / "model"), data_path=str(TINY / "data.jsonl"),
@@ -41,7 +41,7 @@ def test_activation_offload_trains_the_tiny_example_bit_for_bit(
         made.append(ActivationOffload(device, min_bytes=0))
         return made[-1]
 
-    monkeypatch.setattr(trainer, "ActivationOffload", every_tensor)
+    monkeypatch.setattr(trainer_setup, "ActivationOffload", every_tensor)
     _, offloaded = runs.train_here(tmp_path / "offloaded", run_file, **keys,
                                    activation_offload=True)  # fmt: skip
     assert len(plain) == len(offloaded) == STEPS

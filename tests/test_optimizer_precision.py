@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from mt_core.memory import STATE_BYTES, quant_block
-from mt_core.optim import build_optimizer
+from mt_core.optim.build import build_optimizer
+from mt_core.optim.quant_blocks import quant_block
+from mt_core.plan.memory import STATE_BYTES
 
 # the tests of the training runs go to one worker (pytest-xdist): they share the runs of `trained`
 SHARES_RUNS = pytest.mark.xdist_group("optimizer_precision")
@@ -200,11 +201,11 @@ def test_no_cpu_compiler_is_one_clear_error_before_any_weight(runs, tmp_path, mo
     with one message before the model is built (build_model here would fail the test)."""
     import torch._inductor.cpp_builder as cpp_builder
 
-    import mt_core.trainer as trainer
+    import mt_core.trainer.setup as trainer_setup
     from mt_core import ConfigError
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda *args: "no-such-c++")
-    monkeypatch.setattr(trainer, "build_model", lambda *args, **kwargs: pytest.fail("loaded"))
+    monkeypatch.setattr(trainer_setup, "build_model", lambda *args, **kwargs: pytest.fail("loaded"))
     with pytest.raises(ConfigError, match=r"optimizer_state_dtype = 'bfloat16'.*C\+\+ compiler"):
         runs.train_here(tmp_path / "out", **example_keys(optimizer_state_dtype="bfloat16"))
 

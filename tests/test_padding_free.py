@@ -23,13 +23,13 @@ from transformers import (
     Qwen3Config,
 )
 
-from mt_core.attention import (
+from mt_core.model.attention import (
     ATTN_BACKENDS,
     register_padding_free_attention,
     resolve_attn_backend,
     use_padding_free_attention,
 )
-from mt_core.loss import minibatch_loss
+from mt_core.trainer.loss import minibatch_loss
 
 CPU = torch.device("cpu")
 TINY_VOCAB = 128  # TINY_SHAPE's vocab_size in conftest.py

@@ -261,10 +261,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(workspace, tmp_pat
 
 
 def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
-    import mt_core.trainer as trainer
+    import mt_core.trainer.step as trainer_step
     from mt_core import NonFiniteError, load_run_file, train
 
-    original = trainer.clip_gradients
+    original = trainer_step.clip_gradients
     calls = []
 
     def nan_at_step_3(model, max_norm):
@@ -272,7 +272,7 @@ def test_nonfinite_steps_stop_or_are_skipped(workspace, tmp_path, monkeypatch):
         norm = original(model, max_norm)
         return torch.full_like(norm, float("nan")) if len(calls) == 3 else norm
 
-    monkeypatch.setattr(trainer, "clip_gradients", nan_at_step_3)
+    monkeypatch.setattr(trainer_step, "clip_gradients", nan_at_step_3)
     overrides = {"output_dir": str(tmp_path / "stop"), "save_final_checkpoint": True}
     with pytest.raises(
         NonFiniteError, match=r"step 3: .*gradient norm nan.*checkpoint is .*step_2"

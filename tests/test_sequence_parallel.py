@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from mt_core.sequence_parallel import sequence_parallel_problem
+from mt_core.model.sequence_parallel import sequence_parallel_problem
 
 VOCAB = 64  # conftest.TINY_LLAMA's
 # One global batch of mixed samples: 50 and 41 tokens are longer than max_tokens_per_gpu = 32

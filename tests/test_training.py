@@ -162,14 +162,14 @@ def test_a_lower_activation_budget_keeps_less_and_trains_the_same(setup, monkeyp
                                                                   equivalence, runs):  # fmt: skip
     """activation_memory_budget: compiled blocks keep fewer bytes for the backward pass (every
     tensor saved by the forward is counted) and the steps are the same."""
-    import mt_core.trainer as trainer
+    import mt_core.trainer.step as trainer_step
 
     tmp_path, common = setup
     make_data(tmp_path / "data.jsonl", [7, 19, 3, 25, 12, 9, 30, 16])
     keys = dict(common, data_path=str(tmp_path / "data.jsonl"), batch_size=4,
                 max_tokens_per_gpu=40, max_steps=2, torch_compile=True, eps=1.0)  # fmt: skip
     saved: list[int] = []
-    forward = trainer.minibatch_loss
+    forward = trainer_step.minibatch_loss
 
     def counted(*args, **kwargs):
         total = 0
@@ -184,7 +184,7 @@ def test_a_lower_activation_budget_keeps_less_and_trains_the_same(setup, monkeyp
         saved.append(total)
         return loss
 
-    monkeypatch.setattr(trainer, "minibatch_loss", counted)
+    monkeypatch.setattr(trainer_step, "minibatch_loss", counted)
     by_budget = {}
     for budget in (1.0, 0.0):
         torch._dynamo.reset()  # compile afresh: the budget is read when a block first runs
@@ -213,8 +213,8 @@ def test_blocks_kept_gathered_train_and_validate_the_same(setup, monkeypatch, ru
     by the fit; forced here on CPU): the same losses, gradient norms, validation losses and
     weights as resharding after every forward, with validation's forward-only passes between
     the optimizer steps."""
-    import mt_core.fit as fit
-    from mt_core.fit import Fit
+    import mt_core.plan.fit as fit
+    from mt_core.plan.fit import Fit
 
     tmp_path, common = setup
     make_data(tmp_path / "data.jsonl", [7, 19, 3, 25, 12, 9, 30, 16, 11, 22, 5, 14])

@@ -7,7 +7,7 @@ Makes (once, cached in ``--workdir``) a random-init Llama of ~1 GB in float32 (2
 saved with ``save_pretrained`` in several safetensors files, once per checkpoint dtype on disk
 (float32, and bfloat16 as real HF checkpoints usually are). Then, for each world size N, launches
 ``torchrun --nproc-per-node N`` on this script's worker mode, which runs mt's real load path
-(``mt_core.model.build_model`` on CPU/gloo into float32 master weights: meta-device construction,
+(``mt_core.model.build.build_model`` on CPU/gloo into float32 master weights: meta-device construction,
 FSDP2 sharding, ``to_empty``, the DCP ``HuggingFaceStorageReader``) and reports per rank how much
 host memory the load added; afterwards it checks the loaded shards against the files. One more
 process measures the mini_trainer-style reference: rank 0's ``from_pretrained`` of the whole model
@@ -169,8 +169,8 @@ def worker(folder: Path, out: Path) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline)
     from transformers import AutoConfig
 
-    import mt_core.attention  # noqa: F401
-    from mt_core.model import build_model
+    import mt_core.model.attention  # noqa: F401
+    from mt_core.model.build import build_model
     from mt_fsdp import init_distributed, shutdown_distributed
 
     after_imports = proc_status()

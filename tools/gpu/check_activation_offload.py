@@ -32,10 +32,10 @@ import torch
 from transformers import AutoConfig
 
 from mt_core import args_from_dict, train
-from mt_core.fit import choose_fit
-from mt_core.memory import GIB, Settings, estimate, usable_bytes
-from mt_core.model import liger_available
-from mt_core.model_shape import model_shape
+from mt_core.model.build import liger_available
+from mt_core.plan.fit import choose_fit
+from mt_core.plan.memory import GIB, Settings, estimate, usable_bytes
+from mt_core.plan.shape import model_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
 from random_model import SHAPES, make_model  # noqa: E402

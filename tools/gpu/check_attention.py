@@ -50,12 +50,12 @@ from transformers import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mt_core.attention import (
+from mt_core.model.attention import (
     register_padding_free_attention,
     resolve_attn_backend,
     use_padding_free_attention,
 )
-from mt_core.loss import minibatch_loss
+from mt_core.trainer.loss import minibatch_loss
 
 TOKENS = 8192
 DOCUMENTS = 20

@@ -10,7 +10,7 @@ For each shape a random-init model is written (bf16, from config, in --out), the
 every step is exactly one minibatch of max_tokens_per_gpu tokens: the case ``mt check`` plans for.
 The measured peak is the trainer's own ``peak_mem_gib`` (torch.cuda.max_memory_allocated, the
 largest over the steps: from step 2 on the AdamW state exists); the estimate is
-``mt_core.memory.estimate`` for the same shape and settings, exactly what ``mt check`` prints. The
+``mt_core.plan.memory.estimate`` for the same shape and settings, exactly what ``mt check`` prints. The
 table gives both and the error (estimate - measured) / measured; the goal is within 15%.
 """
 
@@ -28,8 +28,8 @@ import torch
 from transformers import AutoConfig
 
 from mt_core import args_from_dict, train
-from mt_core.memory import GIB, Settings, estimate
-from mt_core.model_shape import model_shape
+from mt_core.plan.memory import GIB, Settings, estimate
+from mt_core.plan.shape import model_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
 from random_model import SHAPES, make_model  # noqa: E402

@@ -61,9 +61,9 @@ def reference_loss(folder: Path, data: Path, batch_size: int, seed: int, device:
 
 def liger_empty_minibatch_is_exact(device: str) -> str:
     """With Liger's fused loss, an empty slot's dummy token must add exactly nothing."""
-    from mt_core.attention import use_padding_free_attention
-    from mt_core.loss import minibatch_loss
-    from mt_core.model import liger_available
+    from mt_core.model.attention import use_padding_free_attention
+    from mt_core.model.build import liger_available
+    from mt_core.trainer.loss import minibatch_loss
 
     if not liger_available() or device != "cuda":
         return "needs CUDA and liger-kernel"

@@ -54,11 +54,11 @@ def child(spec_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    import mt_core.trainer as trainer
-    from mt_core import args_from_dict
+    import mt_core.trainer.setup as trainer_setup
+    from mt_core import args_from_dict, train
 
     osft_timing = {}
-    setup_osft = trainer.setup_osft
+    setup_osft = trainer_setup.setup_osft
 
     def timed_setup_osft(*args, **kwargs):
         if torch.cuda.is_available():
@@ -74,9 +74,9 @@ def child(spec_path: Path) -> None:
             osft_timing["frozen_directions"] = sum(row["n_frozen"] for row in state.summary())
         return state
 
-    trainer.setup_osft = timed_setup_osft  # time mt's own OSFT set-up inside train()
+    trainer_setup.setup_osft = timed_setup_osft  # time mt's own OSFT set-up inside train()
     started = time.perf_counter()
-    trainer.train(args_from_dict(spec["keys"]))
+    train(args_from_dict(spec["keys"]))
     wall = time.perf_counter() - started
     output_dir = Path(spec["keys"]["output_dir"])
     lines = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines()]

@@ -14,9 +14,9 @@ from mt.check import make_plan
 from mt.check_report import render, suggestions
 from mt.errors import CommandError
 from mt_core.config import load_run_file
-from mt_core.memory import GIB, ModelShape, Settings, estimate, gpu, largest_fitting_tokens
-from mt_core.model import matmul_parameter_count
-from mt_core.model_shape import OsftSettings, model_shape, osft_settings
+from mt_core.model.build import matmul_parameter_count
+from mt_core.plan.memory import GIB, ModelShape, Settings, estimate, gpu, largest_fitting_tokens
+from mt_core.plan.shape import OsftSettings, model_shape, osft_settings
 from mt_data import InfiniteSampler
 from mt_osft import trainable_rank
 from mt_packing import pack_minibatches

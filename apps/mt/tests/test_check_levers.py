@@ -12,10 +12,11 @@ import pytest
 from transformers import LlamaConfig
 
 from mt import cli
-from mt.check import fitted, make_plan
+from mt.check import make_plan
 from mt.check_levers import cheapest_fit, levers
+from mt.check_plan import fitted
 from mt_core import load_run_file
-from mt_core.memory import GIB, estimate
+from mt_core.plan.memory import GIB, estimate
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)  # fmt: skip

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from mt_core.activation_offload import ActivationOffload
-from mt_core.model import checkpoint_blocks
+from mt_core.model.activation_offload import ActivationOffload
+from mt_core.model.build import checkpoint_blocks
 
 CPU = torch.device("cpu")
 HIDDEN, LAYERS = 64, 4
@@ -26,7 +26,7 @@ LENGTHS = (40, 41)  # two steps; the second length makes a compiled block dynami
 def _llama(*, checkpointing: bool, compiled: bool) -> nn.Module:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA), dtype=torch.float32).train()
-    model.config.use_cache = False  # as mt_core.model.build_model
+    model.config.use_cache = False  # as mt_core.model.build.build_model
     if checkpointing:
         checkpoint_blocks(model)
     if compiled:

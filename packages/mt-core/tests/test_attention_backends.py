@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mt_core.attention import (
+from mt_core.model.attention import (
     register_padding_free_attention,
     resolve_attn_backend,
     use_padding_free_attention,

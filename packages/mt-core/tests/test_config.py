@@ -88,10 +88,10 @@ def test_choice_lists_match_the_modules_that_use_them():
     # spelled out in the config so reading a run file imports no torch; these keep them in step
     from transformers import SchedulerType
 
-    from mt_core.attention import ATTN_BACKENDS as backends
     from mt_core.config.schedulers import SCHEDULERS, usable_scheduler
-    from mt_core.model import TORCH_DTYPES
-    from mt_core.optim import STATE_DTYPES
+    from mt_core.model.attention import ATTN_BACKENDS as backends
+    from mt_core.model.build import TORCH_DTYPES
+    from mt_core.optim.build import STATE_DTYPES
 
     assert backends == ATTN_BACKENDS
     assert set(DTYPES) == set(TORCH_DTYPES)
@@ -117,9 +117,9 @@ def test_torchao_missing_is_one_clear_error_before_any_weight(monkeypatch):
 
     import torch
 
-    from mt_core.optim import check_optimizer
+    from mt_core.optim.build import check_optimizer
 
-    monkeypatch.setitem(sys.modules, "mt_core.optim_torchao", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mt_core.optim.low_precision", None)  # as if not installed
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"optimizer_state_dtype = '8bit' needs torchao.*"
                                           r"pip install 'mt-core\[torchao\]'"):  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from mt_core import args_from_dict
-from mt_core.fit import (
+from mt_core.plan.fit import (
     Fit,
     choose_fit,
     fit_to_gpu,
@@ -17,7 +17,7 @@ from mt_core.fit import (
     gpu_room_bytes,
     syncs_every_minibatch,
 )
-from mt_core.memory import (
+from mt_core.plan.memory import (
     COMPUTE_BYTES,
     GIB,
     RESERVED_GIB,
@@ -27,7 +27,7 @@ from mt_core.memory import (
     fitting_activation_budget,
     usable_bytes,
 )
-from mt_core.model_shape import model_shape
+from mt_core.plan.shape import model_shape
 
 # Llama-3.2-3B as config.json has it: float32 weights, gradients and AdamW state are 48 GiB
 LLAMA_3B = LlamaConfig(
@@ -137,7 +137,7 @@ def test_the_trainer_chooses_the_budget_for_its_gpu(tmp_path, shape, caplog):
     assert fit.summary.startswith("decoder blocks stay gathered from forward to backward")
     # a row that cannot fit at all: recompute all the compiler can, and say what to change
     small = 40 * GIB
-    with caplog.at_level(logging.WARNING, logger="mt_core.fit"):
+    with caplog.at_level(logging.WARNING, logger="mt_core.plan.fit"):
         assert (
             fit_to_gpu(args, capacity_bytes=small, compiled=True, **choose).activation_budget == 0
         )

@@ -1,12 +1,12 @@
 """``mt check RUN.toml``: will this run fit, and how long will it take? On a laptop, before the job.
 
-The run file is read and the data validated exactly as ``mt run`` does (mt_core.data.build_data:
+The run file is read and the data validated exactly as ``mt run`` does (mt_core.trainer.data.build_data:
 the same store, the same path:line errors, the same dropping of too-long samples), into the same
 cache (``output_dir/data_cache``), so the run that follows starts at once. The model is built from
 its config.json on the meta device (exact parameter counts, no weights). Then a few global
 batches are drawn by the run's own sampler and split by the real packer over the planned ranks,
 which gives the tokens and minibatches per step and, at a stated MFU, the step time; and
-:mod:`mt_core.memory` estimates each GPU's peak memory. :mod:`mt.check_report` prints it all.
+:mod:`mt_core.plan.memory` estimates each GPU's peak memory. :mod:`mt.check_report` prints it all.
 
 Exit status: 0 when the run fits the GPU, 1 when it does not (the report says what to change),
 2 for a mistake in the run file, the data or the options.
@@ -18,84 +18,31 @@ import itertools
 import tempfile
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from mt.check_plan import Plan, StepSample
 from mt.errors import CommandError, Verdict
 from mt_core.config import TrainingArgs, load_run_file
-from mt_core.fit import choose_fit, run_settings
-from mt_core.memory import (
+from mt_core.plan.memory import (
     Gpu,
-    Memory,
     ModelShape,
-    Settings,
     estimate,
     gpu,
     recompute_factor,
     step_flops,
 )
-from mt_core.progress_state import planned_steps
+from mt_core.trainer.counters import planned_steps
 from mt_data import DataWarning, PretrainingBlocks
 
-__all__ = ["Plan", "check", "fitted", "make_plan"]
+__all__ = ["check", "make_plan"]
 
 DEFAULT_MFU = 0.4
 DEFAULT_BATCHES = 20
-
-
-@dataclass
-class StepSample:
-    """One global batch drawn by the run's sampler, packed as the run would pack it."""
-
-    tokens: int
-    loss_tokens: int
-    minibatches: int
-    largest: int  # tokens of the fullest minibatch on one GPU
-    time_s: float  # at the stated MFU, the busiest rank of each minibatch setting the pace
-
-
-@dataclass
-class Plan:
-    """Everything ``mt check`` found out about one run on one GPU type and world size."""
-
-    run_file: str
-    args: TrainingArgs
-    model_config: str
-    shape: ModelShape
-    gpu: Gpu
-    nproc_per_node: int
-    nnodes: int
-    mfu: float
-    settings: Settings
-    memory: Memory
-    memory_ac: Memory  # the same run with activation checkpointing on
-    memory_no_ac: Memory  # ... and off
-    items: str  # "samples" or "blocks"
-    file_samples: int
-    file_tokens: int
-    file_loss_tokens: int | None
-    dropped_long: int
-    dropped_silent: int
-    train_items: int
-    validation_items: int
-    longest: int
-    steps: list[StepSample]
-    steps_per_epoch: int
-    total_steps: int | None
-    cache_note: str
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
-
-    @property
-    def fits(self) -> bool:
-        return self.memory.peak <= self.gpu.usable_gib * 2**30
 
 
 def check(
@@ -123,7 +70,7 @@ def local_gpu() -> Gpu | None:
     its datasheet bf16 peak, H100's if mt does not know it), or None without CUDA."""
     import torch
 
-    from mt_core.metrics import peak_flops_of
+    from mt_core.plan.flops import peak_flops_of
 
     if not torch.cuda.is_available():
         return None
@@ -171,15 +118,11 @@ def make_plan(
             "(--nproc_per_node x --nnodes)"
         )
 
-    from mt_core.model_shape import (  # torch, ...
-        liger_supports,
-        load_model_config,
-        model_shape,
-        osft_settings,
-    )
-    from mt_core.sequence_parallel import sequence_parallel_problem
+    from mt_core.model.sequence_parallel import sequence_parallel_problem
+    from mt_core.plan.resolve import planned_machine, resolve  # torch, ...
+    from mt_core.plan.shape import model_shape, osft_settings, read_config_only
 
-    config = load_model_config(args.model_name_or_path, args.trust_remote_code)
+    config = read_config_only(args.model_name_or_path, args.trust_remote_code)
     problem = sequence_parallel_problem(config, size)
     if problem is not None:
         raise CommandError(f"sequence_parallel_size: {problem}")
@@ -187,25 +130,19 @@ def make_plan(
         config, osft=osft_settings(args), master=args.train_dtype,
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
-    notes = []
-    # unset: on, as on any CUDA machine with mt, where Liger has kernels for the architecture
-    liger = args.use_liger_kernels is not False
-    if liger and liger_supports(config.model_type) is False:
-        liger = False
-        notes.append(
-            f"liger-kernel has no kernels for model_type {config.model_type!r}: the logits are "
-            "materialised (the loss row)"
-        )
-    settings = run_settings(args, world, liger)
     with ExitStack() as stack:
         output_dir, cache_note = _cache_dir(args, stack)
         train, sampler, caught, counts = _data_plan(
             args, config.get_text_config().vocab_size, world, output_dir
         )
+    # the settings the trainer will resolve on such a GPU: the same function, the same inputs
+    resolved = resolve(
+        args, config, planned_machine(device, world), train.lengths, shape=shape, warn=False
+    )
+    settings = resolved.settings
     steps = _sample_steps(args, train, sampler, world, shape, device, mfu, batches)
-    settings = replace(settings, minibatches=max(step.minibatches for step in steps))
-    settings = fitted(args, shape, settings, device, cpu_offload=True)
     per_epoch = sampler.batches_per_epoch()
+    notes = list(resolved.notes)
     notes += [str(w.message) for w in caught if not issubclass(w.category, DataWarning)]
     if args.osft and args.osft_adaptive_ratios:
         notes.append(
@@ -229,6 +166,7 @@ def make_plan(
         nnodes=nnodes,
         mfu=float(mfu),
         settings=settings,
+        resolved=resolved,
         memory=estimate(shape, settings),
         memory_ac=estimate(shape, replace(settings, checkpointing=True)),
         memory_no_ac=estimate(shape, replace(settings, checkpointing=False)),
@@ -239,23 +177,6 @@ def make_plan(
         notes=notes,
         **counts,
     )
-
-
-def fitted(
-    args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu, cpu_offload: bool = False
-) -> Settings:
-    """``run`` with the fit the trainer would choose on this GPU: the compiled blocks'
-    activation budget (blocks are compiled on a GPU unless torch_compile = false), on one
-    GPU whether blocks stay gathered from forward to backward, and activation offload where
-    the run file leaves it unset and only that makes the run fit; with ``cpu_offload`` also
-    cpu_offload where the run file leaves it unset and nothing else makes it fit (the host
-    memory of the machine that will train is not known here). Levers and suggestions are
-    fitted without that choice: they say how the run fits without it."""
-    return choose_fit(
-        shape, run, device.usable_gib * 2**30, compiled=args.torch_compile is not False,
-        budget=args.activation_memory_budget, may_offload=args.activation_offload is None,
-        may_cpu_offload=cpu_offload and args.cpu_offload is None,
-    ).applied(run)  # fmt: skip
 
 
 def _cache_dir(args: TrainingArgs, stack: ExitStack) -> tuple[Path, str]:
@@ -278,7 +199,7 @@ def _cache_dir(args: TrainingArgs, stack: ExitStack) -> tuple[Path, str]:
 
 def _data_plan(args: TrainingArgs, vocab_size: int, world: int, output_dir: Path):
     """The run's data as ``mt run`` builds it (the same function), with what it dropped."""
-    from mt_core.data import build_data
+    from mt_core.trainer.data import build_data
 
     ctx = SimpleNamespace(
         world_size=world, rank=0, is_main=True,

@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from mt.check import Plan, fitted
 from mt.check_levers import lever_lines
-from mt_core.memory import (
+from mt.check_plan import Plan, fitted
+from mt_core.optim.quant_blocks import QUANT_BLOCK
+from mt_core.plan.memory import (
     GIB,
-    QUANT_BLOCK,
     RESERVED_GIB,
     Settings,
     estimate,

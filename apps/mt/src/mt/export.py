@@ -114,14 +114,15 @@ def export_checkpoint(
 
     from transformers import AutoConfig
 
-    from mt_core.families import export_model
-    from mt_core.model import TORCH_DTYPES, export_dtype
+    from mt_core.model.build import TORCH_DTYPES
+    from mt_core.model.families import export_model
+    from mt_core.trainer.after_step import export_dtype_of
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     network = _load_model(folder, config, TORCH_DTYPES[args.train_dtype], args.trust_remote_code)
     # the trainer's own rule for its exports, with --dtype first
     export_model(
-        network, target, save_dtype=export_dtype(args, config, dtype), source_folder=source
+        network, target, save_dtype=export_dtype_of(args, config, dtype), source_folder=source
     )
     return target
 
@@ -130,7 +131,7 @@ def _load_model(folder: Path, config, master, trust_remote_code: bool):
     """The model of ``config`` on the CPU, its weights read from the distributed checkpoint."""
     import torch
 
-    from mt_core.families import new_model
+    from mt_core.model.families import new_model
     from mt_fsdp import CheckpointError, load_model_weights, materialize, parameters_on_meta
 
     with parameters_on_meta():

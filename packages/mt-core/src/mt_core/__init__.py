@@ -7,7 +7,6 @@ file. ``train`` is imported on first use, so reading or validating a config stay
 import logging
 from typing import TYPE_CHECKING, Any
 
-from mt_core.callbacks import TrainerCallback
 from mt_core.config import (
     ConfigError,
     PretrainingConfig,
@@ -19,6 +18,7 @@ from mt_core.config import (
 )
 from mt_core.errors import NonFiniteError, RunError
 from mt_core.launch import TorchrunArgs, TrainingFailed, run_training
+from mt_core.trainer.callbacks import TrainerCallback
 
 # torchao (installed with the torchao extra, and then imported by transformers in every process)
 # registers Enums with torch's pytree, which this torch supports natively and warns about once
@@ -28,7 +28,7 @@ logging.getLogger("torch.utils._pytree").addFilter(
 )
 
 if TYPE_CHECKING:
-    from mt_core.trainer import TrainResult, train
+    from mt_core.trainer.loop import TrainResult, train
 
 __all__ = [
     "ConfigError",
@@ -51,7 +51,9 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("train", "TrainResult"):
-        from mt_core import trainer  # torch, transformers: imported only when training
+        from mt_core.trainer import (
+            loop as trainer,  # torch, transformers: imported only when training
+        )
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'mt_core' has no attribute {name!r}")

@@ -3,8 +3,10 @@
 
 Why it exists: torchrun needs a program to start on every rank, and mt-core may not use the ``mt``
 command for it (the app sits above mt-core; DESIGN.md's dependency rule). So this is ``mt run``
-without overrides or help, for launchers rather than people. Errors a user can cause end as
-``mt: error: ...`` lines and exit status 2, as with ``mt run``; anything else keeps its traceback.
+without overrides or help, for launchers rather than people. Its exit statuses are ``mt run``'s:
+errors a user can cause end as ``mt: error: ...`` lines and exit status 2, a run that started and
+stopped for a stated reason (a NaN loss, a full disk) with exit status 1; anything else keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = load_run_file(argv[1])
-        from mt_core.trainer import train  # torch and the model stack: only for a good config
+        from mt_core.trainer.loop import train  # torch and the model stack: only for a good config
 
         try:
             train(args)
         except ConfigError as error:  # found with the model or data: placed in the run file
             raise place_problems(error, argv[1]) from None
-    except (ConfigError, DataError, RunError) as error:
+    except (ConfigError, DataError) as error:
         report_error(str(error))  # under torchrun: once for all ranks
         return 2
+    except RunError as error:  # the run started and stopped for a stated reason: as `mt run`
+        report_error(str(error))
+        return 1
     from mt_fsdp import exit_rank
 
     exit_rank(0)  # a finished gloo rank leaves before teardown can abort it

@@ -11,6 +11,9 @@ can run independently (unknown keys, types, values); checks across keys run once
 Modules: ``fields`` (how a field is declared and checked, ConfigError), ``args`` (the classes),
 ``schedulers`` (checks of the learning-rate schedule), ``runfile`` (reading and writing run
 files), ``reference`` (the ``--help`` text), ``toml_text`` (TOML spelling of values).
+
+May import: attrs, tomllib/tomli and the standard library; no torch (a run file's mistakes are
+reported before the model stack loads), nothing else of mt_core.
 """
 
 from mt_core.config.args import (

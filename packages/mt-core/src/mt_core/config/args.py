@@ -27,11 +27,11 @@ from mt_core.config.fields import (
 )
 from mt_core.config.schedulers import SCHEDULERS, scheduler_problems, usable_scheduler
 
-# The names of mt_core.model.TORCH_DTYPES and mt_core.attention.ATTN_BACKENDS, spelled out here
+# The names of mt_core.model.build.TORCH_DTYPES and mt_core.model.attention.ATTN_BACKENDS, spelled out here
 # because those modules import torch and reading a run file should not; a test keeps them equal.
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "flash_attn_4")
-# mt_core.optim.STATE_DTYPES, spelled out for the same reason
+# mt_core.optim.build.STATE_DTYPES, spelled out for the same reason
 OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16", "8bit")
 TRAINING_MODES = ("epoch", "step", "token", "infinite")
 

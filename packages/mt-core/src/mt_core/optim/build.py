@@ -2,7 +2,7 @@
 
 AdamW is PyTorch's (fused on a GPU) when its moments are in the master weights' dtype and the
 weights are rounded as usual; lower-precision moments and stochastic rounding of bfloat16
-weights take torchao's AdamW (:mod:`mt_core.optim_torchao`, the torchao extra), whose use
+weights take torchao's AdamW (:mod:`mt_core.optim.low_precision`, the torchao extra), whose use
 :func:`check_optimizer` vets before any weight is loaded.
 """
 
@@ -71,7 +71,7 @@ def check_optimizer(
         else "stochastic_rounding = true"
     )
     try:
-        import mt_core.optim_torchao  # noqa: F401
+        import mt_core.optim.low_precision  # noqa: F401
     except ImportError as error:
         raise ConfigError(
             [f"{key} needs torchao ({error}): pip install 'mt-core[torchao]'"]
@@ -110,12 +110,12 @@ def build_optimizer(
     if not uses_torchao(state_dtype, stochastic_rounding, params[0].dtype):
         fused = all(p.device.type == "cuda" for p in params)
         return torch.optim.AdamW(params, **hyper, fused=fused or None)
-    from mt_core import optim_torchao
+    from mt_core.optim import low_precision
 
     if state_dtype == "8bit":
-        return optim_torchao.AdamW8bit(params, **hyper, bf16_stochastic_round=stochastic_rounding)
+        return low_precision.AdamW8bit(params, **hyper, bf16_stochastic_round=stochastic_rounding)
     moments = params[0].dtype if state_dtype is None else STATE_DTYPES[state_dtype]
-    return optim_torchao.AdamW(
+    return low_precision.AdamW(
         params, **hyper, state_dtype=moments, bf16_stochastic_round=stochastic_rounding
     )
 

@@ -13,7 +13,7 @@ function then insists on ``cu_seq_lens_q``, so a call without them (a padded bat
 fails loudly instead of letting documents see each other.
 
 Backends, all matching the model run on each document alone (the varlen kernels' adapters are in
-:mod:`mt_core.attention_kernels`):
+:mod:`mt_core.model.attention_kernels`):
 
 * ``flash_attn_4``: flash-attn-4's varlen kernels (CuTe DSL, Hopper and Blackwell: compute
   capability 9.0 or higher; ``pip install "mt-core[flash-attn-4]"``) as two torch ops, so that a
@@ -39,20 +39,22 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
-from mt_core.attention_kernels import (
+from mt_core.model.attention_kernels import (
     AttentionOutput,
     check_call,
     flash_attn_4_varlen,
     flash_attn_varlen,
     torch_varlen_function,
 )
-from mt_core.stateful import run_stateful_layers_per_document
+from mt_core.model.recurrent import run_recurrent_layers_per_document
 
 __all__ = [
     "ATTN_BACKENDS",
+    "auto_backend",
     "has_attention_sinks",
     "register_padding_free_attention",
     "resolve_attn_backend",
+    "runnable_backends",
     "use_padding_free_attention",
 ]
 
@@ -145,6 +147,35 @@ def has_attention_sinks(model: torch.nn.Module) -> bool:
     return any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules())
 
 
+def runnable_backends(
+    device: torch.device, capability: tuple[int, int] | None = None
+) -> tuple[str, ...]:
+    """The backends that can run on ``device``, in the order ``auto`` prefers them: on CUDA
+    ``flash_attn_4`` (its function imports and the GPU is SM 9.0+), ``flash_attn`` (flash-attn
+    2's function imports), ``torch_varlen`` (this torch's ``varlen_attn`` imports); ``sdpa``
+    everywhere. ``capability``: the GPU's compute capability where it is known without asking
+    CUDA (``mt check`` plans for a GPU that this machine may not have); CUDA is otherwise asked
+    only where flash-attn-4 imports."""
+    if torch.device(device).type != "cuda":
+        return ("sdpa",)
+    if capability is None:
+        fa4 = _flash_attn_4_problem(device) is None
+    else:
+        fa4 = _flash_attn_4_import_problem() is None and capability >= _FLASH_ATTN_4_CAPABILITY
+    runnable = ["flash_attn_4"] if fa4 else []
+    if _flash_attn_problem() is None:
+        runnable.append("flash_attn")
+    if _torch_varlen_present():
+        runnable.append("torch_varlen")
+    return (*runnable, "sdpa")
+
+
+def auto_backend(runnable: tuple[str, ...], *, sinks: bool = False) -> str:
+    """What ``auto`` chooses among the ``runnable`` backends: the first, or for a model with
+    attention sinks the first that computes them (``sdpa`` always can)."""
+    return next(name for name in runnable if not sinks or name in _BACKENDS_WITH_SINKS)
+
+
 def resolve_attn_backend(name: str, device: torch.device, *, sinks: bool = False) -> str:
     """The concrete backend for ``name`` (one of :data:`ATTN_BACKENDS`) on ``device``.
 
@@ -167,13 +198,7 @@ def resolve_attn_backend(name: str, device: torch.device, *, sinks: bool = False
             "which compute them exactly"
         )
     if name == "auto":
-        if on_cuda and _flash_attn_4_problem(device) is None:
-            return "flash_attn_4"
-        if on_cuda and not sinks and _flash_attn_problem() is None:
-            return "flash_attn"
-        if on_cuda and not sinks and _torch_varlen_present():
-            return "torch_varlen"
-        return "sdpa"
+        return auto_backend(runnable_backends(device), sinks=sinks)
     if name != "sdpa" and not on_cuda:
         raise ValueError(
             f"attn_backend={name!r} needs a CUDA device, not {device}; "
@@ -246,10 +271,10 @@ def register_padding_free_attention(backend: str) -> str:
 def use_padding_free_attention(model: PreTrainedModel, backend: str) -> str:
     """Switches ``model`` to the padding-free attention of a concrete ``backend``; returns the
     attn_implementation name now in ``model.config``. A hybrid model's state-space and
-    convolution layers run once per document (:mod:`mt_core.stateful`), or it is refused.
+    convolution layers run once per document (:mod:`mt_core.model.recurrent`), or it is refused.
 
     From then on every forward call must pass ``cu_seq_lens_q``, ``cu_seq_lens_k``,
-    ``max_length_q`` and ``max_length_k`` (see :func:`mt_core.loss.minibatch_loss`). Switch back
+    ``max_length_q`` and ``max_length_k`` (see :func:`mt_core.trainer.loss.minibatch_loss`). Switch back
     with ``model.set_attn_implementation("sdpa")`` for padded batches or generation.
     """
     name = register_padding_free_attention(backend)
@@ -261,7 +286,7 @@ def use_padding_free_attention(model: PreTrainedModel, backend: str) -> str:
             f"{type(model).__name__} does not route its attention through transformers' "
             "AttentionInterface, so mt cannot make it padding-free"
         )
-    run_stateful_layers_per_document(model)
+    run_recurrent_layers_per_document(model)
     return name
 
 

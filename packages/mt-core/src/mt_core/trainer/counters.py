@@ -10,11 +10,11 @@ import numpy as np
 
 from mt_core.config import TrainingArgs
 
-__all__ = ["RunState", "export_due", "finished", "planned_steps", "validation_due"]
+__all__ = ["RunCounters", "export_due", "finished", "planned_steps", "validation_due"]
 
 
 @dataclass
-class RunState:
+class RunCounters:
     """Counters of a run; plain JSON in every checkpoint (never pickle)."""
 
     step: int = 0
@@ -30,7 +30,7 @@ class RunState:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, record: dict) -> RunState:
+    def from_json(cls, record: dict) -> RunCounters:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in names})
 
@@ -48,7 +48,7 @@ def planned_steps(args: TrainingArgs, lengths: np.ndarray, batches_per_epoch: in
     return None
 
 
-def finished(args: TrainingArgs, state: RunState) -> bool:
+def finished(args: TrainingArgs, state: RunCounters) -> bool:
     if args.training_mode == "step":
         return state.step >= args.max_steps
     if args.training_mode == "epoch":
@@ -58,7 +58,7 @@ def finished(args: TrainingArgs, state: RunState) -> bool:
     return False
 
 
-def export_due(args: TrainingArgs, state: RunState, epoch_ended: bool, done: bool) -> bool:
+def export_due(args: TrainingArgs, state: RunCounters, epoch_ended: bool, done: bool) -> bool:
     """An HF export after this step: at the end, at an epoch's end, or every N samples."""
     if state.samples_seen == state.exported_at:
         return False
@@ -70,7 +70,7 @@ def export_due(args: TrainingArgs, state: RunState, epoch_ended: bool, done: boo
     return bool(every) and state.samples_seen - max(state.exported_at, 0) >= every
 
 
-def validation_due(args: TrainingArgs, state: RunState, epoch_ended: bool, done: bool) -> bool:
+def validation_due(args: TrainingArgs, state: RunCounters, epoch_ended: bool, done: bool) -> bool:
     """Whether any trigger fires after this step; several firing at once validate once."""
     if not args.validation_split and args.validation_data_path is None:
         return False

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mt_core.loss import minibatch_loss, minibatch_tensors
+from mt_core.trainer.loss import minibatch_loss, minibatch_tensors
 from mt_data import TokenSource, rank_minibatches
 from mt_fsdp import DistContext, reshard_all
 

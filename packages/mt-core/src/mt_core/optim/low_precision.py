@@ -4,7 +4,7 @@ torchao's optimizers (the torchao extra). Imported only when a run chooses one o
 torchao's update runs each parameter through one ``torch.compile``-d function that computes in
 float32 (whatever the weights' and moments' dtypes); mt hands it each rank's local shard of
 FSDP2's DTensors (:class:`_Step`); its 8-bit moments are a tensor subclass that DCP saves and, with the blocks of
-:func:`mt_core.memory.quant_block`, reshards to any rank count.
+:func:`mt_core.optim.quant_blocks.quant_block`, reshards to any rank count.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torchao.optim.adam import single_param_adam
 from torchao.optim.subclass_8bit import OptimState8bit
 
-from mt_core.memory import QUANT_BLOCK, quant_block
+from mt_core.optim.quant_blocks import QUANT_BLOCK, quant_block
 
 __all__ = ["AdamW", "AdamW8bit"]
 
@@ -126,7 +126,7 @@ class AdamW(_Step, ao._AdamW):
 class AdamW8bit(_Step, ao.AdamW8bit):
     """torchao's 8-bit AdamW: each moment stored as one byte a value (a code of a dynamic
     quantization map) and one float32 scale per block of values, the blocks chosen from the
-    parameter's whole shape (:func:`~mt_core.memory.quant_block`: :data:`QUANT_BLOCK` values,
+    parameter's whole shape (:func:`~mt_core.optim.quant_blocks.quant_block`: :data:`QUANT_BLOCK` values,
     fewer where a row is not a multiple of it) so that they are the same on any rank count;
     1-D and small tensors keep the weights' dtype."""
 

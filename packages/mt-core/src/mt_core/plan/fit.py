@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mt_core.config import ConfigError, TrainingArgs
-from mt_core.memory import (
+from mt_core.config import TrainingArgs
+from mt_core.plan.memory import (
     GIB,
     RESERVED_GIB,
     ModelShape,
@@ -40,19 +40,18 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-    from mt_fsdp import DistContext
 
 __all__ = [
     "Fit",
     "activation_budget_scope",
     "available_host_bytes",
     "choose_fit",
-    "fit_this_process",
     "fit_to_gpu",
     "gpu_room",
     "gpu_room_bytes",
     "host_memory_problem",
     "host_room_bytes",
+    "most_minibatches",
     "run_settings",
     "syncs_every_minibatch",
 ]
@@ -212,6 +211,22 @@ def syncs_every_minibatch(args: TrainingArgs, world_size: int, cpu_offload: bool
     return world_size > 1 or cpu_offload
 
 
+def most_minibatches(args: TrainingArgs, lengths: np.ndarray, world_size: int) -> int:
+    """1 where every possible global batch fits one minibatch per GPU, else 2: what the memory
+    estimate needs to know (gradients of earlier minibatches wait for the later ones; more than
+    two cost no more). The packer spreads a batch over the ``world_size / sequence_parallel_size``
+    data-parallel ranks largest sample first, which loads no rank with more than an even share
+    plus (1 - 1/ranks) of the longest sample (the list-scheduling bound); the batch of the
+    ``batch_size`` longest samples is the worst."""
+    size = args.sequence_parallel_size
+    ranks = max(world_size // size, 1)
+    largest = np.sort(np.asarray(lengths, dtype=np.float64))[-args.batch_size :]
+    if largest.size == 0:
+        return 1
+    busiest = largest.sum() / ranks + largest.max() * (1 - 1 / ranks)
+    return 1 if busiest <= args.max_tokens_per_gpu * size else 2
+
+
 def run_settings(
     args: TrainingArgs, world_size: int, liger: bool, minibatches: int = 1
 ) -> Settings:
@@ -243,10 +258,14 @@ def fit_to_gpu(
     compiled: bool,
     liger: bool,
     lengths: np.ndarray,
+    shape: ModelShape | None = None,
+    warn: bool = True,
 ) -> Fit:
-    """The trainer's fit, by the estimate of ``mt check`` for a GPU of ``capacity_bytes`` (None:
-    not a GPU; then only a budget set in the run file applies) whose process may keep up to
-    ``host_bytes`` in host memory where the fit turns an offload on (:func:`host_room_bytes`)."""
+    """The fit of a run, by the memory estimate, for a GPU of ``capacity_bytes`` (None: not a
+    GPU; then only a budget set in the run file applies) whose process may keep up to
+    ``host_bytes`` in host memory where the fit turns an offload on (:func:`host_room_bytes`).
+    ``shape``: the model's, where already built; ``warn``: log a warning where nothing makes the
+    run fit (``mt check`` says so in its own report)."""
     budget = args.activation_memory_budget
     if capacity_bytes is None:  # host memory is not the limit the estimate is made for
         kept = _set_budget(budget, compiled, args.activation_checkpointing)
@@ -254,16 +273,14 @@ def fit_to_gpu(
                    cpu_offload=bool(args.cpu_offload))  # fmt: skip
     # here, not at the top: choose_fit and run_settings are arithmetic that `mt check` uses
     # before any model is built, and a run file's mistakes are shown without loading torch
-    from mt_core.model_shape import model_shape, osft_settings
+    if shape is None:
+        from mt_core.plan.shape import model_shape, osft_settings
 
-    shape = model_shape(
-        config, osft=osft_settings(args), master=args.train_dtype,
-        trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
-    # A step runs one minibatch per GPU only if its largest possible batch fits one row.
-    largest_batch = int(np.sort(lengths)[-args.batch_size :].sum())
-    minibatches = 1 if largest_batch <= args.max_tokens_per_gpu * args.sequence_parallel_size else 2
-    run = run_settings(args, world_size, liger, minibatches)
+        shape = model_shape(
+            config, osft=osft_settings(args), master=args.train_dtype,
+            trust_remote_code=args.trust_remote_code,
+        )  # fmt: skip
+    run = run_settings(args, world_size, liger, most_minibatches(args, lengths, world_size))
     usable = usable_bytes(capacity_bytes)
     fit = choose_fit(
         shape, run, usable, compiled=compiled, budget=budget,
@@ -272,7 +289,7 @@ def fit_to_gpu(
     )  # fmt: skip
     memory = estimate(shape, fit.applied(run))
     peak = memory.peak
-    if peak > usable:
+    if peak > usable and warn:
         logger.warning(
             "max_tokens_per_gpu = %d needs about %.1f GiB per GPU (%.1f GiB usable)%s: lower it "
             "or set activation_checkpointing = true",
@@ -308,42 +325,6 @@ def fit_to_gpu(
     return replace(fit, summary="; ".join(said))
 
 
-def fit_this_process(
-    args: TrainingArgs,
-    config: PretrainedConfig,
-    ctx: DistContext,
-    *,
-    compiled: bool,
-    liger: bool,
-    lengths: np.ndarray,
-) -> Fit:
-    """:func:`fit_to_gpu` for this process: its GPU's room (:func:`gpu_room`, said when less than
-    the whole GPU), its share of the node's host memory (:func:`host_room_bytes`); the main rank
-    prints what was chosen. A run file whose cpu_offload the node's memory cannot hold is a
-    ConfigError (:func:`host_memory_problem`)."""
-    on_gpu = ctx.device.type == "cuda"
-    capacity, smaller = gpu_room(ctx.device, ctx.world_size) if on_gpu else (None, "")
-    if smaller:
-        print(f"rank {ctx.rank}: planning for {capacity / GIB:.1f} GiB of GPU memory: {smaller}",
-              flush=True)  # fmt: skip
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    available = available_host_bytes()
-    fit = fit_to_gpu(
-        args, config, capacity_bytes=capacity,
-        host_bytes=host_room_bytes(available, local_processes), world_size=ctx.world_size,
-        compiled=compiled, liger=liger, lengths=lengths,
-    )  # fmt: skip
-    if ctx.is_main and fit.summary:
-        print(fit.summary, flush=True)
-    problem = host_memory_problem(
-        args, config, world_size=ctx.world_size, available_bytes=available,
-        local_processes=local_processes,
-    )  # fmt: skip
-    if problem is not None:
-        raise ConfigError([problem])
-    return fit
-
-
 def _size(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
 
@@ -374,7 +355,7 @@ def host_memory_problem(
     does (or nothing is offloaded, or the memory is unknown)."""
     if not args.cpu_offload or available_bytes is None:
         return None
-    from mt_core.model_shape import model_shape, osft_settings  # (see fit_to_gpu)
+    from mt_core.plan.shape import model_shape, osft_settings  # (see fit_to_gpu)
 
     shape = model_shape(
         config, osft=osft_settings(args), master=args.train_dtype,

@@ -13,7 +13,7 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
 * weights m·P/W, gradients m·P_g/W, AdamW state 2·s·P_g/W (FSDP2 shards all three), s the
   bytes of one moment value (optimizer_state_dtype; m when not set): 4 for float32, 2 for
   bfloat16, 1 + 4/256 for 8-bit moments (a byte a value and a float32 scale per block of 256,
-  :func:`quant_block`; the few tensors left unquantized, such as norms and biases, and the
+  :func:`mt_core.optim.quant_blocks.quant_block`; the few tensors left unquantized, such as norms and biases, and the
   smaller blocks of rows that are not a multiple of 256 values are counted as if quantized in
   blocks of 256: well under 0.1% of a model worth quantizing); with the
   gradient sync deferred to a step's last minibatch on several GPUs, 4·P_g more: the unsharded
@@ -31,7 +31,7 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
   Compiled blocks with an activation memory budget b < 1 keep at most ``c·h + b·(a - c·h)``: the
   compiler recomputes the rest (measured on one H100 at b = 0.6 and 0.8: within this bound).
   With activation offload what each layer keeps waits in host memory between its forward and
-  backward passes (mt_core.activation_offload): the GPU holds that of min(L, 2) layers (the
+  backward passes (mt_core.model.activation_offload): the GPU holds that of min(L, 2) layers (the
   running one and the one in flight to or from the host; the last layer is never sent, the
   backward pass needs it first), the host that of the L - 1 others (counted in ``host``);
 * the loss: Liger's fused linear cross-entropy never holds the logits (about 4·c·T·h of chunks and
@@ -50,33 +50,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from mt_core.optim.quant_blocks import QUANT_BLOCK
+
 GIB = 2**30
 COMPUTE_BYTES = 2  # bf16 forward/backward on a GPU (FSDP2 mixed precision)
 MASTER_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-QUANT_BLOCK = 256  # values sharing one float32 scale in 8-bit moments (mt_core.optim_torchao)
-QUANT_MIN_VALUES = 4096  # smaller tensors keep plain moments (bitsandbytes' rule, as torchao's)
-QUANT_MIN_BLOCK = 32  # rows of a length with no larger power-of-two factor: plain moments
 # bytes of one moment value by optimizer_state_dtype (not set: MASTER_BYTES of train_dtype)
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "8bit": 1 + 4 / QUANT_BLOCK}
-
-
-def quant_block(shape: tuple[int, ...]) -> int | None:
-    """How many values of a parameter of this (whole, unsharded) shape share one scale in its
-    8-bit moments, or None: plain moments.
-
-    FSDP2 cuts a parameter between rows (dim 0), so a shard starts and ends at a multiple of the
-    row length prod(shape[1:]) on any number of ranks. Blocks that divide the row therefore never
-    straddle two shards, and every rank count makes the same blocks: a checkpoint reshards to
-    another rank count (DCP cuts the saved moments along rows), and the moments of a shard are
-    those of the same rows trained in one process. The block is the largest power of two up to
-    :data:`QUANT_BLOCK` that divides the row; the choice depends on the whole shape only, never
-    on a rank's shard, so that all rank counts choose alike (torchao's own rule looks at the
-    shard). One-dimensional tensors (norms, biases) keep plain moments: their shards end anywhere.
-    """
-    if len(shape) < 2 or math.prod(shape) < QUANT_MIN_VALUES:
-        return None
-    block = math.gcd(math.prod(shape[1:]), QUANT_BLOCK)
-    return block if block >= QUANT_MIN_BLOCK else None
 
 
 RESERVED_GIB = 1.5  # CUDA context, NCCL and cuBLAS workspaces: outside torch's allocator
@@ -143,6 +123,7 @@ class ModelShape:
     head_params: int  # the LM head's weight (the tied embedding when tied)
     osft_extra_bytes: int = 0  # OSFT's frozen copies and bases, whole model (sharded over W)
     moe: bool = False  # mixture of experts: the activation formula is only a guide
+    sinks: bool = False  # attention sinks (GPT-OSS): only some attention backends compute them
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The varlen kernels behind mt's padding-free attention backends, and the checks every call passes.
 
-:mod:`mt_core.attention` registers these attention functions (transformers' signature) and
+:mod:`mt_core.model.attention` registers these attention functions (transformers' signature) and
 decides which one runs; this module imports nothing of mt's, so the arrows point one way:
 
 * :func:`torch_varlen_function`: PyTorch's built-in ``torch.nn.attention.varlen.varlen_attn``;
@@ -232,7 +232,7 @@ def flash_attn_4_varlen(
 # keeps it inside its one graph: no graph break, and the compiler's memory planning and the
 # activation budget see its saved tensors. Its private _flash_attn_fwd/_flash_attn_bwd are the
 # two halves of its own autograd function (flash-attn-4 4.0.0b36), called by keyword. The ops
-# are not tied to CUDA: mt_core.attention refuses flash_attn_4 elsewhere, and a CPU stand-in
+# are not tied to CUDA: mt_core.model.attention refuses flash_attn_4 elsewhere, and a CPU stand-in
 # for flash-attn-4 runs them in the tests.
 @torch.library.custom_op("mt::flash_attn_4_forward", mutates_args=())
 def _fa4_forward(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mt_core.config import ConfigError, TrainingArgs
-from mt_core.loss import minibatch_tensors
+from mt_core.trainer.loss import minibatch_tensors
 from mt_data import InfiniteSampler, StepLoader, TokenSource
 from mt_fsdp import DistContext, decoder_blocks, reshard_all
 from mt_osft import OSFTConfig, OSFTState, adaptive_ratios, apply_osft

@@ -37,7 +37,7 @@ import torch.distributed._functional_collectives as funcol
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from mt_core.stateful import stateful_layers
+from mt_core.model.recurrent import recurrent_layers
 
 __all__ = ["sequence_parallel_problem", "use_sequence_parallel_attention"]
 
@@ -63,9 +63,9 @@ def sequence_parallel_problem(config: PretrainedConfig, size: int) -> str | None
 
 def use_sequence_parallel_attention(model: PreTrainedModel, group: dist.ProcessGroup) -> str:
     """Wraps the padding-free attention ``model`` uses now (set by
-    :func:`mt_core.attention.use_padding_free_attention`) so that the ranks of ``group``
+    :func:`mt_core.model.attention.use_padding_free_attention`) so that the ranks of ``group``
     exchange heads for tokens around it; returns the new attn_implementation name."""
-    if stateful_layers(model):
+    if recurrent_layers(model):
         raise ValueError(
             f"{type(model).__name__} has state-space / convolution layers, which run along the "
             "whole sequence: sequence parallelism cannot split them; set sequence_parallel_size = 1"

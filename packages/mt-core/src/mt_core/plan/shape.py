@@ -11,11 +11,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from mt_core.config import ConfigError, TrainingArgs
-from mt_core.memory import MASTER_BYTES, ModelShape
-from mt_core.model import matmul_parameter_count
+from mt_core.model.attention import has_attention_sinks
+from mt_core.model.build import matmul_parameter_count
+from mt_core.plan.memory import MASTER_BYTES, ModelShape
 from mt_fsdp import decoder_blocks
 
-__all__ = ["OsftSettings", "liger_supports", "load_model_config", "model_shape", "osft_settings"]
+__all__ = ["OsftSettings", "liger_supports", "read_config_only", "model_shape", "osft_settings"]
 
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -29,7 +30,7 @@ class OsftSettings:
     upcast_bytes: int = 4
 
 
-def load_model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+def read_config_only(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The config of ``model_name_or_path``: a local folder's config.json, or only the config of
     a hub model (never its weights). One clear ConfigError when neither can be had."""
     path = Path(name)
@@ -132,6 +133,7 @@ def model_shape(
         head_params=head.weight.numel() if head is not None else 0,
         osft_extra_bytes=extra,
         moe=any((getattr(text, key, 0) or 0) > 1 for key in _MOE_KEYS),
+        sinks=has_attention_sinks(model),
     )
 
 

@@ -14,11 +14,15 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from mt_core.activation_offload import ActivationOffload
-from mt_core.attention import has_attention_sinks, resolve_attn_backend, use_padding_free_attention
 from mt_core.config import ConfigError
-from mt_core.families import freeze_untrained, load_weights, new_model
-from mt_core.sequence_parallel import use_sequence_parallel_attention
+from mt_core.model.activation_offload import ActivationOffload
+from mt_core.model.attention import (
+    has_attention_sinks,
+    resolve_attn_backend,
+    use_padding_free_attention,
+)
+from mt_core.model.families import freeze_untrained, load_weights, new_model
+from mt_core.model.sequence_parallel import use_sequence_parallel_attention
 from mt_fsdp import (
     TOKENIZER_FILES,
     DistContext,
@@ -199,10 +203,9 @@ def build_model(
     return model, backend
 
 
-def export_dtype(args, config: PretrainedConfig, override: str | None = None) -> torch.dtype:
-    """The dtype of an HF export: ``override`` (a command-line choice), else save_dtype, else
-    OSFT's output dtype, else the dtype the model was published in (its config's)."""
-    name = override or args.save_dtype or (args.osft and args.osft_output_dtype)
+def export_dtype(config: PretrainedConfig, name: str | None = None) -> torch.dtype:
+    """The dtype of an HF export: ``name`` (one of :data:`TORCH_DTYPES`) where one is chosen,
+    else the dtype the model was published in (its config's)."""
     if name:
         return TORCH_DTYPES[name]
     own = getattr(config, "dtype", None) or torch.float32

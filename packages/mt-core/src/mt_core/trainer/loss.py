@@ -70,7 +70,7 @@ def minibatch_loss(
     ``input_ids``, ``position_ids`` and ``targets`` are ``(1, T)`` int64 on the model's device;
     ``targets[t]`` is the token position ``t`` predicts (already shifted, -100 where none);
     ``cu_seqlens`` (int32, ``(n + 1,)``) and ``max_seqlen`` describe the documents of the row.
-    The model must use padding-free attention (:func:`mt_core.attention.use_padding_free_attention`).
+    The model must use padding-free attention (:func:`mt_core.model.attention.use_padding_free_attention`).
 
     An empty minibatch (``T == 0``) runs one dummy token whose target is ignored, so forward and
     backward still reach every parameter (FSDP's collectives must match on all ranks): its loss

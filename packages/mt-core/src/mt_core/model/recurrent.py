@@ -1,4 +1,4 @@
-"""Hybrid attention / state-space models on packed rows: their stateful layers run per document.
+"""Hybrid attention / state-space models on packed rows: their recurrent layers run per document.
 
 Mamba2 mixers (Bamba, GraniteMoeHybrid), LFM2's short convolutions and Qwen3-Next's
 gated-delta-rule layers read the row left to right, carrying a convolution window and a recurrent
@@ -10,7 +10,7 @@ then sees exactly what it sees for the document alone, and the outputs are conca
 into the row. Everything else in the model is per token or padding-free attention, so the
 packed row stays one forward pass, with one parameter gather per block under FSDP.
 
-A stateful layer is recognised by what makes it one: a direct child ``nn.Conv1d`` (the causal
+A recurrent layer is recognised by what makes it one: a direct child ``nn.Conv1d`` (the causal
 convolution over tokens that all these layers start with). Families with such layers that are
 not in :data:`PER_DOCUMENT_FAMILIES` (tested exact) are refused rather than trained inexactly.
 """
@@ -27,9 +27,9 @@ from transformers import PreTrainedModel
 from mt_core.config import ConfigError
 from mt_fsdp import decoder_blocks
 
-__all__ = ["PER_DOCUMENT_FAMILIES", "run_stateful_layers_per_document", "stateful_layers"]
+__all__ = ["PER_DOCUMENT_FAMILIES", "run_recurrent_layers_per_document", "recurrent_layers"]
 
-# model_type -> what its stateful layers are; each is tested in tests/test_model_families.py
+# model_type -> what its recurrent layers are; each is tested in tests/test_model_families.py
 PER_DOCUMENT_FAMILIES = {
     "bamba": "Mamba2 mixers",
     "granitemoehybrid": "Mamba2 mixers",
@@ -43,7 +43,7 @@ _PACKING_KEYS = (
 )  # fmt: skip
 
 
-def stateful_layers(model: nn.Module) -> list[nn.Module]:
+def recurrent_layers(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` that carry state along the row (own a token ``nn.Conv1d``)."""
     return [
         module
@@ -52,12 +52,12 @@ def stateful_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def run_stateful_layers_per_document(model: PreTrainedModel) -> None:
-    """Makes every stateful layer of ``model`` run once per document of a packed row (given by
+def run_recurrent_layers_per_document(model: PreTrainedModel) -> None:
+    """Makes every recurrent layer of ``model`` run once per document of a packed row (given by
     the ``cu_seq_lens_q`` of the model call); calls without it (one unpacked sequence) pass
-    through unchanged. Raises ConfigError for a stateful family mt has not made exact.
+    through unchanged. Raises ConfigError for a recurrent family mt has not made exact.
     Calling it again is harmless."""
-    if not stateful_layers(model):
+    if not recurrent_layers(model):
         return
     model_type = model.config.model_type
     if model_type not in PER_DOCUMENT_FAMILIES:
@@ -68,7 +68,7 @@ def run_stateful_layers_per_document(model: PreTrainedModel) -> None:
              f"loss would not be exact; hybrid models mt trains: {supported}"]
         )  # fmt: skip
     for block in decoder_blocks(model):
-        layers = [m for m in stateful_layers(block) if not getattr(m, "_mt_per_document", False)]
+        layers = [m for m in recurrent_layers(block) if not getattr(m, "_mt_per_document", False)]
         if layers:
             documents = _Documents()
             # the block's own call carries the documents, and so does its recomputation under

@@ -1,0 +1,213 @@
+"""The one resolver of a run's unset speed and memory settings.
+
+A run file may leave Liger, compilation, the attention backend, the activation budget, the
+offloads and the gradient sync unset; :func:`resolve` fills each in from the run file and the
+:class:`Machine` it trains on. The trainer calls it for the machine it runs on
+(:func:`this_machine`), ``mt check`` for the GPU it plans for (:func:`planned_machine`): what a
+plan describes is what a run does.
+
+The rules (each measured where it is a speed choice: tools/bench/RESULTS.md):
+
+* Liger's kernels: on a GPU where liger-kernel is installed and has kernels for the
+  architecture (without them the logits are materialised, and the memory plan says so);
+* compiled decoder blocks: on a GPU;
+* attention ``auto``: the first backend that can run on the machine (flash-attn-4, flash-attn 2,
+  PyTorch's varlen, per-document SDPA), the first that computes attention sinks for a model
+  with them;
+* gradients reduce-scattered after every minibatch on several GPUs and under cpu_offload
+  (:func:`mt_core.plan.fit.syncs_every_minibatch`);
+* the activation budget, kept-gathered blocks and the offloads: :func:`mt_core.plan.fit.fit_to_gpu`
+  for the GPU and host memory the machine leaves the process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mt_core.config import ConfigError, TrainingArgs
+from mt_core.plan import fit as fitting
+from mt_core.plan.fit import Fit, most_minibatches, run_settings, syncs_every_minibatch
+from mt_core.plan.memory import GIB, ModelShape, Settings
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from mt_core.plan.memory import Gpu
+    from mt_fsdp import DistContext
+
+__all__ = [
+    "Machine",
+    "Resolved",
+    "planned_machine",
+    "resolve",
+    "resolve_this_process",
+    "this_machine",
+]
+
+# compute capability of the GPUs ``mt check --gpu`` knows (flash-attn-4 needs 9.0)
+_CAPABILITY = {"H100": (9, 0), "H200": (9, 0), "A100": (8, 0), "A100-40": (8, 0)}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a run's settings depend on of the machine it trains on."""
+
+    gpu: bool  # CUDA GPUs (else the CPU)
+    world_size: int
+    liger_installed: bool  # liger-kernel imports there
+    attention_backends: tuple[str, ...]  # those that can run there, in the order auto prefers
+    gpu_bytes: float | None = None  # the GPU memory one process may plan for (None: no GPU)
+    host_bytes: float = math.inf  # the host memory one process may fill with offloads
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Every speed and memory setting of a run, as it will train."""
+
+    liger: bool
+    compile_blocks: bool
+    attn_backend: str
+    sync_each_minibatch: bool
+    fit: Fit  # activation budget, kept-gathered blocks, offloads (and what to say of them)
+    settings: Settings  # what the memory estimate is made for: the run with its fit
+    shape: ModelShape | None = None  # built where the fit needs it (a GPU)
+    notes: tuple[str, ...] = field(default=())  # settings that differ from what one expects
+
+    def describe(self) -> str:
+        """One line of what was chosen, in the words of ``mt check``'s plan."""
+        fit = self.fit
+        on = {True: "on", False: "off"}
+        return (
+            f"attention {self.attn_backend}, liger {on[self.liger]}, compiled blocks "
+            f"{on[self.compile_blocks]}, activation budget {fit.activation_budget:.2f}, "
+            f"activation offload {on[fit.activation_offload]}, cpu_offload "
+            f"{on[fit.cpu_offload]}, gradient sync "
+            f"{'every minibatch' if self.sync_each_minibatch else 'once a step'}"
+        )
+
+
+def resolve(
+    args: TrainingArgs,
+    config: PretrainedConfig,
+    machine: Machine,
+    lengths: np.ndarray,
+    *,
+    shape: ModelShape | None = None,
+    warn: bool = True,
+) -> Resolved:
+    """Every unset speed and memory setting of ``args`` on ``machine``, for training samples of
+    these ``lengths``. ``shape``: the model's (:func:`mt_core.plan.shape.model_shape`), built
+    here where the machine has a GPU and it is not given; ``warn``: log a warning where nothing
+    makes the run fit."""
+    from mt_core.model.attention import auto_backend  # torch: only once the run file is good
+    from mt_core.plan.shape import liger_supports, model_shape, osft_settings
+
+    notes = []
+    liger = args.use_liger_kernels
+    if liger is None:
+        liger = machine.gpu and machine.liger_installed
+        if liger and liger_supports(config.model_type) is False:
+            liger = False
+            notes.append(
+                f"liger-kernel has no kernels for model_type {config.model_type!r}: the logits "
+                "are materialised (the loss row)"
+            )
+    compiled = machine.gpu if args.torch_compile is None else args.torch_compile
+    if machine.gpu and shape is None:
+        shape = model_shape(
+            config, osft=osft_settings(args), master=args.train_dtype,
+            trust_remote_code=args.trust_remote_code,
+        )  # fmt: skip
+    attention = args.attn_backend
+    if attention == "auto":
+        attention = auto_backend(machine.attention_backends, sinks=bool(shape and shape.sinks))
+    fit = fitting.fit_to_gpu(
+        args, config, capacity_bytes=machine.gpu_bytes if machine.gpu else None,
+        host_bytes=machine.host_bytes, world_size=machine.world_size, compiled=compiled,
+        liger=liger, lengths=lengths, shape=shape, warn=warn,
+    )  # fmt: skip
+    run = run_settings(
+        args, machine.world_size, liger, most_minibatches(args, lengths, machine.world_size)
+    )
+    return Resolved(
+        liger=liger,
+        compile_blocks=compiled,
+        attn_backend=attention,
+        sync_each_minibatch=syncs_every_minibatch(args, machine.world_size, fit.cpu_offload),
+        fit=fit,
+        settings=fit.applied(run),
+        shape=shape,
+        notes=tuple(notes),
+    )
+
+
+def resolve_this_process(
+    args: TrainingArgs, config: PretrainedConfig, ctx: DistContext, lengths: np.ndarray
+) -> Resolved:
+    """:func:`resolve` on this process's machine: its GPU's room
+    (:func:`mt_core.plan.fit.gpu_room`, said when less than the whole GPU) and its share of the
+    node's host memory; the main rank prints what the fit chose. A run file whose cpu_offload
+    the node's memory cannot hold is a ConfigError."""
+    on_gpu = ctx.device.type == "cuda"
+    capacity, smaller = fitting.gpu_room(ctx.device, ctx.world_size) if on_gpu else (None, "")
+    if smaller:
+        print(f"rank {ctx.rank}: planning for {capacity / GIB:.1f} GiB of GPU memory: {smaller}",
+              flush=True)  # fmt: skip
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    available = fitting.available_host_bytes()
+    machine = this_machine(
+        ctx, gpu_bytes=capacity, host_bytes=fitting.host_room_bytes(available, local_processes)
+    )
+    resolved = resolve(args, config, machine, lengths)
+    if ctx.is_main and resolved.fit.summary:
+        print(resolved.fit.summary, flush=True)
+    problem = fitting.host_memory_problem(
+        args, config, world_size=ctx.world_size, available_bytes=available,
+        local_processes=local_processes,
+    )  # fmt: skip
+    if problem is not None:
+        raise ConfigError([problem])
+    return resolved
+
+
+def this_machine(ctx: DistContext, *, gpu_bytes: float | None, host_bytes: float) -> Machine:
+    """The machine this process trains on: its device, the kernels installed, and the GPU and
+    host memory its fit may plan for (:func:`mt_core.plan.fit.gpu_room`,
+    :func:`mt_core.plan.fit.host_room_bytes`)."""
+    from mt_core.model.attention import runnable_backends
+    from mt_core.model.build import liger_available
+
+    on_gpu = ctx.device.type == "cuda"
+    return Machine(
+        gpu=on_gpu,
+        world_size=ctx.world_size,
+        liger_installed=on_gpu and liger_available(),
+        attention_backends=runnable_backends(ctx.device),
+        gpu_bytes=gpu_bytes if on_gpu else None,
+        host_bytes=host_bytes,
+    )
+
+
+def planned_machine(
+    device: Gpu, world_size: int, capability: tuple[int, int] | None = None
+) -> Machine:
+    """The machine ``mt check`` plans for: ``world_size`` GPUs like ``device`` with mt's GPU
+    install (liger-kernel is a dependency on Linux) and the attention kernels installed here, for
+    a GPU of compute ``capability`` (by default that of the GPUs ``--gpu`` knows, else 9.0).
+    Its host memory is not known here: offloads are planned as if it had room."""
+    from mt_core.model.attention import runnable_backends
+
+    if capability is None:
+        capability = _CAPABILITY.get(device.name, (9, 0))
+    return Machine(
+        gpu=True,
+        world_size=world_size,
+        liger_installed=True,
+        attention_backends=runnable_backends("cuda", capability=capability),
+        gpu_bytes=device.memory_gib * GIB,
+    )

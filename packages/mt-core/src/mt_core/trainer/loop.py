@@ -1,0 +1,105 @@
+"""The train loop: read it top to bottom.
+
+:func:`train` sets the run up (:mod:`mt_core.trainer.setup`), then repeats: the sampler draws the
+global batch and the packer splits it over ranks and into minibatches, :func:`train_step` makes
+one optimizer step of it (:mod:`mt_core.trainer.step`), and :func:`after_step` does what
+follows (metrics, validation, exports, checkpoints, stop: :mod:`mt_core.trainer.after_step`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.profiler import record_function
+
+from mt_core.config import ConfigError, TrainingArgs
+from mt_core.errors import RunError
+from mt_core.trainer.after_step import after_step
+from mt_core.trainer.counters import finished
+from mt_core.trainer.lifecycle import OutputDir
+from mt_core.trainer.setup import Run, setup_run
+from mt_core.trainer.step import StepClock, train_step
+from mt_fsdp import CheckpointError, DistContext, init_distributed, shutdown_distributed
+
+__all__ = ["TrainResult", "train"]
+
+logger = logging.getLogger("mt_core")
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run stands."""
+
+    output_dir: Path
+    steps: int
+    samples_seen: int
+    tokens_seen: int
+    last_loss: float
+    exports: list[Path]
+
+
+def train(args: TrainingArgs) -> TrainResult:
+    """Run ``args`` to its end in this process (one of torchrun's ranks, or alone)."""
+    try:
+        ctx = init_distributed(sequence_parallel_size=args.sequence_parallel_size)
+    except ValueError as error:  # the size does not divide the processes started
+        raise ConfigError([f"sequence_parallel_size: {error}"]) from error
+    if not ctx.is_main:
+        _quiet()  # rank 0 speaks for the run; the others only raise errors
+    try:
+        return _train(args, ctx)
+    except CheckpointError as error:  # disk full, quota: the message says what is intact
+        raise RunError(str(error)) from error
+    finally:
+        shutdown_distributed()
+
+
+def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
+    output = OutputDir(args, ctx)  # writable, and ours alone for the run
+    try:
+        with setup_run(args, ctx, output.path) as run:
+            return _loop(run)
+    finally:
+        output.release()
+
+
+def _loop(run: Run) -> TrainResult:
+    """Steps until the run's end or a stop signal, with the callbacks' hooks around them."""
+    counters, fire = run.counters, run.fire
+    done = finished(run.args, counters)
+    fire("on_train_begin", step=counters.step, epoch=counters.epochs_done)
+    clock = StepClock()
+    epoch_open = False
+    while not done:
+        if not epoch_open:
+            fire("on_epoch_begin", step=counters.step, epoch=counters.epochs_done)
+            epoch_open = True
+        fire("on_step_begin", step=counters.step, epoch=counters.epochs_done)
+        with record_function("mt.data"):
+            # an epoch sampler's new iterator starts with the next epoch once one has ended
+            batch = run.data.loader.step_batch(next(iter(run.data.sampler)))
+        outcome = train_step(run, batch, clock)
+        with clock.paused():
+            end = after_step(run, batch, outcome)
+        done, epoch_open = end.done, epoch_open and not end.epoch_closed
+        if end.stopped:
+            break
+    fire("on_train_end", step=counters.step, epoch=counters.epochs_done)
+    return TrainResult(
+        run.output_dir, counters.step, counters.samples_seen, counters.tokens_seen,
+        run.last_loss, run.exports,
+    )  # fmt: skip
+
+
+def _quiet() -> None:
+    """Silence warnings and library progress on this rank (every rank would repeat them)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.simplefilter("ignore")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logger.setLevel(logging.ERROR)
