@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mt_osft.subspace import MATMUL_PRECISIONS
+
 __all__ = ["OSFTConfig", "parse_dtype"]
 
 _DTYPES = {
@@ -57,6 +59,13 @@ class OSFTConfig:
         optimizer step, so that Adam's moments only see directions that can move. The post-step
         weight projection alone guarantees the invariant; this changes the optimizer's statistics
         (as the paper does) and costs one more projection per step.
+    gradient_precision: the matmul precision of the gradient projection: "tf32" (the default;
+        TF32 tensor cores on CUDA, float32 inputs rounded to 10-bit mantissas, about 8x the
+        IEEE float32 rate; the CPU stays IEEE) or "ieee". It may be cheaper than the weight
+        projection because it is not the one that keeps the invariant: what it leaves along the
+        frozen directions, a few TF32 roundings of the gradient (which is itself stored in
+        bfloat16 or float32), goes into the step and is removed by the exact projection of the
+        weights after it.
     """
 
     unfreeze_rank_ratio: float
@@ -64,6 +73,7 @@ class OSFTConfig:
     upcast_dtype: torch.dtype | str = torch.float32
     output_dtype: torch.dtype | str | None = None
     project_gradients: bool = True
+    gradient_precision: str = "tf32"
 
     def __post_init__(self) -> None:
         ratio = self.unfreeze_rank_ratio
@@ -86,6 +96,11 @@ class OSFTConfig:
         if self.output_dtype is not None:
             object.__setattr__(
                 self, "output_dtype", parse_dtype(self.output_dtype, "osft_output_dtype")
+            )
+        if self.gradient_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"gradient_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got "
+                f"{self.gradient_precision!r}"
             )
 
 

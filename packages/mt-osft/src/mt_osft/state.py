@@ -31,6 +31,13 @@ Projecting the gradients first (:meth:`OSFTState.project_gradients_`, between ba
 keeps Adam's moments in the trainable subspace; it does not by itself keep the weights there,
 because Adam divides each element by its own second moment.
 
+Which projection must be exact: only the weight projection, which runs in IEEE float32 (or
+float64) whatever the trainer's matmul setting. The gradient projection runs in
+``OSFTConfig.gradient_precision`` (TF32 on CUDA by default, about 5x the IEEE rate on an H200):
+what its rounding leaves along the frozen directions goes into the step and is removed by the
+exact weight projection after it, so the invariant is as strong as with an exact gradient
+projection (tests/test_projection_precision.py trains with an emulated TF32 one).
+
 Ratio 0 for a matrix freezes its weight (``requires_grad=False``): it never changes, bitwise.
 Ratio 1 leaves it alone: full fine-tuning. Parameters that no pattern targets are not touched.
 
@@ -70,6 +77,7 @@ from mt_osft.subspace import (
     SubspacePlan,
     decompose,
     ieee_matmul,
+    matmul_precision,
     plan_subspace,
     project,
     trainable_rank,
@@ -175,7 +183,7 @@ class OSFTState:
         sharding every rank must call it."""
         if not self.config.project_gradients:
             return
-        with ieee_matmul():
+        with matmul_precision(self.config.gradient_precision):
             for target in self.targets.values():
                 grad = target.weight.grad
                 if target.plan.projected and grad is not None:
@@ -183,11 +191,11 @@ class OSFTState:
 
     def _project_weight(self, target: OSFTTarget) -> None:
         weight, ref = _local(target.weight), _local(target.ref)
-        dtype = self.config.upcast_dtype
-        ref_up = ref.to(dtype)
-        d = weight.to(dtype) - ref_up
+        # one temporary of the matrix in upcast_dtype: W0 is upcast inside the in-place ops
+        # (exactly: bfloat16 and float32 values are all float32 and float64 values)
+        d = weight.to(self.config.upcast_dtype, copy=True).sub_(ref)
         d = self._project_local(target, d)
-        weight.copy_(d.add_(ref_up))
+        weight.copy_(d.add_(ref))
 
     def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
         local = _local(tensor)
@@ -197,21 +205,17 @@ class OSFTState:
     def _project_local(self, target: OSFTTarget, d: torch.Tensor) -> torch.Tensor:
         plan = target.plan
         left, right = target.left, target.right
-        reduce = None
+        group = None
         if isinstance(left, DTensor):
             group = _shard_group(left)
             right = right.full_tensor()
             left = left.to_local()
-
-            def reduce(tensor: torch.Tensor) -> None:
-                dist.all_reduce(tensor, group=group)
-
         elif isinstance(target.weight, DTensor):
             raise RuntimeError(
                 f"{target.name} is sharded but its OSFT state is not: call apply_osft after "
                 f"fully_shard, not before"
             )
-        return project(d, left, plan.left_keep, right, plan.right_keep, reduce)
+        return project(d, left, plan.left_keep, right, plan.right_keep, group)
 
     # ---- measuring ------------------------------------------------------------------------
 

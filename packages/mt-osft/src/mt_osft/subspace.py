@@ -23,11 +23,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 __all__ = [
     "SubspacePlan",
     "decompose",
+    "MATMUL_PRECISIONS",
     "ieee_matmul",
+    "matmul_flops",
+    "matmul_precision",
     "plan_subspace",
     "project",
     "residual_bound",
@@ -95,21 +99,37 @@ def plan_subspace(shape: tuple[int, int], n_train: int) -> SubspacePlan:
     )
 
 
+# the precisions matmul_precision accepts: full IEEE float32, or TF32 tensor cores on CUDA
+MATMUL_PRECISIONS = ("ieee", "tf32")
+
+
 @contextmanager
-def ieee_matmul() -> Iterator[None]:
-    """Full float32 matmuls inside (no TF32 on CUDA, no reduced precision in oneDNN on CPU),
-    whatever the trainer chose for its own matmuls; restored on exit."""
-    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
-    saved = [backend.fp32_precision for backend in backends]
+def matmul_precision(precision: str) -> Iterator[None]:
+    """float32 matmuls in ``precision`` inside, whatever the trainer chose for its own matmuls;
+    restored on exit. "ieee": full float32 (no TF32 on CUDA, no reduced precision in oneDNN on
+    CPU). "tf32": TF32 tensor cores on CUDA (10-bit mantissas in, float32 sums); the CPU stays
+    IEEE."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    wanted = [
+        (torch.backends.cuda.matmul, precision),
+        (torch.backends.mkldnn.matmul, "ieee"),
+    ]
+    saved = [backend.fp32_precision for backend, _ in wanted]
     try:
-        for backend, value in zip(backends, saved, strict=True):
-            if value not in ("ieee", "none"):
-                backend.fp32_precision = "ieee"
+        for (backend, value), before in zip(wanted, saved, strict=True):
+            if before != value and not (value == "ieee" and before == "none"):
+                backend.fp32_precision = value
         yield
     finally:
-        for backend, value in zip(backends, saved, strict=True):
-            if backend.fp32_precision != value:
-                backend.fp32_precision = value
+        for (backend, _), before in zip(wanted, saved, strict=True):
+            if backend.fp32_precision != before:
+                backend.fp32_precision = before
+
+
+def ieee_matmul():
+    """Full IEEE float32 matmuls inside: :func:`matmul_precision` ("ieee")."""
+    return matmul_precision("ieee")
 
 
 def _orthonormal(basis: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -146,23 +166,88 @@ def project(
     left_keep: bool,
     right: torch.Tensor,
     right_keep: bool,
-    reduce: Callable[[torch.Tensor], None] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """Π(d): ``d`` with its components along the frozen directions removed. ``d`` is overwritten.
+    """Π(d) = L d R: ``d`` with its components along the frozen directions removed. ``d`` may be
+    overwritten; the result is returned.
 
-    ``d`` may be a block of rows of the matrix, with ``left`` the same rows of the left basis and
-    ``right`` the whole right basis; ``reduce`` then sums the partial products ``left^T d`` (k x in)
-    over the blocks in place (an all-reduce), which is all a row-sharded projection needs.
+    L = I - U U^T for a frozen basis U (``left_keep=False``), U U^T for a basis of the trainable
+    complement (``left_keep=True``); R likewise from ``right``. The two sides commute, so the
+    order is free, and a complement side is applied first: it leaves a thin factor (``d V`` of
+    width t = n_train), on which the other side costs t/in (or t/out) of what it costs on ``d``.
+    Llama-3.1-8B at ratio 0.25: 2.3x fewer FLOPs than both sides on the whole matrix.
+
+    ``group``: ``d`` is this rank's block of rows of the matrix, ``left`` the same rows of the
+    left basis, ``right`` the whole right basis. Products summed over rows (``left^T x``) are
+    all-reduced; a product every rank would otherwise repeat (the right side on the thin
+    ``left^T d``) is split by rows over the group, its parts reduce-scattered in and all-gathered
+    out. Each of N ranks then does 1/N of the arithmetic of one process.
     """
-    if left_keep or left.shape[1]:
-        coeff = left.T @ d
-        if reduce is not None:
-            reduce(coeff)
-        d = left @ coeff if left_keep else d.addmm_(left, coeff, alpha=-1.0)
-    if right_keep or right.shape[1]:
-        coeff = d @ right
-        d = coeff @ right.T if right_keep else d.addmm_(coeff, right.T, alpha=-1.0)
-    return d
+    if right_keep:  # d R = (d V) V^T: row-local; then L on the thin factor d V
+        thin = _left_side(d @ right, left, left_keep, group)
+        return torch.matmul(thin, right.T, out=d)
+    if left_keep:  # L d = U (U^T d); then R on the thin factor U^T d (t x in)
+        thin = left.T @ d
+        if group is None:
+            thin = _right_side(thin, right, right_keep)
+        else:
+            thin = _right_side_split(thin, right, group)
+        return torch.matmul(left, thin, out=d)
+    return _right_side(_left_side(d, left, False, group), right, False)
+
+
+def _left_side(
+    x: torch.Tensor, left: torch.Tensor, keep: bool, group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """L x for ``x`` with the rows of ``left`` (a block of them under ``group``)."""
+    if not keep and left.shape[1] == 0:
+        return x
+    coeff = left.T @ x
+    if group is not None:
+        dist.all_reduce(coeff, group=group)
+    return left @ coeff if keep else x.addmm_(left, coeff, alpha=-1.0)
+
+
+def _right_side(x: torch.Tensor, right: torch.Tensor, keep: bool) -> torch.Tensor:
+    """x R for the whole right basis."""
+    if not keep and right.shape[1] == 0:
+        return x
+    coeff = x @ right
+    return coeff @ right.T if keep else x.addmm_(coeff, right.T, alpha=-1.0)
+
+
+def _right_side_split(
+    partial: torch.Tensor, right: torch.Tensor, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """(sum over ranks of ``partial``) R for a frozen right basis, each rank computing R on its
+    share of the rows: the sum is reduce-scattered (rows padded to a multiple of the group's
+    size), each part projected, the parts all-gathered. The same communication as one
+    all-reduce of ``partial``."""
+    size = dist.get_world_size(group)
+    rows = partial.shape[0]
+    share = -(-rows // size)
+    padded = partial.new_zeros(share * size, partial.shape[1])
+    padded[:rows] = partial
+    mine = partial.new_empty(share, partial.shape[1])
+    dist.reduce_scatter_tensor(mine, padded, group=group)
+    mine = _right_side(mine, right, keep=False)
+    dist.all_gather_into_tensor(padded, mine, group=group)
+    return padded[:rows]
+
+
+def matmul_flops(call: Callable[[], object]) -> int:
+    """The FLOPs of the matrix products that ``call()`` runs, by torch's FlopCounterMode, which
+    does not know the in-place ``addmm_`` the projections use: it is counted here as 2 m k n."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.addmm_: addmm_inplace}
+    ) as counter:
+        call()
+    return counter.get_total_flops()
 
 
 def residual_bound(

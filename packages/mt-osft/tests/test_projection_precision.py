@@ -1,0 +1,157 @@
+"""Which projection must be exact: the gradient projection may run in TF32 (its default on CUDA),
+because the exact projection of the weights after the step removes whatever it leaves along the
+frozen directions; the weight projection stays IEEE float32 and keeps the invariant within
+``residual_bound``.
+
+TF32 is emulated here on the CPU (inputs rounded to 10-bit mantissas, float32 sums), so the
+arithmetic the GPU does is what these tests train with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mt_osft.state as state_module
+from mt_osft import OSFTConfig, apply_osft, residual_bound
+from mt_osft.subspace import project
+
+
+def tf32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (float32) rounded to TF32's 10 mantissa bits, nearest, ties away from zero (a
+    tensor core reads float32 inputs so)."""
+    bits = tensor.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def tf32_project(d, left, left_keep, right, right_keep, reduce=None):
+    """Π(d), both sides on the whole matrix, with every matmul input rounded to TF32."""
+    if left_keep or left.shape[1]:
+        coeff = tf32(left).T @ tf32(d)
+        d = tf32(left) @ tf32(coeff) if left_keep else d - tf32(left) @ tf32(coeff)
+    if right_keep or right.shape[1]:
+        coeff = tf32(d) @ tf32(right)
+        d = tf32(coeff) @ tf32(right).T if right_keep else d - tf32(coeff) @ tf32(right).T
+    return d
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(40, 24)  # wide
+        self.b = nn.Linear(24, 48)  # tall
+        self.c = nn.Linear(48, 48)  # square
+        self.d = nn.Linear(48, 20)
+
+    def forward(self, x):
+        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+TARGETS = ["a", "b", "c", "d"]
+
+
+def frozen_residual(w0: torch.Tensor, w: torch.Tensor, k: int) -> float:
+    """The invariant against an exact (float64) SVD of W0: the larger of |U_hi^T ΔW| and
+    |ΔW V_hi|, relative to |ΔW|."""
+    u, _, vh = torch.linalg.svd(w0.double(), full_matrices=False)
+    delta = w.double() - w0.double()
+    return max(float((u[:, :k].T @ delta).norm()), float((delta @ vh[:k].T).norm())) / float(
+        delta.norm()
+    )
+
+
+def train_with_tf32_gradient_projection(monkeypatch, *, project_weights: bool, steps: int = 40):
+    torch.manual_seed(0)
+    model = Net()
+    w0 = {f"{name}.weight": getattr(model, name).weight.detach().clone() for name in TARGETS}
+    state = apply_osft(model, OSFTConfig(0.25, TARGETS))
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 40, generator=generator), torch.randn(64, 20, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    leaks = []
+    for _ in range(steps):
+        ((model(x) - y) ** 2).mean().backward()
+        with monkeypatch.context() as patch:
+            patch.setattr(state_module, "project", tf32_project)
+            state.project_gradients_()
+        for name, target in state.targets.items():  # what the TF32 projection left
+            grad = target.weight.grad
+            leaks.append(frozen_residual(w0[name], w0[name] + grad, target.plan.n_frozen))
+        optimizer.step()
+        if project_weights:
+            state.project_()
+        optimizer.zero_grad(set_to_none=True)
+    return model, state, w0, max(leaks)
+
+
+def test_a_tf32_gradient_projection_leaks_and_the_weight_projection_removes_it(monkeypatch):
+    model, state, w0, leak = train_with_tf32_gradient_projection(monkeypatch, project_weights=True)
+    for name, target in state.targets.items():
+        w, k = target.weight.detach(), target.plan.n_frozen
+        assert float((w - w0[name]).norm() / w0[name].norm()) > 0.1, name  # it trained
+        # the frozen directions, against an exact SVD: within what float32 storage and the
+        # float32 SVD's tilt allow (mt_osft.residual_bound), as with IEEE gradient projections
+        assert frozen_residual(w0[name], w, k) < residual_bound(w0[name], w, k, torch.float32)
+    # the TF32 projection does leak: more than the IEEE float32 rounding of a gradient would
+    # (so the test above is about something): about TF32's unit roundoff 2^-11 at least once
+    gradient_bound = (48 + 48) * torch.finfo(torch.float32).eps
+    assert leak > gradient_bound
+
+
+def test_without_the_weight_projection_the_tf32_leak_would_stay(monkeypatch):
+    """Negative control: the same training without the exact weight projection leaves the
+    frozen subspace by far more than the bound (Adam's per-element scaling and the TF32 leak)."""
+    model, state, w0, _ = train_with_tf32_gradient_projection(monkeypatch, project_weights=False)
+    assert any(
+        frozen_residual(w0[n], t.weight.detach(), t.plan.n_frozen)
+        > 100 * residual_bound(w0[n], t.weight.detach(), t.plan.n_frozen, torch.float32)
+        for n, t in state.targets.items()
+    )
+
+
+@pytest.mark.parametrize("gradient_precision", ["tf32", "ieee"])
+def test_each_projection_runs_in_its_precision_and_the_trainers_setting_comes_back(
+    gradient_precision, monkeypatch
+):
+    layer = nn.Linear(24, 32, bias=False)
+    state = apply_osft(layer, OSFTConfig(0.5, ["re:"], gradient_precision=gradient_precision))
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.fp32_precision)
+        return project(*args, **kwargs)
+
+    monkeypatch.setattr(state_module, "project", recording)
+    before = torch.backends.cuda.matmul.fp32_precision
+    layer.weight.grad = torch.randn(32, 24)
+    state.project_gradients_()
+    state.project_()
+    # ("none" is torch's default, IEEE: left as it is)
+    assert seen[0] == gradient_precision or (gradient_precision, seen[0]) == ("ieee", "none")
+    assert seen[1] in ("ieee", "none")  # the weights: always IEEE
+    assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+def test_an_unknown_gradient_precision_is_refused():
+    with pytest.raises(ValueError, match="gradient_precision must be one of ieee, tf32"):
+        OSFTConfig(0.5, gradient_precision="bf16")
+
+
+def test_the_weight_projection_is_w0_plus_the_projected_change_bit_for_bit():
+    """W <- W0 + Π(W - W0) in float32 for bfloat16 weights, computed in place with W0 upcast
+    inside the operations: the same bits as the formula written out."""
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 40, bias=False).to(torch.bfloat16)
+    state = apply_osft(layer, OSFTConfig(0.25, ["re:"]))
+    target = state.targets["weight"]
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.01)
+    moved = layer.weight.detach().clone()
+    state.project_()
+    plan = target.plan
+    change = moved.float() - w0.float()
+    expected = (
+        project(change, target.left, plan.left_keep, target.right, plan.right_keep) + w0.float()
+    ).to(torch.bfloat16)
+    assert torch.equal(layer.weight.detach(), expected)
