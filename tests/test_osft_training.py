@@ -152,3 +152,47 @@ def test_adaptive_ratios_run_through_mt_run(workspace, runs):
     weights = run_here(runs, workspace, workspace / "adaptive", osft_adaptive_ratios=True,
                        max_steps=2)  # fmt: skip
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+LEVERS = {
+    # run-file keys; whether the run must equal plain OSFT bit for bit (the lever moves where
+    # tensors wait, not what is computed), or only keep the frozen subspace (8-bit moments
+    # change the steps)
+    "activation_offload": ({"activation_offload": True}, True),
+    "cpu_offload": ({"cpu_offload": True}, True),
+    "8-bit moments": ({"optimizer_state_dtype": "8bit"}, False),
+}
+
+
+@SHARES_RUNS
+@pytest.mark.slow(10)
+@pytest.mark.parametrize("lever", list(LEVERS))
+def test_osft_composes_with_the_memory_levers(lever, workspace, runs, llama_folder, monkeypatch):
+    """OSFT with each memory lever the fit may choose or a run file may set: the frozen subspace
+    stays put, and where the lever only moves tensors the weights equal plain OSFT's bit for
+    bit. Activation offload moves every saved tensor here (its size threshold lowered to 0, as
+    in tests/test_offload.py: the tiny model's tensors are below the default)."""
+    import mt_core.trainer.setup as trainer_setup
+    from mt_core.model.activation_offload import ActivationOffload
+
+    keys, identical = LEVERS[lever]
+    short = {"max_steps": 3, "checkpoint_every_steps": None}
+    plain = workspace / "plain_3_steps"
+    if not (plain / "hf_format").is_dir():
+        run_here(runs, workspace, plain, **short)
+    moved = []
+
+    def every_tensor(device):
+        moved.append(ActivationOffload(device, min_bytes=0))
+        return moved[-1]
+
+    monkeypatch.setattr(trainer_setup, "ActivationOffload", every_tensor)
+    trained = run_here(runs, workspace, workspace / f"lever {lever}", **short, **keys)
+    original = load_file(llama_folder / "model.safetensors")
+    assert_in_the_trainable_subspace(original, trained, 0.0)
+    if lever == "activation_offload":
+        assert moved and moved[0].pass_bytes > 0  # it did send activations to the host
+    if identical:
+        expected = runs.exported_weights(plain)
+        for name, tensor in expected.items():
+            assert torch.equal(trained[name], tensor), (lever, name)
