@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mt_osft import OSFTConfig, apply_osft, residual_bound
-from mt_osft.subspace import matmul_flops
+from mt_osft.subspace import matmul_flops, weight_precision
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "llama-3.1-8b": (4096, 14336, 32, 32, 8),
@@ -108,30 +108,31 @@ def main() -> None:
     rows, results = [], {"shape": options.shape, "ratio": options.ratio, "device": str(device)}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
-    # the invariant where TF32 is real: layer 0's matrices in float32 (where the bound is
-    # tightest) with their real SVDs, a gradient projected in TF32, a random step, the weight
-    # projection; residuals against the stored bases within what rounding allows
-    # (mt_osft.residual_bound)
-    layer = copy.deepcopy(model.layers[0]).float()
-    w0 = {name: m.weight.detach().clone() for name, m in layer.named_modules()
-          if isinstance(m, nn.Linear)}  # fmt: skip
-    state = apply_osft(layer, OSFTConfig(options.ratio, ["re:.*_proj"]))
-    with torch.no_grad():
-        for target in state.targets.values():
-            target.weight.grad = torch.randn_like(target.weight)
-        state.project_gradients_()
-        for target in state.targets.values():
-            target.weight.add_(target.weight.grad, alpha=-1e-3)
-            target.weight.grad = None
-        state.project_()
+    # the invariant where TF32 is real: layer 0's matrices with their real SVDs, in float32
+    # (IEEE weight projection; the tightest bound) and in bfloat16 (TF32 weight projection), a
+    # gradient projected in TF32, a random step, the weight projection; residuals against the
+    # stored bases within what rounding allows (mt_osft.residual_bound)
     checks = []
-    for name, (left, right) in state.residuals().items():
-        target = state.targets[name]
-        bound = residual_bound(w0[name.removesuffix(".weight")], target.weight,
-                               target.plan.n_frozen, None)  # fmt: skip
-        checks.append((name, max(left, right), bound))
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = copy.deepcopy(model.layers[0]).to(dtype)
+        w0 = {name: m.weight.detach().clone() for name, m in layer.named_modules()
+              if isinstance(m, nn.Linear)}  # fmt: skip
+        state = apply_osft(layer, OSFTConfig(options.ratio, ["re:.*_proj"]))
+        with torch.no_grad():
+            for target in state.targets.values():
+                target.weight.grad = torch.randn_like(target.weight)
+            state.project_gradients_()
+            for target in state.targets.values():
+                target.weight.add_(target.weight.grad, alpha=-1e-3)
+                target.weight.grad = None
+            state.project_()
+        for name, (left, right) in state.residuals().items():
+            target = state.targets[name]
+            bound = residual_bound(w0[name.removesuffix(".weight")], target.weight,
+                                   target.plan.n_frozen, None)  # fmt: skip
+            checks.append((f"{name} {str(dtype).removeprefix('torch.')}", max(left, right), bound))
+        del state, layer
     results["invariant"] = checks
-    del state
     for precision in ("ieee", "tf32"):
         state = apply_osft(
             model, OSFTConfig(options.ratio, gradient_precision=precision), model_type="llama",
@@ -148,7 +149,8 @@ def main() -> None:
         for name, call in (("gradients", state.project_gradients_), ("weights", state.project_)):
             seconds, extra = timed(call, device, options.repeat)
             flops = matmul_flops(call)
-            rows.append((f"{name} ({precision if name == 'gradients' else 'ieee'})", seconds,
+            used = precision if name == "gradients" else weight_precision(torch.bfloat16)
+            rows.append((f"{name} ({used})", seconds,
                          flops / 1e12, flops / seconds / 1e12, kept, extra))  # fmt: skip
         results[precision] = {"targets": len(state.targets), "values": weights, "rows": rows[-2:]}
         for target in state.targets.values():
@@ -179,7 +181,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, seconds, tflop, rate, kept, extra in rows:
         print(f"| {name} | {seconds:.3f} | {tflop:.1f} | {rate:.1f} | {kept:.2f} | {extra:.2f} |")
-    print("\n| layer 0 matrix (real SVD) | residual | residual_bound | within |")
+    print("\n| layer 0 matrix (real SVD), dtype | residual | residual_bound | within |")
     print("|---|---|---|---|")
     for name, residual, bound in checks:
         print(f"| {name} | {residual:.2e} | {bound:.2e} | {residual < bound} |")

@@ -155,3 +155,84 @@ def test_the_weight_projection_is_w0_plus_the_projected_change_bit_for_bit():
         project(change, target.left, plan.left_keep, target.right, plan.right_keep) + w0.float()
     ).to(torch.bfloat16)
     assert torch.equal(layer.weight.detach(), expected)
+
+
+def train_both_projections_emulated(monkeypatch, dtype, steps, *, tf32_weights: bool):
+    """Net in ``dtype`` trained under OSFT with the gradient projection in emulated TF32 and
+    the weight projection in emulated TF32 (``tf32_weights``) or IEEE float32."""
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    w0 = {f"{name}.weight": getattr(model, name).weight.detach().clone() for name in TARGETS}
+    state = apply_osft(model, OSFTConfig(0.25, TARGETS))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 40, generator=generator).to(dtype)
+    y = torch.randn(64, 20, generator=generator).to(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    for _ in range(steps):
+        ((model(x) - y).float() ** 2).mean().backward()
+        with monkeypatch.context() as patch:
+            patch.setattr(state_module, "project", tf32_project)
+            state.project_gradients_()
+        optimizer.step()
+        with monkeypatch.context() as patch:
+            if tf32_weights:
+                patch.setattr(state_module, "project", tf32_project)
+            state.project_()
+        optimizer.zero_grad(set_to_none=True)
+    return state, w0
+
+
+def test_weight_precision_is_tf32_for_bfloat16_weights_only():
+    from mt_osft.subspace import weight_precision
+
+    assert weight_precision(torch.bfloat16) == "tf32"
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        assert weight_precision(dtype) == "ieee", dtype
+
+
+def test_bfloat16_weights_projected_in_tf32_stay_within_the_bound_and_near_ieee(monkeypatch):
+    """bfloat16 weights whose projections both run in (emulated) TF32: against an exact SVD,
+    within residual_bound, which for bfloat16 storage is what it was with IEEE products; after
+    one step the stored weights are those of IEEE products up to bfloat16's unit roundoff of
+    their norm, 2^-9 |W| (what one more rounding of every element could do; a few elements
+    differ by a spacing)."""
+    state, w0 = train_both_projections_emulated(monkeypatch, torch.bfloat16, 30, tf32_weights=True)
+    for name, target in state.targets.items():
+        w, k = target.weight.detach(), target.plan.n_frozen
+        assert float((w.float() - w0[name].float()).norm() / w0[name].float().norm()) > 0.05
+        assert frozen_residual(w0[name], w, k) < residual_bound(w0[name], w, k, torch.float32)
+    tf32_state, _ = train_both_projections_emulated(
+        monkeypatch, torch.bfloat16, 1, tf32_weights=True
+    )
+    ieee_state, _ = train_both_projections_emulated(
+        monkeypatch, torch.bfloat16, 1, tf32_weights=False
+    )
+    for name, target in tf32_state.targets.items():
+        a, b = target.weight.detach().float(), ieee_state.targets[name].weight.detach().float()
+        assert (a - b).norm() <= 2.0**-9 * b.norm(), name
+
+
+def test_float32_weights_projected_in_tf32_would_leave_the_bound(monkeypatch):
+    """Negative control: why float32 weights keep IEEE products. Their bound is float32's, and a
+    TF32 weight projection leaves it for some target."""
+    state, w0 = train_both_projections_emulated(monkeypatch, torch.float32, 30, tf32_weights=True)
+    assert any(
+        frozen_residual(w0[n], t.weight.detach(), t.plan.n_frozen)
+        > residual_bound(w0[n], t.weight.detach(), t.plan.n_frozen, torch.float32)
+        for n, t in state.targets.items()
+    )
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [(torch.bfloat16, "tf32"), (torch.float32, "ieee")])
+def test_the_weight_projection_runs_in_the_precision_of_its_dtype(dtype, expected, monkeypatch):
+    layer = nn.Linear(24, 32, bias=False).to(dtype)
+    state = apply_osft(layer, OSFTConfig(0.5, ["re:"], project_gradients=False))
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.fp32_precision)
+        return project(*args, **kwargs)
+
+    monkeypatch.setattr(state_module, "project", recording)
+    state.project_()
+    assert seen[0] == expected or (expected, seen[0]) == ("ieee", "none")

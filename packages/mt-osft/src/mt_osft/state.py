@@ -32,7 +32,9 @@ keeps Adam's moments in the trainable subspace; it does not by itself keep the w
 because Adam divides each element by its own second moment.
 
 Which projection must be exact: only the weight projection, which runs in IEEE float32 (or
-float64) whatever the trainer's matmul setting. The gradient projection runs in
+float64) whatever the trainer's matmul setting, except for bfloat16 weights, whose own storage
+rounding is four times TF32's: it runs in TF32 there (:func:`mt_osft.subspace.weight_precision`
+derives why the bound of the invariant stays the same). The gradient projection runs in
 ``OSFTConfig.gradient_precision`` (TF32 on CUDA by default, about 5x the IEEE rate on an H200):
 what its rounding leaves along the frozen directions goes into the step and is removed by the
 exact weight projection after it, so the invariant is as strong as with an exact gradient
@@ -76,11 +78,11 @@ from mt_osft.patterns import default_target_patterns, match_targets
 from mt_osft.subspace import (
     SubspacePlan,
     decompose,
-    ieee_matmul,
     matmul_precision,
     plan_subspace,
     project,
     trainable_rank,
+    weight_precision,
 )
 
 __all__ = ["OSFTState", "OSFTTarget", "apply_osft"]
@@ -169,10 +171,12 @@ class OSFTState:
     def project_(self) -> None:
         """W <- W0 + Π(W - W0) for every projected target. Call after ``optimizer.step()``.
 
-        Under sharding every rank must call it (it communicates)."""
-        with ieee_matmul():
-            for target in self.targets.values():
-                if target.plan.projected:
+        Under sharding every rank must call it (it communicates). The products run in
+        :func:`mt_osft.subspace.weight_precision` of the weight's dtype: IEEE float32, or TF32
+        for bfloat16 weights, whose own rounding the invariant's bound already covers."""
+        for target in self.targets.values():
+            if target.plan.projected:
+                with matmul_precision(weight_precision(target.weight.dtype)):
                     self._project_weight(target)
 
     @torch.no_grad()

@@ -36,6 +36,7 @@ __all__ = [
     "project",
     "residual_bound",
     "trainable_rank",
+    "weight_precision",
 ]
 
 
@@ -101,6 +102,24 @@ def plan_subspace(shape: tuple[int, int], n_train: int) -> SubspacePlan:
 
 # the precisions matmul_precision accepts: full IEEE float32, or TF32 tensor cores on CUDA
 MATMUL_PRECISIONS = ("ieee", "tf32")
+
+
+# TF32's unit roundoff: 10 stored mantissa bits
+TF32_ROUNDOFF = 2.0**-11
+
+
+def weight_precision(dtype: torch.dtype) -> str:
+    """The matmul precision the weight projection may use for weights stored in ``dtype``.
+
+    "tf32" for bfloat16 weights: storing W0 + Π(W - W0) rounds every element by up to 2^-9 of
+    its size, and :func:`residual_bound` allows that much along the frozen directions, (m + n)
+    roundoffs of |W|. A TF32 projection adds a few TF32 roundoffs (2^-11, a quarter of
+    bfloat16's) of |W - W0|, times at most the square root of the basis width for rounding
+    errors that line up: below the storage's share of the bound wherever |W - W0| <= |W|, so the
+    invariant's bound is the same as with IEEE products, and the stored weights differ from
+    them by about one bfloat16 rounding. "ieee" for every other dtype (float32's 2^-24 is far
+    finer than TF32's; float16's 2^-11 is TF32's own)."""
+    return "tf32" if torch.finfo(dtype).eps / 2 >= 4 * TF32_ROUNDOFF else "ieee"
 
 
 @contextmanager
