@@ -39,6 +39,7 @@ from random_model import SHAPES, make_model, make_sft_data  # noqa: E402
 
 # Defaults per shape: batch_size, max_tokens_per_gpu, mean sample length, steps.
 DEFAULTS = {
+    "llama-3.1-8b": (32, 16384, 600, 6),
     "llama-3.2-1b": (32, 16384, 600, 6),
     "mid": (8, 4096, 256, 6),
     "tiny": (4, 2048, 128, 3),
