@@ -4,9 +4,10 @@ The target matrices of a model shape (Llama-3.1-8B by default: 32 layers of q/k/
 gate/up/down, 6.98B values) are built as bfloat16 ``nn.Linear`` weights on the GPU, OSFT is
 applied (ratio 0.25, the default patterns; bases filled with random values: the matmuls cost the
 same whatever the values, and an SVD of every matrix would take minutes), every weight gets a
-bfloat16 gradient, and the two per-step operations are timed alone, without the model's forward
-and backward: ``project_gradients_`` (between backward and the optimizer step) and
-``project_`` (after it), in each matmul precision the gradient projection may use.
+gradient, and the two per-step operations are timed alone, without the model's forward and
+backward: ``project_gradients_`` (between backward and the optimizer step) and ``project_``
+(after it), for float32 master weights (float32 bases: gradients in TF32, weights in IEEE) and
+bfloat16 ones (bfloat16 bases and products).
 
     python3 tools/gpu/osft_step_cost.py --out $OUT                 # one H200 or H100
     uv run python tools/gpu/osft_step_cost.py --shape tiny --device cpu --out /tmp/osc  # dry run
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from mt_osft import OSFTConfig, apply_osft, residual_bound
-from mt_osft.subspace import matmul_flops, weight_precision
+from mt_osft.subspace import matmul_flops
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "llama-3.1-8b": (4096, 14336, 32, 32, 8),
@@ -108,10 +109,10 @@ def main() -> None:
     rows, results = [], {"shape": options.shape, "ratio": options.ratio, "device": str(device)}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
-    # the invariant where TF32 is real: layer 0's matrices with their real SVDs, in float32
-    # (IEEE weight projection; the tightest bound) and in bfloat16 (TF32 weight projection), a
-    # gradient projected in TF32, a random step, the weight projection; residuals against the
-    # stored bases within what rounding allows (mt_osft.residual_bound)
+    # the invariant where TF32 and bfloat16 tensor cores are real: layer 0's matrices with their
+    # real SVDs, in float32 (TF32 gradient, IEEE weight projection; the tightest bound) and in
+    # bfloat16 (bfloat16 bases), a projected gradient, a random step, the weight projection;
+    # residuals against the stored bases within what rounding allows (mt_osft.residual_bound)
     checks = []
     for dtype in (torch.float32, torch.bfloat16):
         layer = copy.deepcopy(model.layers[0]).to(dtype)
@@ -133,11 +134,10 @@ def main() -> None:
             checks.append((f"{name} {str(dtype).removeprefix('torch.')}", max(left, right), bound))
         del state, layer
     results["invariant"] = checks
-    for precision in ("ieee", "tf32"):
-        state = apply_osft(
-            model, OSFTConfig(options.ratio, gradient_precision=precision), model_type="llama",
-            decompose=False,
-        )  # fmt: skip
+    for master in (torch.float32, torch.bfloat16):
+        model.to(master)
+        state = apply_osft(model, OSFTConfig(options.ratio), model_type="llama", decompose=False)
+        bases = str(next(iter(state.targets.values())).left.dtype).removeprefix("torch.")
         with torch.no_grad():
             for target in state.targets.values():
                 target.ref.copy_(target.weight)
@@ -149,10 +149,10 @@ def main() -> None:
         for name, call in (("gradients", state.project_gradients_), ("weights", state.project_)):
             seconds, extra = timed(call, device, options.repeat)
             flops = matmul_flops(call)
-            used = precision if name == "gradients" else weight_precision(torch.bfloat16)
-            rows.append((f"{name} ({used})", seconds,
-                         flops / 1e12, flops / seconds / 1e12, kept, extra))  # fmt: skip
-        results[precision] = {"targets": len(state.targets), "values": weights, "rows": rows[-2:]}
+            used = {"float32": {"gradients": "tf32", "weights": "ieee"}}.get(bases, {}).get(name)
+            label = f"{name} ({bases} bases{', ' + used if used else ''})"
+            rows.append((label, seconds, flops / 1e12, flops / seconds / 1e12, kept, extra))
+        results[bases] = {"targets": len(state.targets), "values": weights, "rows": rows[-2:]}
         for target in state.targets.values():
             target.weight.grad = None
         del state
@@ -175,9 +175,11 @@ def main() -> None:
                       plan.right_cols, plan.right_keep, seconds, flops / seconds / 1e12))  # fmt: skip
     results["kinds"] = kinds
     (options.out / "osft_step_cost.json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"{options.shape}, ratio {options.ratio}, {results['ieee']['targets']} targets, "
-          f"{results['ieee']['values'] / 1e9:.2f}B values, {results.get('gpu', device)}")  # fmt: skip
-    print("| call (matmul precision) | s per step | TFLOP | TFLOP/s | OSFT state GiB | extra GiB |")
+    print(f"{options.shape}, ratio {options.ratio}, {results['bfloat16']['targets']} targets, "
+          f"{results['bfloat16']['values'] / 1e9:.2f}B values, {results.get('gpu', device)}")  # fmt: skip
+    print(
+        "| call (bases, matmul precision) | s per step | TFLOP | TFLOP/s | OSFT state GiB | extra GiB |"
+    )
     print("|---|---|---|---|---|---|")
     for name, seconds, tflop, rate, kept, extra in rows:
         print(f"| {name} | {seconds:.3f} | {tflop:.1f} | {rate:.1f} | {kept:.2f} | {extra:.2f} |")

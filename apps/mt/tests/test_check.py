@@ -15,7 +15,15 @@ from mt.check_report import render, suggestions
 from mt.errors import CommandError
 from mt_core.config import load_run_file
 from mt_core.model.build import matmul_parameter_count
-from mt_core.plan.memory import GIB, ModelShape, Settings, estimate, gpu, largest_fitting_tokens
+from mt_core.plan.memory import (
+    GIB,
+    ModelShape,
+    Settings,
+    estimate,
+    gpu,
+    largest_fitting_tokens,
+    osft_state_bytes,
+)
 from mt_core.plan.shape import OsftSettings, model_shape, osft_settings
 from mt_data import InfiniteSampler
 from mt_osft import trainable_rank
@@ -68,7 +76,7 @@ def test_osft_counts_the_trainable_subspace_and_its_extra_memory():
     frozen = model_shape(config, osft=OsftSettings(ratio=0.0))
     targets = 3 * (32 * 32 + 2 * 16 * 32 + 32 * 32 + 3 * 32 * 64)  # q, k, v, o, gate, up, down
     assert frozen.grad_params == frozen.trainable == full.params - targets
-    assert frozen.osft_extra_bytes == 0
+    assert osft_state_bytes(frozen, "float32") == 0
     quarter = model_shape(config, osft=OsftSettings(ratio=0.25))
     shapes = [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64)]
     lost = 0
@@ -77,7 +85,8 @@ def test_osft_counts_the_trainable_subspace_and_its_extra_memory():
         lost += out * inn - (out - k) * (inn - k)
     assert quarter.trainable == full.params - 3 * lost
     assert quarter.grad_params == full.params  # dense gradients and optimizer state
-    assert quarter.osft_extra_bytes > 4 * targets  # a float32 copy of each target, and bases
+    # a float32 copy of each target, and bases
+    assert osft_state_bytes(quarter, "float32") > 4 * targets
 
 
 def test_memory_parts_follow_the_documented_formula():

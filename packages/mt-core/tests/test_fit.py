@@ -359,3 +359,47 @@ def test_the_fit_plans_for_what_the_process_may_use_of_its_gpu(tmp_path, monkeyp
     whole = fit_to_gpu(_args(tmp_path), capacity_bytes=H100, **choose)
     shared = fit_to_gpu(_args(tmp_path), capacity_bytes=room, **choose)
     assert shared.activation_budget < whole.activation_budget == 0.51
+
+
+def test_osft_references_wait_in_host_memory_in_the_lean_plan_or_where_only_that_fits():
+    """OSFT's frozen copies W0 (one per projected target, in the master dtype) leave the GPU for
+    host memory under activation checkpointing (its lean plan: nor do blocks stay gathered), and
+    otherwise only where the run fits with them there and not without: before activation
+    offload, and never where the run file says osft_reference_on_host."""
+    from mt_core.plan.memory import osft_reference_bytes, osft_state_bytes
+    from mt_core.plan.shape import OsftSettings
+
+    one_b = model_shape(LlamaConfig(**{**LLAMA_3B.to_dict(), **LLAMA_1B}), osft=OsftSettings(0.25))
+    run = Settings(max_tokens=16384, world_size=1, master="bfloat16", minibatches=2)
+    references = osft_reference_bytes(one_b, "bfloat16")
+    assert references == 2 * one_b.osft_reference_values > 0
+    # the estimate: W0 counted on the GPU, or in host memory
+    on_gpu, hosted = (
+        estimate(one_b, run),
+        estimate(one_b, replace(run, osft_reference_on_host=True)),
+    )
+    assert on_gpu.osft - hosted.osft == references == hosted.host - on_gpu.host
+    assert hosted.osft == osft_state_bytes(one_b, "bfloat16", reference_on_host=True)
+    usable = usable_bytes(H100)
+    lean = replace(run, checkpointing=True)
+    # the lean plan: W0 to the host, blocks not kept gathered, though everything fits
+    assert estimate(one_b, lean).peak < usable / 2
+    fit = choose_fit(one_b, lean, usable, compiled=True, budget=None, may_host_reference=True)
+    assert fit.osft_reference_on_host and not fit.keep_gathered
+    # the run file's osft_reference_on_host = false (may_host_reference off): W0 stays
+    kept = choose_fit(one_b, lean, usable, compiled=True, budget=None)
+    assert not kept.osft_reference_on_host and not kept.keep_gathered
+    # without checkpointing, room to spare: W0 stays on the GPU
+    assert not choose_fit(one_b, run, usable, compiled=True, budget=None,
+                          may_host_reference=True).osft_reference_on_host  # fmt: skip
+    # a GPU with room for the run only with W0 in host memory (at budget 0): it goes there, and
+    # activation offload, though allowed, is not needed
+    tight = estimate(one_b, replace(run, activation_budget=0.0, osft_reference_on_host=True)).peak
+    assert estimate(one_b, replace(run, activation_budget=0.0)).peak > tight + references / 2
+    fit = choose_fit(one_b, run, tight, compiled=True, budget=None, may_offload=True,
+                     may_host_reference=True)  # fmt: skip
+    assert fit.osft_reference_on_host and not fit.activation_offload
+    assert estimate(one_b, fit.applied(run)).peak <= tight
+    # not allowed to move W0: nothing else fits it (activation offload saves less than W0)
+    fit = choose_fit(one_b, run, tight, compiled=True, budget=None, may_offload=True)
+    assert not fit.osft_reference_on_host and estimate(one_b, fit.applied(run)).peak > tight

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,16 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
         abs(stored[name][i] - residuals[name][i]) < 1e-12 for name in stored for i in (0, 1)
     )
     dense = state.dense_state_dict(model)
+    # W0 in host memory (OSFTConfig.reference_on_host, here a CPU mesh's own memory): the same
+    # training bit for bit, and its sharded state loads from full tensors
+    hosted_model = build_sharded_twin(mesh)
+    hosted = apply_osft(hosted_model, replace(CONFIG, reference_on_host=True), ratios=RATIOS)
+    hosted.load_state_dict({key: value.full_tensor() for key, value in full.state_dict().items()})
+    train(hosted_model, hosted, x.chunk(world)[rank], y.chunk(world)[rank])
+    same = same and all(
+        torch.equal(a, b)
+        for a, b in zip(dense.values(), hosted.dense_state_dict(hosted_model).values(), strict=True)
+    )
     if rank == 0:
         torch.save({"dense": dense, "residuals": residuals, "sharded": sharded, "same": same}, out)
     dist.barrier()  # neither rank tears gloo down while the other still talks to it

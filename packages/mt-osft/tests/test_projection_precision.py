@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import mt_osft.state as state_module
-from mt_osft import OSFTConfig, apply_osft, residual_bound
+from mt_osft import OSFTConfig, apply_osft, residual_bound, trainable_rank
 from mt_osft.subspace import project
 
 
@@ -138,32 +138,38 @@ def test_an_unknown_gradient_precision_is_refused():
 
 
 def test_the_weight_projection_is_w0_plus_the_projected_change_bit_for_bit():
-    """W <- W0 + Π(W - W0) in float32 for bfloat16 weights, computed in place with W0 upcast
-    inside the operations: the same bits as the formula written out."""
+    """W <- W0 + Π(W - W0) for bfloat16 weights, computed in place in their bfloat16 bases'
+    dtype: the same bits as the formula written out."""
     torch.manual_seed(0)
     layer = nn.Linear(48, 40, bias=False).to(torch.bfloat16)
     state = apply_osft(layer, OSFTConfig(0.25, ["re:"]))
     target = state.targets["weight"]
+    assert target.left.dtype == target.right.dtype == torch.bfloat16
     w0 = layer.weight.detach().clone()
     with torch.no_grad():
         layer.weight.add_(torch.randn_like(layer.weight) * 0.01)
     moved = layer.weight.detach().clone()
     state.project_()
     plan = target.plan
-    change = moved.float() - w0.float()
-    expected = (
-        project(change, target.left, plan.left_keep, target.right, plan.right_keep) + w0.float()
-    ).to(torch.bfloat16)
+    change = moved - w0
+    expected = project(change, target.left, plan.left_keep, target.right, plan.right_keep) + w0
     assert torch.equal(layer.weight.detach(), expected)
 
 
-def train_both_projections_emulated(monkeypatch, dtype, steps, *, tf32_weights: bool):
-    """Net in ``dtype`` trained under OSFT with the gradient projection in emulated TF32 and
-    the weight projection in emulated TF32 (``tf32_weights``) or IEEE float32."""
+def train_osft(
+    monkeypatch, dtype, steps, *, tf32_weights=False, float32_bases=False, project_gradients=True
+):
+    """Net in ``dtype`` trained under OSFT. With float32 bases (float32 weights, or bfloat16
+    ones with ``float32_bases``) the gradient projection runs in emulated TF32 and the weight
+    projection in emulated TF32 (``tf32_weights``) or IEEE float32; bfloat16 weights otherwise
+    keep bfloat16 bases and project both in bfloat16 products, as on the GPU."""
     torch.manual_seed(0)
+    if float32_bases:
+        monkeypatch.setattr(state_module, "basis_dtype", lambda weight, upcast: upcast)
     model = Net().to(dtype)
     w0 = {f"{name}.weight": getattr(model, name).weight.detach().clone() for name in TARGETS}
-    state = apply_osft(model, OSFTConfig(0.25, TARGETS))
+    state = apply_osft(model, OSFTConfig(0.25, TARGETS, project_gradients=project_gradients))
+    emulated = next(iter(state.targets.values())).left.dtype == torch.float32
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(64, 40, generator=generator).to(dtype)
     y = torch.randn(64, 20, generator=generator).to(dtype)
@@ -171,68 +177,105 @@ def train_both_projections_emulated(monkeypatch, dtype, steps, *, tf32_weights: 
     for _ in range(steps):
         ((model(x) - y).float() ** 2).mean().backward()
         with monkeypatch.context() as patch:
-            patch.setattr(state_module, "project", tf32_project)
+            if emulated:
+                patch.setattr(state_module, "project", tf32_project)
             state.project_gradients_()
         optimizer.step()
         with monkeypatch.context() as patch:
-            if tf32_weights:
+            if emulated and tf32_weights:
                 patch.setattr(state_module, "project", tf32_project)
             state.project_()
         optimizer.zero_grad(set_to_none=True)
     return state, w0
 
 
-def test_weight_precision_is_tf32_for_bfloat16_weights_only():
-    from mt_osft.subspace import weight_precision
+def test_the_bases_are_bfloat16_for_bfloat16_weights_only():
+    from mt_osft.subspace import basis_dtype
 
-    assert weight_precision(torch.bfloat16) == "tf32"
+    assert basis_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
     for dtype in (torch.float32, torch.float16, torch.float64):
-        assert weight_precision(dtype) == "ieee", dtype
+        assert basis_dtype(dtype, torch.float32) == torch.float32, dtype
+        assert basis_dtype(dtype, torch.float64) == torch.float64, dtype
 
 
-def test_bfloat16_weights_projected_in_tf32_stay_within_the_bound_and_near_ieee(monkeypatch):
-    """bfloat16 weights whose projections both run in (emulated) TF32: against an exact SVD,
-    within residual_bound, which for bfloat16 storage is what it was with IEEE products; after
-    one step the stored weights are those of IEEE products up to bfloat16's unit roundoff of
-    their norm, 2^-9 |W| (what one more rounding of every element could do; a few elements
-    differ by a spacing)."""
-    state, w0 = train_both_projections_emulated(monkeypatch, torch.bfloat16, 30, tf32_weights=True)
+def test_bfloat16_weights_with_bfloat16_bases_stay_within_the_bound_and_near_float32_bases(
+    monkeypatch,
+):
+    """bfloat16 weights projected with their bfloat16 bases: against an exact SVD, within
+    residual_bound, which for bfloat16 storage is what it was with float32 bases; after one step
+    from the same gradients the stored weights are those of float32 bases and IEEE products up to
+    bfloat16's unit roundoff of their norm, 2^-9 |W| (one more rounding of every element; a few
+    elements differ by a spacing)."""
+    state, w0 = train_osft(monkeypatch, torch.bfloat16, 30)
     for name, target in state.targets.items():
+        assert target.left.dtype == torch.bfloat16
         w, k = target.weight.detach(), target.plan.n_frozen
         assert float((w.float() - w0[name].float()).norm() / w0[name].float().norm()) > 0.05
         assert frozen_residual(w0[name], w, k) < residual_bound(w0[name], w, k, torch.float32)
-    tf32_state, _ = train_both_projections_emulated(
-        monkeypatch, torch.bfloat16, 1, tf32_weights=True
+    # (unprojected gradients: Adam's first step is about lr sign(g), which a projection's rounding
+    # flips where the projected g is near 0, and that is not the weight projection's doing)
+    bf16_state, _ = train_osft(monkeypatch, torch.bfloat16, 1, project_gradients=False)
+    f32_state, _ = train_osft(
+        monkeypatch, torch.bfloat16, 1, float32_bases=True, project_gradients=False
     )
-    ieee_state, _ = train_both_projections_emulated(
-        monkeypatch, torch.bfloat16, 1, tf32_weights=False
-    )
-    for name, target in tf32_state.targets.items():
-        a, b = target.weight.detach().float(), ieee_state.targets[name].weight.detach().float()
+    for name, target in bf16_state.targets.items():
+        b = f32_state.targets[name]
+        assert b.left.dtype == torch.float32
+        a, b = target.weight.detach().float(), b.weight.detach().float()
         assert (a - b).norm() <= 2.0**-9 * b.norm(), name
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64), (40, 40), (96, 24)])
+def test_bfloat16_bases_leak_at_most_the_derived_bound_and_coarser_ones_would_not(shape):
+    """The bound mt_osft.subspace.basis_dtype derives for one projection with bfloat16 bases:
+    the computed Π(D) has at most (4 sqrt(k) + 4) u |D| along the frozen directions of the exact
+    (float64) SVD, u = 2^-9. Bases of a slightly different matrix (as from a stale SVD: W0 plus 20%
+    noise) leave it: the measure sees a leaking subspace."""
+    from mt_osft.subspace import decompose, plan_subspace
+
+    generator = torch.Generator().manual_seed(sum(shape))
+    w0 = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    plan = plan_subspace(shape, trainable_rank(min(shape), 0.25))
+    k = plan.n_frozen
+    u, _, vh = torch.linalg.svd(w0.double(), full_matrices=False)
+    frozen_left, frozen_right = u[:, :k], vh[:k].T
+    d = (torch.randn(shape, generator=generator) * 1e-3).to(torch.bfloat16)
+
+    def leak(left: torch.Tensor, right: torch.Tensor) -> float:
+        out = project(d.clone(), left, plan.left_keep, right, plan.right_keep).double()
+        worst = max((frozen_left.T @ out).norm(), (out @ frozen_right).norm())
+        return float(worst / d.double().norm())
+
+    bound = (4 * k**0.5 + 4) * 2.0**-9
+    left, right = decompose(w0, plan, torch.bfloat16)
+    assert leak(left, right) <= bound
+    noise = torch.randn(shape, generator=generator) * 0.2
+    assert leak(*decompose(w0.float() + noise, plan, torch.bfloat16)) > bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_weight_projection_runs_in_the_bases_dtype_with_ieee_float32(dtype, monkeypatch):
+    layer = nn.Linear(24, 32, bias=False).to(dtype)
+    state = apply_osft(layer, OSFTConfig(0.5, ["re:"], project_gradients=False))
+    seen = []
+
+    def recording(d, left, left_keep, right, right_keep, group=None):
+        seen.append((torch.backends.cuda.matmul.fp32_precision, d.dtype, left.dtype, right.dtype))
+        return project(d, left, left_keep, right, right_keep, group)
+
+    monkeypatch.setattr(state_module, "project", recording)
+    state.project_()
+    precision, *dtypes = seen[0]
+    assert precision in ("ieee", "none")
+    assert dtypes == [dtype] * 3
 
 
 def test_float32_weights_projected_in_tf32_would_leave_the_bound(monkeypatch):
     """Negative control: why float32 weights keep IEEE products. Their bound is float32's, and a
     TF32 weight projection leaves it for some target."""
-    state, w0 = train_both_projections_emulated(monkeypatch, torch.float32, 30, tf32_weights=True)
+    state, w0 = train_osft(monkeypatch, torch.float32, 30, tf32_weights=True)
     assert any(
         frozen_residual(w0[n], t.weight.detach(), t.plan.n_frozen)
         > residual_bound(w0[n], t.weight.detach(), t.plan.n_frozen, torch.float32)
         for n, t in state.targets.items()
     )
-
-
-@pytest.mark.parametrize(("dtype", "expected"), [(torch.bfloat16, "tf32"), (torch.float32, "ieee")])
-def test_the_weight_projection_runs_in_the_precision_of_its_dtype(dtype, expected, monkeypatch):
-    layer = nn.Linear(24, 32, bias=False).to(dtype)
-    state = apply_osft(layer, OSFTConfig(0.5, ["re:"], project_gradients=False))
-    seen = []
-
-    def recording(*args, **kwargs):
-        seen.append(torch.backends.cuda.matmul.fp32_precision)
-        return project(*args, **kwargs)
-
-    monkeypatch.setattr(state_module, "project", recording)
-    state.project_()
-    assert seen[0] == expected or (expected, seen[0]) == ("ieee", "none")

@@ -126,10 +126,7 @@ def make_plan(
     problem = sequence_parallel_problem(config, size)
     if problem is not None:
         raise CommandError(f"sequence_parallel_size: {problem}")
-    shape = model_shape(
-        config, osft=osft_settings(args), master=args.train_dtype,
-        trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
+    shape = model_shape(config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code)
     with ExitStack() as stack:
         output_dir, cache_note = _cache_dir(args, stack)
         train, sampler, caught, counts = _data_plan(

@@ -69,9 +69,18 @@ def _precision_levers(run: Settings) -> list[Lever]:
     return found
 
 
-def levers(run: Settings) -> list[Lever]:
-    """Every lever that would change ``run``, cheapest first."""
+def levers(run: Settings, osft: bool = False) -> list[Lever]:
+    """Every lever that would change ``run``, cheapest first; ``osft``: the run keeps OSFT's
+    frozen copies W0 (mt_core.plan.memory.osft_reference_bytes)."""
     found = _precision_levers(run)
+    if osft and not run.osft_reference_on_host:
+        found.append(
+            Lever(
+                "osft_reference_on_host = true",
+                dict(osft_reference_on_host=True),
+                "OSFT's frozen copies to the GPU each step, overlapped with the projections",
+            )
+        )
     if not run.checkpointing:
         found.append(
             Lever(
@@ -151,7 +160,7 @@ def lever_lines(plan: Plan) -> list[str]:
     """The ``levers`` section: each lever alone with its peak, and, when the run does not fit
     (or fits only by the cpu_offload the fit chose), the cheapest combination that does."""
     (run, offload_chosen), usable = _as_asked(plan), plan.gpu.usable_gib * GIB
-    found = levers(run)
+    found = levers(run, osft=plan.shape.osft_reference_values > 0)
     if not found:
         return []
     lines = ["levers  each alone, as the trainer would fit it (its cost in brackets):"]

@@ -69,10 +69,11 @@ class Plan:
 def fitted(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) -> Settings:
     """``run`` (a lever's change of the plan's settings) with the fit the trainer would choose for
     it on this GPU: the compiled blocks' activation budget, on one GPU whether blocks stay
-    gathered, and activation offload where the run file leaves it unset and only that makes it
-    fit. cpu_offload is never chosen here: levers and suggestions say how the run fits without
-    it."""
+    gathered, OSFT's frozen copies in host memory and activation offload where the run file leaves
+    them unset and the trainer's rules choose them. cpu_offload is never chosen here: levers and
+    suggestions say how the run fits without it."""
     return choose_fit(
         shape, run, device.usable_gib * 2**30, compiled=args.torch_compile is not False,
         budget=args.activation_memory_budget, may_offload=args.activation_offload is None,
+        may_host_reference=args.osft and args.osft_reference_on_host is None,
     ).applied(run)  # fmt: skip

@@ -134,7 +134,9 @@ def _memory_lines(plan: Plan) -> list[str]:
         ("optimizer state", f"AdamW: 2 x {_moments(run)}, {shard}{where}", m.optimizer, None),
     ]
     if m.osft:
-        rows.append(("OSFT", "frozen weights and singular bases", m.osft, None))
+        what = ("singular bases (frozen weights in host memory)" if run.osft_reference_on_host
+                else "frozen weights and singular bases")  # fmt: skip
+        rows.append(("OSFT", what, m.osft, None))
     rows += [
         (
             "compute copies",

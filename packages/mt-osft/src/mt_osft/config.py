@@ -52,7 +52,10 @@ class OSFTConfig:
         Per-layer values (``apply_osft(ratios=...)``) override it.
     target_patterns: module-name patterns choosing the target matrices (see
         :func:`mt_osft.patterns.match_targets`); None takes the default of the model type.
-    upcast_dtype: precision of the SVD and of every projection (float32 or float64).
+    upcast_dtype: precision of the bases and projections of weights stored in float32 or
+        float16 (float32 or float64); bfloat16 weights keep bfloat16 bases
+        (:func:`mt_osft.subspace.basis_dtype` says why that keeps the invariant's bound). The
+        split itself is computed in float64 (:func:`mt_osft.subspace.decompose`).
     output_dtype: dtype of the target weights in :meth:`OSFTState.dense_state_dict`; None keeps
         each weight's dtype at the time OSFT was applied.
     project_gradients: also project the gradients onto the trainable subspace before the
@@ -66,6 +69,12 @@ class OSFTConfig:
         frozen directions, a few TF32 roundings of the gradient (which is itself stored in
         bfloat16 or float32), goes into the step and is removed by the exact projection of the
         weights after it.
+    reference_on_host: keep each target's original weight W0 in host memory (pinned where
+        CUDA is there) instead of beside the weight, and copy it to the weight's device for the
+        weight projection, on a side stream one target ahead, so that the next copy overlaps
+        this projection. Saves W0's bytes on the GPU (one copy of every projected matrix in the
+        weight's dtype: 13 GiB for Llama-3.1-8B in bfloat16) for a host-to-GPU copy of them
+        every step. The arithmetic, and so the weights, are the same bit for bit.
     """
 
     unfreeze_rank_ratio: float
@@ -74,6 +83,7 @@ class OSFTConfig:
     output_dtype: torch.dtype | str | None = None
     project_gradients: bool = True
     gradient_precision: str = "tf32"
+    reference_on_host: bool = False
 
     def __post_init__(self) -> None:
         ratio = self.unfreeze_rank_ratio
@@ -89,7 +99,7 @@ class OSFTConfig:
         upcast = parse_dtype(self.upcast_dtype, "osft_upcast_dtype")
         if upcast not in (torch.float32, torch.float64):
             raise ValueError(
-                f"osft_upcast_dtype must be float32 or float64 (the SVD and the projections "
+                f"osft_upcast_dtype must be float32 or float64 (the bases and the projections "
                 f"need them), got {upcast}"
             )
         object.__setattr__(self, "upcast_dtype", upcast)

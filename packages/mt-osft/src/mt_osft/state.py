@@ -33,19 +33,21 @@ because Adam divides each element by its own second moment.
 
 Which projection must be exact: only the weight projection, which runs in IEEE float32 (or
 float64) whatever the trainer's matmul setting, except for bfloat16 weights, whose own storage
-rounding is four times TF32's: it runs in TF32 there (:func:`mt_osft.subspace.weight_precision`
-derives why the bound of the invariant stays the same). The gradient projection runs in
-``OSFTConfig.gradient_precision`` (TF32 on CUDA by default, about 5x the IEEE rate on an H200):
-what its rounding leaves along the frozen directions goes into the step and is removed by the
-exact weight projection after it, so the invariant is as strong as with an exact gradient
-projection (tests/test_projection_precision.py trains with an emulated TF32 one).
+rounding (2^-9) dominates: their bases are stored in bfloat16 and the products run on bfloat16
+tensor cores with float32 sums (:func:`mt_osft.subspace.basis_dtype` derives why the bound of the
+invariant stays the same). The gradient projection runs in ``OSFTConfig.gradient_precision`` (TF32
+on CUDA by default, about 5x the IEEE rate on an H200) or in the bfloat16 bases: what its rounding
+leaves along the frozen directions goes into the step and is removed by the weight projection
+after it, so the invariant is as strong as with an exact gradient projection
+(tests/test_projection_precision.py trains with an emulated TF32 one).
 
 Ratio 0 for a matrix freezes its weight (``requires_grad=False``): it never changes, bitwise.
 Ratio 1 leaves it alone: full fine-tuning. Parameters that no pattern targets are not touched.
 
 Memory per projected target (out x in, k frozen of rank r, t = r - k trainable): W0 in the weight's
-dtype (out·in) plus the bases in ``upcast_dtype``, ``out·min(k, t)`` or ``out·k`` and likewise for
-``in``; optimizer state and gradients are those of full fine-tuning.
+dtype (out·in) plus the bases in their dtype (bfloat16 for bfloat16 weights, else ``upcast_dtype``),
+``out·min(k, t)`` or ``out·k`` and likewise for ``in``; optimizer state and gradients are those of
+full fine-tuning.
 
 Sharding (FSDP2): call :func:`apply_osft` after ``fully_shard``. A target whose weight is a DTensor
 sharded on dim 0 gets W0 and the left basis sharded the same way (each rank holds its rows) and the
@@ -75,14 +77,16 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from mt_osft.config import OSFTConfig
 from mt_osft.patterns import default_target_patterns, match_targets
+from mt_osft.reference import device_references, on_device, to_host
 from mt_osft.subspace import (
     SubspacePlan,
+    basis_dtype,
     decompose,
+    ieee_matmul,
     matmul_precision,
     plan_subspace,
     project,
     trainable_rank,
-    weight_precision,
 )
 
 __all__ = ["OSFTState", "OSFTTarget", "apply_osft"]
@@ -171,13 +175,13 @@ class OSFTState:
     def project_(self) -> None:
         """W <- W0 + Π(W - W0) for every projected target. Call after ``optimizer.step()``.
 
-        Under sharding every rank must call it (it communicates). The products run in
-        :func:`mt_osft.subspace.weight_precision` of the weight's dtype: IEEE float32, or TF32
-        for bfloat16 weights, whose own rounding the invariant's bound already covers."""
-        for target in self.targets.values():
-            if target.plan.projected:
-                with matmul_precision(weight_precision(target.weight.dtype)):
-                    self._project_weight(target)
+        Under sharding every rank must call it (it communicates). The products run in the
+        bases' dtype (:func:`mt_osft.subspace.basis_dtype`): IEEE float32 (or float64), or
+        bfloat16 for bfloat16 weights, whose own rounding the invariant's bound already covers."""
+        projected = (t for t in self.targets.values() if t.plan.projected)
+        with ieee_matmul():
+            for target, ref in device_references(projected):
+                self._project_weight(target, ref)
 
     @torch.no_grad()
     def project_gradients_(self) -> None:
@@ -193,18 +197,21 @@ class OSFTState:
                 if target.plan.projected and grad is not None:
                     self._project_tensor(target, grad)
 
-    def _project_weight(self, target: OSFTTarget) -> None:
-        weight, ref = _local(target.weight), _local(target.ref)
-        # one temporary of the matrix in upcast_dtype: W0 is upcast inside the in-place ops
+    def _project_weight(self, target: OSFTTarget, ref: torch.Tensor) -> None:
+        """W <- W0 + Π(W - W0) on this rank's rows, ``ref`` being W0's on the weight's device."""
+        weight = _local(target.weight)
+        # one temporary of the matrix in the bases' dtype: W0 is upcast inside the in-place ops
         # (exactly: bfloat16 and float32 values are all float32 and float64 values)
-        d = weight.to(self.config.upcast_dtype, copy=True).sub_(ref)
+        d = weight.to(_local(target.left).dtype, copy=True).sub_(ref)
         d = self._project_local(target, d)
         weight.copy_(d.add_(ref))
 
     def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
         local = _local(tensor)
-        d = local.to(self.config.upcast_dtype, copy=True)
-        local.copy_(self._project_local(target, d))
+        # in place where the tensor is already in the bases' dtype (bfloat16 gradients)
+        projected = self._project_local(target, local.to(_local(target.left).dtype))
+        if projected is not local:
+            local.copy_(projected)
 
     def _project_local(self, target: OSFTTarget, d: torch.Tensor) -> torch.Tensor:
         plan = target.plan
@@ -235,8 +242,8 @@ class OSFTState:
         for name, target in self.targets.items():
             if not target.plan.projected or (original is not None and name not in original):
                 continue
-            w0 = _full(target.ref) if original is None else original[name]
             weight = _full(target.weight).to(torch.float64)
+            w0 = on_device(target.ref, weight.device) if original is None else original[name]
             delta = weight - w0.to(weight.device, torch.float64)
             left = _full(target.left).to(torch.float64)
             right = _full(target.right).to(torch.float64)
@@ -307,13 +314,17 @@ class OSFTState:
                     f"OSFT state {key}: shape {tuple(source.shape)} != {tuple(tensor.shape)} "
                     f"(were the same ratios used?)"
                 )
-            if isinstance(tensor, DTensor) and not isinstance(source, DTensor):
+            if not isinstance(tensor, DTensor):
+                tensor.copy_(source)
+                continue
+            if not isinstance(source, DTensor):
                 # Every rank holds the full tensor: each keeps its own shard, no communication.
                 mesh, placements = tensor.device_mesh, tensor.placements
                 source = distribute_tensor(
-                    source.to(tensor.device), mesh, placements, src_data_rank=None
+                    source.to(mesh.device_type), mesh, placements, src_data_rank=None
                 )
-            tensor.copy_(source)
+            # (shard by shard: W0 may wait in host memory while its mesh is on the GPUs)
+            tensor.to_local().copy_(source.to_local())
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -413,6 +424,9 @@ def apply_osft(
             target.weight.requires_grad_(False)
     projected = [t for t in targets if t.plan.projected]
     seconds = _build_state(projected, config.upcast_dtype, decompose)
+    if config.reference_on_host:
+        for target in projected:
+            target.ref = to_host(target.ref)
     return OSFTState(config, targets, seconds)
 
 
@@ -424,15 +438,16 @@ def _build_state(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool) 
     seconds = 0.0
     for target in plain:
         weight, plan = target.weight, target.plan
+        stored = basis_dtype(weight.dtype, upcast)
         if run_svd:
             target.ref = weight.detach().clone()
             start = time.perf_counter()
-            target.left, target.right = decompose(weight, plan, upcast)
+            target.left, target.right = decompose(weight, plan, stored)
             seconds += _elapsed(start, weight.device)
         else:
             target.ref = torch.zeros_like(weight, requires_grad=False)
-            target.left = weight.new_zeros(plan.shape[0], plan.left_cols, dtype=upcast)
-            target.right = weight.new_zeros(plan.shape[1], plan.right_cols, dtype=upcast)
+            target.left = weight.new_zeros(plan.shape[0], plan.left_cols, dtype=stored)
+            target.right = weight.new_zeros(plan.shape[1], plan.right_cols, dtype=stored)
     if sharded:
         seconds += _build_sharded(sharded, upcast, run_svd)
     return seconds
@@ -454,11 +469,12 @@ def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool
         for target in targets:
             mesh, placements = target.weight.device_mesh, target.weight.placements
             out, inn = target.plan.shape
+            stored = basis_dtype(target.weight.dtype, upcast)
             target.left = dtensor_zeros(
-                out, target.plan.left_cols, dtype=upcast, device_mesh=mesh, placements=placements
+                out, target.plan.left_cols, dtype=stored, device_mesh=mesh, placements=placements
             )
             target.right = dtensor_zeros(
-                inn, target.plan.right_cols, dtype=upcast, device_mesh=mesh, placements=placements
+                inn, target.plan.right_cols, dtype=stored, device_mesh=mesh, placements=placements
             )
         return 0.0
 
@@ -476,7 +492,7 @@ def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool
         if mine is not None:
             target, full = mine
             begin = time.perf_counter()
-            bases = decompose(full, target.plan, upcast)
+            bases = decompose(full, target.plan, basis_dtype(full.dtype, upcast))
             seconds += _elapsed(begin, full.device)
             del full, mine
         for owner, target in enumerate(chunk):
@@ -486,9 +502,9 @@ def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool
             if owner == rank:
                 left, right = bases
             else:  # placeholders: distribute_tensor takes the data from the owner
-                device = weight.to_local().device
-                left = torch.empty(out, target.plan.left_cols, dtype=upcast, device=device)
-                right = torch.empty(inn, target.plan.right_cols, dtype=upcast, device=device)
+                device, stored = weight.to_local().device, basis_dtype(weight.dtype, upcast)
+                left = torch.empty(out, target.plan.left_cols, dtype=stored, device=device)
+                right = torch.empty(inn, target.plan.right_cols, dtype=stored, device=device)
             target.left = distribute_tensor(left, mesh, placements, src_data_rank=owner)
             target.right = distribute_tensor(right, mesh, placements, src_data_rank=owner)
     return seconds

@@ -397,11 +397,24 @@ class TrainingArgs:
         optional=True,
     )
     osft_upcast_dtype: str = field(
-        "Precision of the SVD and of the projections.",
+        "Precision of the singular bases and projections of float32 weights (bfloat16 weights "
+        "keep bfloat16 bases; the split itself is always computed in float64).",
         _OSFT,
         "string",
         default="float32",
         choices=fixed("float32", "float64"),
+    )
+    osft_reference_on_host: bool | None = field(
+        "Keep OSFT's frozen copies W0 (one per target matrix, in the master dtype: 13 GiB at 8B "
+        "in bfloat16) in pinned host memory and copy each to the GPU for its weight projection "
+        "after the step, overlapped with the projection before it: the same weights bit for "
+        "bit, for a host-to-GPU copy of them every step. Not set = on when the run sets "
+        "activation_checkpointing = true (its lean plan) or fits the GPU only so by mt check's "
+        "estimate (before activation_offload and cpu_offload).",
+        _OSFT,
+        "boolean",
+        default=None,
+        optional=True,
     )
     osft_output_dtype: str | None = field(
         "Dtype of exported OSFT weights when save_dtype is not set. Not set = the model's own.",
@@ -499,7 +512,9 @@ class TrainingArgs:
     )
     activation_checkpointing: bool = field(
         "Recompute each decoder block's activations during backward: much less memory, about "
-        "a third more compute.",
+        "a third more compute. It asks for the lean plan: no GPU memory is spent on speed "
+        "(blocks are gathered again for their backward pass; OSFT's frozen copies wait in host "
+        "memory unless osft_reference_on_host = false).",
         _SPEED,
         "boolean",
         default=False,

@@ -127,6 +127,7 @@ class Fit:
     keep_gathered: bool = False  # one GPU: blocks stay gathered from their forward to backward
     activation_offload: bool = False  # the blocks' saved activations wait in host memory
     cpu_offload: bool = False  # weights, gradients and optimizer state in host memory
+    osft_reference_on_host: bool = False  # OSFT's frozen copies W0 in host memory
     summary: str = ""  # what was chosen and why, for the run's log (empty: nothing to say)
 
     def applied(self, run: Settings) -> Settings:
@@ -134,6 +135,7 @@ class Fit:
         return replace(
             run, activation_budget=self.activation_budget, gathered=self.keep_gathered,
             activation_offload=self.activation_offload, cpu_offload=self.cpu_offload,
+            osft_reference_on_host=self.osft_reference_on_host,
         )  # fmt: skip
 
 
@@ -146,6 +148,7 @@ def _set_budget(budget: float | None, compiled: bool, checkpointing: bool) -> fl
 def choose_fit(
     shape: ModelShape, run: Settings, usable: float, *, compiled: bool, budget: float | None,
     may_offload: bool = False, host_room: float = math.inf, may_cpu_offload: bool = False,
+    may_host_reference: bool = False,
 ) -> Fit:  # fmt: skip
     """The fit of ``run`` on a GPU that may allocate ``usable`` bytes; ``budget`` is the run
     file's activation_memory_budget (None: the largest that fits). On one GPU the blocks stay
@@ -155,8 +158,23 @@ def choose_fit(
     turned on where the run fits with it and not without. With ``may_cpu_offload`` (cpu_offload
     unset), a run that fits neither way is fitted again with cpu_offload, the slowest lever (its
     optimizer step runs on the CPU), taken where the GPU then holds it. Either is taken only where
-    all the process then keeps in host memory is within ``host_room`` bytes."""
+    all the process then keeps in host memory is within ``host_room`` bytes.
+
+    With ``may_host_reference`` (osft_reference_on_host unset) OSFT's frozen copies W0 go to host
+    memory under activation checkpointing, which asks for the lean plan (nor do blocks stay
+    gathered then), and otherwise where the run fits with them there and not without, before
+    either offload (one copy of W0 a step, overlapped with the projections, is cheaper than
+    activations both ways or the optimizer step on the CPU)."""
+    hosted = replace(run, osft_reference_on_host=True)
+    if may_host_reference and shape.osft_reference_values and run.checkpointing:
+        run = hosted
     fit = _fit_gpu(shape, run, usable, compiled, budget, may_offload, host_room)
+    if (may_host_reference and shape.osft_reference_values and not run.osft_reference_on_host
+            and estimate(shape, fit.applied(run)).peak > usable):  # fmt: skip
+        chosen = _fit_gpu(shape, hosted, usable, compiled, budget, may_offload, host_room)
+        memory = estimate(shape, chosen.applied(hosted))
+        if memory.peak <= usable and memory.host <= host_room:
+            fit, run = chosen, hosted
     if may_cpu_offload and not run.cpu_offload and estimate(shape, fit.applied(run)).peak > usable:
         offloaded = replace(run, cpu_offload=True)
         chosen = _fit_gpu(shape, offloaded, usable, compiled, budget, may_offload, host_room)
@@ -190,13 +208,16 @@ def _fit_budget(
     """The activation budget and gathering of ``run``, its activation offload as it is (and what
     that keeps in host memory within ``host_room``)."""
     kept = _set_budget(budget, compiled, run.checkpointing)
-    gathered = (run.world_size == 1 and not run.cpu_offload
+    # (checkpointed blocks: the lean plan, and their backward gathers them for the recomputed
+    # forward anyway)
+    gathered = (run.world_size == 1 and not run.cpu_offload and not run.checkpointing
                 and estimate(shape, replace(run, gathered=True, activation_budget=kept)).peak
                 <= usable)  # fmt: skip
+    offloads = (run.activation_offload, run.cpu_offload, run.osft_reference_on_host)
     if budget is not None or not compiled or run.checkpointing:
-        return Fit(kept, gathered, run.activation_offload, run.cpu_offload)
+        return Fit(kept, gathered, *offloads)
     chosen = fitting_activation_budget(shape, replace(run, gathered=gathered), usable, host_room)
-    return Fit(0.0 if chosen is None else chosen, gathered, run.activation_offload, run.cpu_offload)
+    return Fit(0.0 if chosen is None else chosen, gathered, *offloads)
 
 
 def syncs_every_minibatch(args: TrainingArgs, world_size: int, cpu_offload: bool) -> bool:
@@ -243,6 +264,7 @@ def run_settings(
         checkpointing=args.activation_checkpointing,
         cpu_offload=bool(args.cpu_offload),  # not set: the fit decides
         activation_offload=bool(args.activation_offload),  # not set: the fit decides
+        osft_reference_on_host=bool(args.osft_reference_on_host),  # not set: the fit decides
         deferred_sync=args.sync_gradients_every_minibatch is False,
         minibatches=minibatches,
     )
@@ -270,22 +292,23 @@ def fit_to_gpu(
     if capacity_bytes is None:  # host memory is not the limit the estimate is made for
         kept = _set_budget(budget, compiled, args.activation_checkpointing)
         return Fit(kept, activation_offload=bool(args.activation_offload),
-                   cpu_offload=bool(args.cpu_offload))  # fmt: skip
+                   cpu_offload=bool(args.cpu_offload),
+                   osft_reference_on_host=bool(args.osft_reference_on_host))  # fmt: skip
     # here, not at the top: choose_fit and run_settings are arithmetic that `mt check` uses
     # before any model is built, and a run file's mistakes are shown without loading torch
     if shape is None:
         from mt_core.plan.shape import model_shape, osft_settings
 
         shape = model_shape(
-            config, osft=osft_settings(args), master=args.train_dtype,
-            trust_remote_code=args.trust_remote_code,
-        )  # fmt: skip
+            config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code
+        )
     run = run_settings(args, world_size, liger, most_minibatches(args, lengths, world_size))
     usable = usable_bytes(capacity_bytes)
     fit = choose_fit(
         shape, run, usable, compiled=compiled, budget=budget,
         may_offload=args.activation_offload is None, host_room=host_bytes,
         may_cpu_offload=args.cpu_offload is None,
+        may_host_reference=args.osft and args.osft_reference_on_host is None,
     )  # fmt: skip
     memory = estimate(shape, fit.applied(run))
     peak = memory.peak
@@ -316,6 +339,12 @@ def fit_to_gpu(
         )
     if said:
         said[-1] += f" so that {args.max_tokens_per_gpu:,} tokens per GPU fit"
+    if args.osft_reference_on_host is None and fit.osft_reference_on_host:
+        why = "the lean plan of activation_checkpointing" if run.checkpointing else "to fit"
+        said.append(
+            f"osft_reference_on_host on ({why}): OSFT's frozen copies wait in host memory, each "
+            f"copied to the GPU for its weight projection after the step"
+        )
     if fit.keep_gathered:
         said.append(
             "decoder blocks stay gathered from forward to backward (one GPU, room to spare)"
@@ -357,10 +386,7 @@ def host_memory_problem(
         return None
     from mt_core.plan.shape import model_shape, osft_settings  # (see fit_to_gpu)
 
-    shape = model_shape(
-        config, osft=osft_settings(args), master=args.train_dtype,
-        trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
+    shape = model_shape(config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code)
     run = run_settings(args, world_size, liger=True)
     per_process = estimate(shape, run).host
     needed = per_process * local_processes

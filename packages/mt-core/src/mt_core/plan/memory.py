@@ -121,7 +121,11 @@ class ModelShape:
     block_params: int  # the largest decoder block
     root_params: int  # outside the blocks: embeddings, final norm, LM head
     head_params: int  # the LM head's weight (the tied embedding when tied)
-    osft_extra_bytes: int = 0  # OSFT's frozen copies and bases, whole model (sharded over W)
+    # OSFT's state, whole model (sharded over the ranks): the frozen copies W0 (in the master
+    # dtype) and the bases (bfloat16 for bfloat16 masters, else osft_upcast_dtype's bytes)
+    osft_reference_values: int = 0
+    osft_basis_values: int = 0
+    osft_upcast_bytes: int = 4
     moe: bool = False  # mixture of experts: the activation formula is only a guide
     sinks: bool = False  # attention sinks (GPT-OSS): only some attention backends compute them
 
@@ -142,6 +146,7 @@ class Settings:
     activation_budget: float = 1.0  # compiled blocks: the share of their activations kept
     gathered: bool = False  # blocks stay gathered (bf16) from their forward to their backward
     activation_offload: bool = False  # what the blocks keep for backward waits in host memory
+    osft_reference_on_host: bool = False  # OSFT's frozen copies W0 wait in host memory
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,19 @@ class Memory:
 def moment_bytes(run: Settings) -> float:
     """Bytes of one AdamW moment value (two per parameter with a gradient)."""
     return MASTER_BYTES[run.master] if run.state is None else STATE_BYTES[run.state]
+
+
+def osft_reference_bytes(shape: ModelShape, master: str) -> int:
+    """OSFT's frozen copies W0, whole model: one per projected target, in the master dtype."""
+    return MASTER_BYTES[master] * shape.osft_reference_values
+
+
+def osft_state_bytes(shape: ModelShape, master: str, reference_on_host: bool = False) -> int:
+    """OSFT's state on the GPU, whole model: W0 (unless it waits in host memory) and the bases,
+    in bfloat16 for bfloat16 weights, else in the upcast dtype (mt_osft.subspace.basis_dtype)."""
+    basis = 2 if master == "bfloat16" else shape.osft_upcast_bytes
+    on_gpu = 0 if reference_on_host else osft_reference_bytes(shape, master)
+    return on_gpu + basis * shape.osft_basis_values
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, liger: bool) -> float:
@@ -196,7 +214,7 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     weights = m * shape.params / w
     gradients = m * shape.grad_params / w
     optimizer = 2 * moment_bytes(run) * shape.grad_params / w
-    osft = shape.osft_extra_bytes / w
+    osft = osft_state_bytes(shape, run.master, run.osft_reference_on_host) / w
     gathered = shape.layers if run.gathered else 2  # else the running and the prefetched one
     copies = c * (shape.root_params + gathered * shape.block_params + shape.head_params)
     copies += (c + 4) * shape.block_params  # one block's gradient on its way to the shards
@@ -218,6 +236,8 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
 
     resident = weights + optimizer + osft  # on the GPU unless offloaded
     host = t * (shape.layers - 1) * kept if run.activation_offload else 0.0
+    if run.osft_reference_on_host:  # (two of them on the GPU at a time: the copies in flight)
+        host += osft_reference_bytes(shape, run.master) / w
     if run.cpu_offload:
         host += resident + gradients
         resident, grads_on_gpu = 0.0, 0.0

@@ -120,9 +120,8 @@ def resolve(
     compiled = machine.gpu if args.torch_compile is None else args.torch_compile
     if machine.gpu and shape is None:
         shape = model_shape(
-            config, osft=osft_settings(args), master=args.train_dtype,
-            trust_remote_code=args.trust_remote_code,
-        )  # fmt: skip
+            config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code
+        )
     attention = args.attn_backend
     if attention == "auto":
         attention = auto_backend(machine.attention_backends, sinks=bool(shape and shape.sinks))

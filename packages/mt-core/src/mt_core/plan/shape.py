@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.model.attention import has_attention_sinks
 from mt_core.model.build import matmul_parameter_count
-from mt_core.plan.memory import MASTER_BYTES, ModelShape
+from mt_core.plan.memory import ModelShape
 from mt_fsdp import decoder_blocks
 
 __all__ = ["OsftSettings", "liger_supports", "read_config_only", "model_shape", "osft_settings"]
@@ -98,7 +98,6 @@ def model_shape(
     config: PretrainedConfig,
     *,
     osft: OsftSettings | None = None,
-    master: str = "float32",
     trust_remote_code: bool = False,
 ) -> ModelShape:
     """Counts and widths of the model of ``config``; with ``osft``, what OSFT trains and keeps."""
@@ -112,9 +111,9 @@ def model_shape(
     head = model.get_output_embeddings()
     heads = int(text.num_attention_heads)
     hidden = int(text.hidden_size)
-    grad_params, trainable, extra = total, total, 0
+    grad_params, trainable, references, bases = total, total, 0, 0
     if osft is not None:
-        grad_params, trainable, extra = _osft_counts(model, config, osft, total, master)
+        grad_params, trainable, references, bases = _osft_counts(model, config, osft, total)
     return ModelShape(
         architecture=type(model).__name__,
         params=total,
@@ -131,16 +130,19 @@ def model_shape(
         block_params=max(block_sizes, default=0),
         root_params=total - in_blocks,
         head_params=head.weight.numel() if head is not None else 0,
-        osft_extra_bytes=extra,
+        osft_reference_values=references,
+        osft_basis_values=bases,
+        osft_upcast_bytes=osft.upcast_bytes if osft is not None else 4,
         moe=any((getattr(text, key, 0) or 0) > 1 for key in _MOE_KEYS),
         sinks=has_attention_sinks(model),
     )
 
 
 def _osft_counts(
-    model: torch.nn.Module, config: PretrainedConfig, osft: OsftSettings, total: int, master: str
-) -> tuple[int, int, int]:
-    """(parameters with gradients, trainable dimension, bytes of frozen copies and bases)."""
+    model: torch.nn.Module, config: PretrainedConfig, osft: OsftSettings, total: int
+) -> tuple[int, int, int, int]:
+    """(parameters with gradients, trainable dimension, values of the frozen copies W0, values of
+    the bases)."""
     from mt_osft import default_target_patterns, match_targets, plan_subspace, trainable_rank
 
     try:
@@ -149,7 +151,7 @@ def _osft_counts(
     except ValueError as error:
         raise ConfigError([str(error)]) from error
     modules = dict(model.named_modules())
-    grad_params, trainable, extra = total, total, 0
+    grad_params, trainable, references, bases = total, total, 0, 0
     for name in names:
         out, inn = modules[name].weight.shape
         plan = plan_subspace((out, inn), trainable_rank(min(out, inn), osft.ratio))
@@ -157,6 +159,6 @@ def _osft_counts(
         if plan.n_train == 0:  # frozen outright: no gradient, no optimizer state
             grad_params -= out * inn
         if plan.projected:  # the original weight, and the bases of the frozen directions
-            extra += MASTER_BYTES[master] * out * inn
-            extra += osft.upcast_bytes * (out * plan.left_cols + inn * plan.right_cols)
-    return grad_params, trainable, extra
+            references += out * inn
+            bases += out * plan.left_cols + inn * plan.right_cols
+    return grad_params, trainable, references, bases

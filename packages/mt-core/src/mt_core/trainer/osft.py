@@ -33,9 +33,12 @@ def setup_osft(
     train: TokenSource,
     ctx: DistContext,
     saved_ratios: dict[str, float] | None,
+    *,
+    reference_on_host: bool = False,
 ) -> OSFTState | None:
     """Apply OSFT to the sharded ``model`` as the run file says (None when OSFT is off).
-    ``saved_ratios``: the ratios of the checkpoint being resumed (no SVD then)."""
+    ``saved_ratios``: the ratios of the checkpoint being resumed (no SVD then);
+    ``reference_on_host``: W0 in host memory, as the fit resolved osft_reference_on_host."""
     if not args.osft:
         return None
     config = OSFTConfig(
@@ -43,6 +46,7 @@ def setup_osft(
         target_patterns=args.osft_target_patterns,
         upcast_dtype=args.osft_upcast_dtype,
         output_dtype=args.osft_output_dtype,
+        reference_on_host=reference_on_host,
     )
     ratios = saved_ratios
     if ratios is None and args.osft_adaptive_ratios:
@@ -53,6 +57,11 @@ def setup_osft(
         )
     except (ValueError, KeyError) as error:  # patterns matching nothing, a non-2-D target
         raise ConfigError([str(error)]) from error
+    if ctx.device.type == "cuda":
+        # the decompositions' float64 temporaries leave cached blocks of their own sizes: give
+        # them back, so that training allocates in a clean pool (8B: 8.4 GiB was held, unused,
+        # when a block's 436 MiB gather did not fit)
+        torch.cuda.empty_cache()
     frozen = sum(row["n_frozen"] for row in state.summary())
     logger.info(
         "OSFT: %d target matrices, %d frozen singular directions, SVDs %.1f s on this rank",

@@ -145,8 +145,9 @@ def setup_run(args: TrainingArgs, ctx: DistContext, output_dir: Path):
     # 3. OSFT (after sharding, before the optimizer), then the optimizer and schedule.
     saved = _read_trainer_state(resume_from)
     osft = setup_osft(
-        args, model, config.model_type, data.train, ctx, saved.get("osft_ratios") if saved else None
-    )
+        args, model, config.model_type, data.train, ctx, saved.get("osft_ratios") if saved else None,
+        reference_on_host=fit.osft_reference_on_host,
+    )  # fmt: skip
     # Model, data and OSFT targets are good: only now may this run's resolved run file replace
     # an earlier run's.
     if ctx.is_main:
