@@ -19,6 +19,7 @@ from mt_core.errors import RunError
 from mt_core.model.determinism import deterministic_kernels
 from mt_core.trainer.after_step import after_step
 from mt_core.trainer.counters import finished
+from mt_core.trainer.library_noise import quiet_libraries
 from mt_core.trainer.lifecycle import OutputDir
 from mt_core.trainer.setup import Run, setup_run
 from mt_core.trainer.step import StepClock, train_step
@@ -63,7 +64,7 @@ def train(args: TrainingArgs) -> TrainResult:
 def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
     output = OutputDir(args, ctx)  # writable, and ours alone for the run
     try:
-        with setup_run(args, ctx, output.path) as run:
+        with quiet_libraries(), setup_run(args, ctx, output.path) as run:
             return _loop(run)
     finally:
         output.release()
