@@ -276,6 +276,16 @@ def test_check_prints_the_plan_and_exits_0(tiny_run, capsys):
     assert "AdamW: 2 x 8-bit, a float32 scale per 256, 1/2 shard" in capsys.readouterr().out
 
 
+def test_check_says_the_settings_in_the_words_of_the_runs_first_line(tiny_run, capsys):
+    """One line of every resolved setting, as the run prints it before its first step
+    (``settings`` + Resolved.describe(); test_check_agrees: the same Resolved)."""
+    cli.main(["check", str(tiny_run), "--gpu=H100", "--deterministic=true"])
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("settings ")]
+    assert line.startswith("settings weights float32, compute bfloat16, attention ")
+    assert ", liger on, compiled blocks on, activation budget 1.00, " in line
+    assert line.endswith(", gradient sync once a step, deterministic on")
+
+
 def llama_8b(tmp_path: Path, kit) -> tuple[Path, Path]:
     """The config of Llama-3.1-8B (no weights at all: mt check needs none) and 64 samples of
     100 to 4,000 tokens."""

@@ -540,3 +540,29 @@ def test_flash_attn_4_models_equal_sdpa(fa4_kernel: Callable[[], list[dict]], fa
             ((o - w).abs().max() / s).item() for o, w, s in zip(other, want, scale, strict=True)
         )
         assert apart > 10 * max(errors), (apart, errors)
+
+
+FA2_RECORDING = "CALLS = []\n\n\ndef flash_attn_varlen_func(q, k, v, *args, **kwargs):\n"
+FA2_RECORDING += "    CALLS.append(kwargs)\n    return q * 1\n"
+
+
+def test_the_flash_attn_kernels_are_deterministic_under_the_key(
+    fa4_kernel: Callable[..., list[dict]], site: Path
+) -> None:
+    """Inside deterministic_kernels (the run-file key ``deterministic``) flash-attn-4's backward
+    and flash-attn 2's function are asked for their deterministic mode; outside, for nothing
+    (their own default)."""
+    from mt_core.model.determinism import deterministic_kernels
+
+    _write(site, {"flash_attn/__init__.py": FA2_RECORDING})  # beside flash-attn-4's cute folder
+    fa2_calls = importlib.import_module("flash_attn").CALLS
+    q, k, v = _bf16(*(torch.randn(1, h, 9, 8) for h in (4, 2, 2)))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    for enabled in (True, False):
+        with deterministic_kernels(enabled):
+            out = _attend("flash_attn_4", q, k, v, cu, 5)
+            torch.autograd.grad(out.sum(), (q, k, v))
+            _attend("flash_attn", q, k, v, cu, 5)
+    on, off = fa4_kernel("backward")
+    assert on["others"] == {"deterministic": True} and off["others"] == {}
+    assert [call.get("deterministic") for call in fa2_calls] == [True, None]

@@ -53,6 +53,8 @@ def _duration(seconds: float) -> str:
 def render(plan: Plan) -> str:
     lines = [f"mt check {plan.run_file}", ""]
     lines += _model_lines(plan) + [""] + _data_lines(plan) + [""]
+    # the words the run's first line will say (mt_core.plan.resolve.resolve_this_process)
+    lines += [f"settings {plan.resolved.describe()}", ""]
     lines += _memory_lines(plan) + [""] + _step_lines(plan) + [""]
     levers = lever_lines(plan)
     lines += levers + [""] * bool(levers) + _verdict_lines(plan)

@@ -238,6 +238,19 @@ class TrainingArgs:
         at_least(0),
         default=42,
     )
+    deterministic: bool = field(
+        "Bit-reproducible GPU runs: the same run twice gives bit-identical losses, gradient "
+        "norms and weights, and a run stopped (SIGTERM or SIGKILL) and resumed equals the run "
+        "never stopped. Turns on PyTorch's deterministic algorithms (with the cuBLAS workspace "
+        "they need), compiled kernels chosen without timing them, and attention kernels with "
+        "deterministic backward passes: attn_backend = 'auto' picks one, and a backend without "
+        "one is refused. Holds on the same GPUs, GPU count and software, with the same "
+        "settings (the run's first line lists them). Costs tokens/s, measured on one H200: "
+        "see tools/bench/RESULTS.md. CPU runs are reproducible without it.",
+        _LENGTH,
+        "boolean",
+        default=False,
+    )
 
     min_samples_per_checkpoint: int | None = field(
         "Export the model to output_dir/hf_format/samples_<N>/ each time at least this many "

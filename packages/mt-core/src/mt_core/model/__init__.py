@@ -6,6 +6,7 @@
   attention interface; ``sequence_parallel``: one row's tokens split over a group of ranks;
 - ``recurrent``: state-space and linear-attention layers run per document;
 - ``activation_offload``: the blocks' saved activations parked in host memory;
+- ``determinism``: the kernel settings of bit-reproducible runs (the key ``deterministic``);
 - ``families``: what differs between architectures (VLMs, MXFP4 experts, export layouts).
 
 May import: mt_core.config, mt_core.errors, mt_fsdp, torch, transformers. Not plan, optim or

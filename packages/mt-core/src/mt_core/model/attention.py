@@ -26,6 +26,11 @@ Attention sinks (GPT-OSS's ``s_aux``: one more logit per head in each softmax, a
 nothing) and logit softcapping (Gemma 2's) are computed by ``flash_attn_4`` in its kernel and by
 ``sdpa`` per document in plain tensor ops; the other two refuse them. ``auto`` sends a model with
 sinks to ``flash_attn_4`` where it can run, else to ``sdpa``.
+
+Deterministic runs (:mod:`mt_core.model.determinism`): every backend has a deterministic
+backward pass under torch's deterministic algorithms (``sdpa`` and ``torch_varlen`` through
+torch's own kernels, ``flash_attn`` and ``flash_attn_4`` through their ``deterministic``
+argument), except flash-attn-4 on compute capability 12.x (:func:`deterministic_backward_problem`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from mt_core.model.recurrent import run_recurrent_layers_per_document
 __all__ = [
     "ATTN_BACKENDS",
     "auto_backend",
+    "deterministic_backward_problem",
     "has_attention_sinks",
     "register_padding_free_attention",
     "resolve_attn_backend",
@@ -170,10 +176,36 @@ def runnable_backends(
     return (*runnable, "sdpa")
 
 
-def auto_backend(runnable: tuple[str, ...], *, sinks: bool = False) -> str:
+def auto_backend(
+    runnable: tuple[str, ...],
+    *,
+    sinks: bool = False,
+    deterministic: bool = False,
+    capability: tuple[int, int] | None = None,
+) -> str:
     """What ``auto`` chooses among the ``runnable`` backends: the first, or for a model with
-    attention sinks the first that computes them (``sdpa`` always can)."""
-    return next(name for name in runnable if not sinks or name in _BACKENDS_WITH_SINKS)
+    attention sinks the first that computes them, and for a ``deterministic`` run the first
+    with a deterministic backward pass on a GPU of this compute ``capability`` (``sdpa``
+    always qualifies)."""
+    return next(
+        name
+        for name in runnable
+        if (not sinks or name in _BACKENDS_WITH_SINKS)
+        and not (deterministic and deterministic_backward_problem(name, capability))
+    )
+
+
+def deterministic_backward_problem(backend: str, capability: tuple[int, int] | None) -> str | None:
+    """Why ``backend``'s backward pass cannot be deterministic on a GPU of compute ``capability``
+    (None: not known, or no GPU), or None where it can. flash-attn-4 (4.0.0b36) asserts that
+    its deterministic backward does not run on compute capability 12.x (consumer Blackwell);
+    the other backends have one everywhere they run."""
+    if backend == "flash_attn_4" and capability is not None and capability[0] == 12:
+        return (
+            f"flash-attn-4 has no deterministic backward pass on compute capability "
+            f"{capability[0]}.{capability[1]}"
+        )
+    return None
 
 
 def resolve_attn_backend(name: str, device: torch.device, *, sinks: bool = False) -> str:

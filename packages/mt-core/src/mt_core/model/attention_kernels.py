@@ -128,6 +128,12 @@ def _varlen_layout(
     return packed(query), packed(key), packed(value)
 
 
+def _deterministic_option() -> dict[str, bool]:
+    """``deterministic=True`` for the flash-attn kernels' backward where torch's deterministic
+    algorithms are on (:mod:`mt_core.model.determinism`); else nothing, their own default."""
+    return {"deterministic": True} if torch.are_deterministic_algorithms_enabled() else {}
+
+
 def _window(sliding_window: int | None, max_k: int) -> int | None:
     """How many keys before the query one query sees (None: all of them, plain causal).
     HF's ``sliding_window`` counts the query itself; a window as long as every document is
@@ -186,7 +192,8 @@ def flash_attn_varlen(
     sliding_window: int | None = None,
     **kwargs: Any,
 ) -> AttentionOutput:
-    """flash-attn 2's ``flash_attn_varlen_func`` (GQA native)."""
+    """flash-attn 2's ``flash_attn_varlen_func`` (GQA native); its backward is deterministic
+    where torch's deterministic algorithms are on (:mod:`mt_core.model.determinism`)."""
     from flash_attn import flash_attn_varlen_func
 
     cu_q, cu_k, max_q, max_k = check_call(module, query, key, attention_mask, dropout, kwargs)
@@ -195,7 +202,7 @@ def flash_attn_varlen(
     left = _window(sliding_window, max_k)
     out = flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True,
-        window_size=(-1 if left is None else left, 0),
+        window_size=(-1 if left is None else left, 0), **_deterministic_option(),
     )  # fmt: skip
     return out.to(query.dtype).unsqueeze(0), None
 
@@ -285,14 +292,17 @@ def _fa4_backward(
     softcap: float,
     sinks: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of q, k, v and the sinks (an empty tensor when there are none)."""
+    """The gradients of q, k, v and the sinks (an empty tensor when there are none). Under
+    torch's deterministic algorithms (:mod:`mt_core.model.determinism`) the kernel's own
+    deterministic mode: the query gradient's blocks are added in a fixed order, not by atomics
+    as they finish (read here, when the op runs: a compiled block does not trace into it)."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
     grads = _flash_attn_bwd(
         q, k, v, out, dout, lse, softmax_scale=scaling, causal=True, softcap=softcap,
         window_size_left=left, window_size_right=0 if left is not None else None,
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-        learnable_sink=sinks,
+        learnable_sink=sinks, **_deterministic_option(),
     )  # fmt: skip
     dq, dk, dv = grads[:3]
     return dq, dk, dv, grads[3] if sinks is not None else q.new_empty(0)

@@ -9,11 +9,15 @@ plan describes is what a run does.
 The rules (each measured where it is a speed choice: tools/bench/RESULTS.md):
 
 * Liger's kernels: on a GPU where liger-kernel is installed and has kernels for the
-  architecture (without them the logits are materialised, and the memory plan says so);
+  architecture (without them the logits are materialised, and the memory plan says so); kept
+  in deterministic runs: the fused loss's backward is chunked matmuls in a fixed order and a
+  kernel per row, with no atomics;
 * compiled decoder blocks: on a GPU;
+* compute in bfloat16 on a GPU (FSDP mixed precision), in train_dtype on the CPU;
 * attention ``auto``: the first backend that can run on the machine (flash-attn-4, flash-attn 2,
   PyTorch's varlen, per-document SDPA), the first that computes attention sinks for a model
-  with them;
+  with them, and in a deterministic run the first with a deterministic backward pass there
+  (an explicit backend without one is a ConfigError);
 * gradients reduce-scattered after every minibatch on several GPUs and under cpu_offload
   (:func:`mt_core.plan.fit.syncs_every_minibatch`);
 * the activation budget, kept-gathered blocks and the offloads: :func:`mt_core.plan.fit.fit_to_gpu`
@@ -63,6 +67,9 @@ class Machine:
     attention_backends: tuple[str, ...]  # those that can run there, in the order auto prefers
     gpu_bytes: float | None = None  # the GPU memory one process may plan for (None: no GPU)
     host_bytes: float = math.inf  # the host memory one process may fill with offloads
+    # the GPU's compute capability where a choice depends on it (flash-attn-4 can run there:
+    # its deterministic backward does not run on 12.x), else None
+    gpu_capability: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,9 @@ class Resolved:
     compile_blocks: bool
     attn_backend: str
     sync_each_minibatch: bool
+    train_dtype: str  # the master weights' (the run file's)
+    compute_dtype: str  # what the forward and backward passes compute in
+    deterministic: bool  # bit-reproducible kernels (mt_core.model.determinism)
     fit: Fit  # activation budget, kept-gathered blocks, offloads (and what to say of them)
     settings: Settings  # what the memory estimate is made for: the run with its fit
     shape: ModelShape | None = None  # built where the fit needs it (a GPU)
@@ -83,11 +93,14 @@ class Resolved:
         fit = self.fit
         on = {True: "on", False: "off"}
         return (
-            f"attention {self.attn_backend}, liger {on[self.liger]}, compiled blocks "
+            f"weights {self.train_dtype}, compute {self.compute_dtype}, attention "
+            f"{self.attn_backend}, liger {on[self.liger]}, compiled blocks "
             f"{on[self.compile_blocks]}, activation budget {fit.activation_budget:.2f}, "
             f"activation offload {on[fit.activation_offload]}, cpu_offload "
             f"{on[fit.cpu_offload]}, gradient sync "
             f"{'every minibatch' if self.sync_each_minibatch else 'once a step'}"
+            + (", OSFT W0 in host memory" if fit.osft_reference_on_host else "")
+            + (", deterministic on" if self.deterministic else "")
         )
 
 
@@ -104,7 +117,8 @@ def resolve(
     these ``lengths``. ``shape``: the model's (:func:`mt_core.plan.shape.model_shape`), built
     here where the machine has a GPU and it is not given; ``warn``: log a warning where nothing
     makes the run fit."""
-    from mt_core.model.attention import auto_backend  # torch: only once the run file is good
+    # torch: only once the run file is good
+    from mt_core.model.attention import auto_backend, deterministic_backward_problem
     from mt_core.plan.shape import liger_supports, model_shape, osft_settings
 
     notes = []
@@ -124,7 +138,18 @@ def resolve(
         )
     attention = args.attn_backend
     if attention == "auto":
-        attention = auto_backend(machine.attention_backends, sinks=bool(shape and shape.sinks))
+        attention = auto_backend(
+            machine.attention_backends, sinks=bool(shape and shape.sinks),
+            deterministic=args.deterministic, capability=machine.gpu_capability,
+        )  # fmt: skip
+    elif args.deterministic:
+        problem = deterministic_backward_problem(attention, machine.gpu_capability)
+        if problem is not None:
+            raise ConfigError([
+                f"attn_backend: {problem}, which deterministic = true needs: use attn_backend "
+                "= 'flash_attn' (flash-attn 2), 'torch_varlen' or 'auto' (which picks one that "
+                "has it)"
+            ])  # fmt: skip
     fit = fitting.fit_to_gpu(
         args, config, capacity_bytes=machine.gpu_bytes if machine.gpu else None,
         host_bytes=machine.host_bytes, world_size=machine.world_size, compiled=compiled,
@@ -138,6 +163,9 @@ def resolve(
         compile_blocks=compiled,
         attn_backend=attention,
         sync_each_minibatch=syncs_every_minibatch(args, machine.world_size, fit.cpu_offload),
+        train_dtype=args.train_dtype,
+        compute_dtype="bfloat16" if machine.gpu else args.train_dtype,
+        deterministic=args.deterministic,
         fit=fit,
         settings=fit.applied(run),
         shape=shape,
@@ -163,8 +191,10 @@ def resolve_this_process(
         ctx, gpu_bytes=capacity, host_bytes=fitting.host_room_bytes(available, local_processes)
     )
     resolved = resolve(args, config, machine, lengths)
-    if ctx.is_main and resolved.fit.summary:
-        print(resolved.fit.summary, flush=True)
+    if ctx.is_main:  # the run's first words: what it chose, as mt check says it
+        print(f"settings {resolved.describe()}", flush=True)
+        if resolved.fit.summary:
+            print(resolved.fit.summary, flush=True)
     problem = fitting.host_memory_problem(
         args, config, world_size=ctx.world_size, available_bytes=available,
         local_processes=local_processes,
@@ -178,17 +208,25 @@ def this_machine(ctx: DistContext, *, gpu_bytes: float | None, host_bytes: float
     """The machine this process trains on: its device, the kernels installed, and the GPU and
     host memory its fit may plan for (:func:`mt_core.plan.fit.gpu_room`,
     :func:`mt_core.plan.fit.host_room_bytes`)."""
+    import torch
+
     from mt_core.model.attention import runnable_backends
     from mt_core.model.build import liger_available
 
     on_gpu = ctx.device.type == "cuda"
+    backends = runnable_backends(ctx.device)
+    # asked only where it decides something (and where runnable_backends has asked already)
+    capability = (
+        tuple(torch.cuda.get_device_capability(ctx.device)) if "flash_attn_4" in backends else None
+    )
     return Machine(
         gpu=on_gpu,
         world_size=ctx.world_size,
         liger_installed=on_gpu and liger_available(),
-        attention_backends=runnable_backends(ctx.device),
+        attention_backends=backends,
         gpu_bytes=gpu_bytes if on_gpu else None,
         host_bytes=host_bytes,
+        gpu_capability=capability,
     )
 
 
@@ -209,4 +247,5 @@ def planned_machine(
         liger_installed=True,
         attention_backends=runnable_backends("cuda", capability=capability),
         gpu_bytes=device.memory_gib * GIB,
+        gpu_capability=capability,
     )

@@ -16,8 +16,10 @@ from torch.profiler import record_function
 
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.errors import RunError
+from mt_core.model.determinism import deterministic_kernels
 from mt_core.trainer.after_step import after_step
 from mt_core.trainer.counters import finished
+from mt_core.trainer.library_noise import quiet_libraries
 from mt_core.trainer.lifecycle import OutputDir
 from mt_core.trainer.setup import Run, setup_run
 from mt_core.trainer.step import StepClock, train_step
@@ -42,24 +44,27 @@ class TrainResult:
 
 def train(args: TrainingArgs) -> TrainResult:
     """Run ``args`` to its end in this process (one of torchrun's ranks, or alone)."""
-    try:
-        ctx = init_distributed(sequence_parallel_size=args.sequence_parallel_size)
-    except ValueError as error:  # the size does not divide the processes started
-        raise ConfigError([f"sequence_parallel_size: {error}"]) from error
-    if not ctx.is_main:
-        _quiet()  # rank 0 speaks for the run; the others only raise errors
-    try:
-        return _train(args, ctx)
-    except CheckpointError as error:  # disk full, quota: the message says what is intact
-        raise RunError(str(error)) from error
-    finally:
-        shutdown_distributed()
+    # deterministic kernels from the start: cuBLAS reads its workspace setting once, at the
+    # first GPU matmul
+    with deterministic_kernels(args.deterministic):
+        try:
+            ctx = init_distributed(sequence_parallel_size=args.sequence_parallel_size)
+        except ValueError as error:  # the size does not divide the processes started
+            raise ConfigError([f"sequence_parallel_size: {error}"]) from error
+        if not ctx.is_main:
+            _quiet()  # rank 0 speaks for the run; the others only raise errors
+        try:
+            return _train(args, ctx)
+        except CheckpointError as error:  # disk full, quota: the message says what is intact
+            raise RunError(str(error)) from error
+        finally:
+            shutdown_distributed()
 
 
 def _train(args: TrainingArgs, ctx: DistContext) -> TrainResult:
     output = OutputDir(args, ctx)  # writable, and ours alone for the run
     try:
-        with setup_run(args, ctx, output.path) as run:
+        with quiet_libraries(), setup_run(args, ctx, output.path) as run:
             return _loop(run)
     finally:
         output.release()

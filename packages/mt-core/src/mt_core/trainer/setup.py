@@ -114,7 +114,7 @@ def setup_run(args: TrainingArgs, ctx: DistContext, output_dir: Path):
     data = build_data(args, ctx, config.get_text_config().vocab_size, output_dir)
 
     # 2. Every unset speed and memory setting, then the model: sharded, master weights in
-    # train_dtype, compute in bf16 on a GPU.
+    # train_dtype, compute in the resolved dtype (bf16 on a GPU).
     resolved = resolve_this_process(args, config, ctx, data.train.lengths)
     on_gpu = ctx.device.type == "cuda"
     master_dtype = TORCH_DTYPES[args.train_dtype]
@@ -131,7 +131,7 @@ def setup_run(args: TrainingArgs, ctx: DistContext, output_dir: Path):
         config,
         ctx,
         master_dtype=master_dtype,
-        compute_dtype=torch.bfloat16 if on_gpu else master_dtype,
+        compute_dtype=TORCH_DTYPES[resolved.compute_dtype],
         attn_backend=resolved.attn_backend,
         use_liger=resolved.liger,
         activation_checkpointing=args.activation_checkpointing,
