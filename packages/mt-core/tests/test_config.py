@@ -7,6 +7,7 @@ import pytest
 from mt_core.config import (
     ATTN_BACKENDS,
     DTYPES,
+    FLOAT8_RECIPES,
     OPTIMIZER_STATE_DTYPES,
     ConfigError,
     PretrainingConfig,
@@ -91,11 +92,13 @@ def test_choice_lists_match_the_modules_that_use_them():
     from mt_core.config.schedulers import SCHEDULERS, usable_scheduler
     from mt_core.model.attention import ATTN_BACKENDS as backends
     from mt_core.model.build import TORCH_DTYPES
+    from mt_core.model.float8 import RECIPES
     from mt_core.optim.build import STATE_DTYPES
 
     assert backends == ATTN_BACKENDS
     assert set(DTYPES) == set(TORCH_DTYPES)
     assert tuple(STATE_DTYPES) == OPTIMIZER_STATE_DTYPES
+    assert RECIPES == FLOAT8_RECIPES
     # every schedule of transformers but those refused with their reason
     assert tuple(s.value for s in SchedulerType if usable_scheduler(s.value) is None) == SCHEDULERS
 

@@ -61,6 +61,7 @@ def export_hf(
     rank = dist.get_rank() if dist.is_initialized() else 0
     target = Path(target)
     if rank == 0:
+        state = {name: plain_tensor(t) for name, t in state.items()}
         for name in mxfp4_experts:
             blocks, scales = mxfp4.quantize(state.pop(name).transpose(-1, -2))
             state[f"{name}_blocks"], state[f"{name}_scales"] = blocks, scales
@@ -84,6 +85,18 @@ def export_hf(
         os.replace(temporary, target)
     barrier()
     return target if rank == 0 else None
+
+
+def plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without the tensor subclasses that wrap one plain tensor of the same values
+    (torchao's float8 training weights: a cast on the way to each matrix product), which
+    safetensors cannot write: an export holds what a run without them would write."""
+    while type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+        inner, _ = tensor.__tensor_flatten__()
+        if len(inner) != 1:
+            break
+        tensor = getattr(tensor, inner[0])
+    return tensor
 
 
 def _set_config_dtype(folder: Path, dtype: torch.dtype) -> None:

@@ -19,6 +19,7 @@ reported before the model stack loads), nothing else of mt_core.
 from mt_core.config.args import (
     ATTN_BACKENDS,
     DTYPES,
+    FLOAT8_RECIPES,
     OPTIMIZER_STATE_DTYPES,
     TRAINING_MODES,
     PretrainingConfig,
@@ -38,6 +39,7 @@ from mt_core.config.runfile import (
 __all__ = [
     "ATTN_BACKENDS",
     "DTYPES",
+    "FLOAT8_RECIPES",
     "OPTIMIZER_STATE_DTYPES",
     "TRAINING_MODES",
     "ConfigError",

@@ -33,6 +33,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "flash_attn_4")
 # mt_core.optim.build.STATE_DTYPES, spelled out for the same reason
 OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16", "8bit")
+# mt_core.model.float8.RECIPES: torchao's float8 training recipes, spelled out for the same reason
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
 TRAINING_MODES = ("epoch", "step", "token", "infinite")
 
 # the [pretraining] table's section title in --help (its group)
@@ -494,6 +496,22 @@ class TrainingArgs:
         _SPEED,
         "boolean",
         default=False,
+    )
+    float8: str | None = field(
+        "FP8 compute of the decoder blocks' large linear layers (torchao's float8 training; "
+        "the torchao extra), on GPUs with FP8 tensor cores (compute capability 8.9 or more: "
+        "Ada, Hopper, Blackwell). 'tensorwise' = one scale per tensor, the fastest, with FSDP2 "
+        "gathering the weights in FP8; 'rowwise' = one scale per row, closer to bfloat16, a "
+        "smaller gain. It pays where the matrix products are large (models of several billion "
+        "parameters, thousands of tokens per minibatch); layers with a dimension under 2048 or "
+        "not a multiple of 16, the LM head, embeddings, routers and MoE experts compute in "
+        "bfloat16 as without it, as do attention and the norms. Master weights, optimizer "
+        "state, checkpoints and exports are unchanged. Not set = bfloat16 compute.",
+        _SPEED,
+        "string",
+        default=None,
+        optional=True,
+        choices=fixed(*FLOAT8_RECIPES),
     )
     use_liger_kernels: bool | None = field(
         "Liger kernels: fused linear cross-entropy (logits are never materialised), RMSNorm, "

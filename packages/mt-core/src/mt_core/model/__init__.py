@@ -7,6 +7,7 @@
 - ``recurrent``: state-space and linear-attention layers run per document;
 - ``activation_offload``: the blocks' saved activations parked in host memory;
 - ``determinism``: the kernel settings of bit-reproducible runs (the key ``deterministic``);
+- ``float8``: which linear layers compute in FP8 and their conversion (the key ``float8``);
 - ``families``: what differs between architectures (VLMs, MXFP4 experts, export layouts).
 
 May import: mt_core.config, mt_core.errors, mt_fsdp, torch, transformers. Not plan, optim or

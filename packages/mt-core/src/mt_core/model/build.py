@@ -1,6 +1,6 @@
 """Model set-up: an HF causal LM built on the meta device, patched, sharded, then loaded.
 
-The order matters: kernels and attention are chosen on the bare HF model, activation
+The order matters: FP8 layers, kernels and attention are chosen on the bare HF model, activation
 checkpointing, compilation and activation offloading wrap its blocks, FSDP2 shards it, and only
 then do the shards get memory and the checkpoint's weights.
 """
@@ -22,6 +22,7 @@ from mt_core.model.attention import (
     use_padding_free_attention,
 )
 from mt_core.model.families import freeze_untrained, load_weights, new_model
+from mt_core.model.float8 import convert_to_float8
 from mt_core.model.sequence_parallel import use_sequence_parallel_attention
 from mt_fsdp import (
     TOKENIZER_FILES,
@@ -152,14 +153,19 @@ def build_model(
     cpu_offload: bool = False,
     keep_gathered: bool = False,
     trust_remote_code: bool = False,
+    float8: str | None = None,
 ) -> tuple[PreTrainedModel, str]:
     """The sharded model of ``config``, its weights loaded from ``folder`` into ``master_dtype``
     (what the optimizer updates); and the attention backend used. Forward and backward compute
     in ``compute_dtype`` (FSDP mixed precision casts each gathered block). ``activation_offload``
-    (None: off) is given the decoder blocks, whose saved activations it then moves."""
+    (None: off) is given the decoder blocks, whose saved activations it then moves. ``float8``
+    (a recipe of :data:`mt_core.model.float8.RECIPES`; None: off) computes the blocks' large
+    linear layers in FP8."""
     with parameters_on_meta():
         model = new_model(config, master_dtype, trust_remote_code)
     freeze_untrained(model)
+    # before compilation and FSDP2, as torchao needs (mt_core.model.float8)
+    float8_count = convert_to_float8(model, float8) if float8 is not None else 0
     backend = resolve_attn_backend(attn_backend, ctx.device, sinks=has_attention_sinks(model))
     use_padding_free_attention(model, backend)
     if ctx.sequence_group is not None:
@@ -192,13 +198,14 @@ def build_model(
     model.train()
     logger.info(
         "model %s: %.1fM parameters, attention %s, liger %s, compiled blocks %s, activation "
-        "offload %s",
+        "offload %s, FP8 linear layers %d",
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
         backend,
         "on" if use_liger else "off",
         "on" if compile_blocks else "off",
         "on" if activation_offload is not None else "off",
+        float8_count,
     )
     return model, backend
 

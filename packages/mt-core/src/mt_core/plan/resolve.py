@@ -13,7 +13,9 @@ The rules (each measured where it is a speed choice: tools/bench/RESULTS.md):
   in deterministic runs: the fused loss's backward is chunked matmuls in a fixed order and a
   kernel per row, with no atomics;
 * compiled decoder blocks: on a GPU;
-* compute in bfloat16 on a GPU (FSDP mixed precision), in train_dtype on the CPU;
+* compute in bfloat16 on a GPU (FSDP mixed precision), in train_dtype on the CPU; the
+  decoder blocks' large linear layers in FP8 where the run file sets ``float8`` (a ConfigError
+  on the CPU and on GPUs without FP8 tensor cores: :func:`mt_core.model.float8.float8_problem`);
 * attention ``auto``: the first backend that can run on the machine (flash-attn-4, flash-attn 2,
   PyTorch's varlen, per-document SDPA), the first that computes attention sinks for a model
   with them, and in a deterministic run the first with a deterministic backward pass there
@@ -68,7 +70,7 @@ class Machine:
     gpu_bytes: float | None = None  # the GPU memory one process may plan for (None: no GPU)
     host_bytes: float = math.inf  # the host memory one process may fill with offloads
     # the GPU's compute capability where a choice depends on it (flash-attn-4 can run there:
-    # its deterministic backward does not run on 12.x), else None
+    # its deterministic backward does not run on 12.x; float8 is set: FP8 tensor cores), else None
     gpu_capability: tuple[int, int] | None = None
 
 
@@ -83,6 +85,7 @@ class Resolved:
     train_dtype: str  # the master weights' (the run file's)
     compute_dtype: str  # what the forward and backward passes compute in
     deterministic: bool  # bit-reproducible kernels (mt_core.model.determinism)
+    float8: str | None  # the FP8 recipe of the blocks' large linear layers (None: bfloat16)
     fit: Fit  # activation budget, kept-gathered blocks, offloads (and what to say of them)
     settings: Settings  # what the memory estimate is made for: the run with its fit
     shape: ModelShape | None = None  # built where the fit needs it (a GPU)
@@ -93,7 +96,9 @@ class Resolved:
         fit = self.fit
         on = {True: "on", False: "off"}
         return (
-            f"weights {self.train_dtype}, compute {self.compute_dtype}, attention "
+            f"weights {self.train_dtype}, compute {self.compute_dtype}"
+            + (f" (large linear layers FP8 {self.float8})" if self.float8 else "")
+            + f", attention "
             f"{self.attn_backend}, liger {on[self.liger]}, compiled blocks "
             f"{on[self.compile_blocks]}, activation budget {fit.activation_budget:.2f}, "
             f"activation offload {on[fit.activation_offload]}, cpu_offload "
@@ -119,8 +124,13 @@ def resolve(
     makes the run fit."""
     # torch: only once the run file is good
     from mt_core.model.attention import auto_backend, deterministic_backward_problem
+    from mt_core.model.float8 import float8_problem
     from mt_core.plan.shape import liger_supports, model_shape, osft_settings
 
+    if args.float8 is not None:
+        problem = float8_problem(machine.gpu, machine.gpu_capability)
+        if problem is not None:
+            raise ConfigError([f"float8: {problem}"])
     notes = []
     liger = args.use_liger_kernels
     if liger is None:
@@ -166,6 +176,7 @@ def resolve(
         train_dtype=args.train_dtype,
         compute_dtype="bfloat16" if machine.gpu else args.train_dtype,
         deterministic=args.deterministic,
+        float8=args.float8,
         fit=fit,
         settings=fit.applied(run),
         shape=shape,
@@ -188,8 +199,9 @@ def resolve_this_process(
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     available = fitting.available_host_bytes()
     machine = this_machine(
-        ctx, gpu_bytes=capacity, host_bytes=fitting.host_room_bytes(available, local_processes)
-    )
+        ctx, gpu_bytes=capacity, host_bytes=fitting.host_room_bytes(available, local_processes),
+        float8=args.float8 is not None,
+    )  # fmt: skip
     resolved = resolve(args, config, machine, lengths)
     if ctx.is_main:  # the run's first words: what it chose, as mt check says it
         print(f"settings {resolved.describe()}", flush=True)
@@ -204,10 +216,13 @@ def resolve_this_process(
     return resolved
 
 
-def this_machine(ctx: DistContext, *, gpu_bytes: float | None, host_bytes: float) -> Machine:
+def this_machine(
+    ctx: DistContext, *, gpu_bytes: float | None, host_bytes: float, float8: bool = False
+) -> Machine:
     """The machine this process trains on: its device, the kernels installed, and the GPU and
     host memory its fit may plan for (:func:`mt_core.plan.fit.gpu_room`,
-    :func:`mt_core.plan.fit.host_room_bytes`)."""
+    :func:`mt_core.plan.fit.host_room_bytes`); ``float8``: the run asks for FP8 compute, whose
+    tensor cores its GPU's compute capability says."""
     import torch
 
     from mt_core.model.attention import runnable_backends
@@ -216,9 +231,8 @@ def this_machine(ctx: DistContext, *, gpu_bytes: float | None, host_bytes: float
     on_gpu = ctx.device.type == "cuda"
     backends = runnable_backends(ctx.device)
     # asked only where it decides something (and where runnable_backends has asked already)
-    capability = (
-        tuple(torch.cuda.get_device_capability(ctx.device)) if "flash_attn_4" in backends else None
-    )
+    asks = on_gpu and (float8 or "flash_attn_4" in backends)
+    capability = tuple(torch.cuda.get_device_capability(ctx.device)) if asks else None
     return Machine(
         gpu=on_gpu,
         world_size=ctx.world_size,

@@ -140,6 +140,7 @@ def setup_run(args: TrainingArgs, ctx: DistContext, output_dir: Path):
         cpu_offload=fit.cpu_offload,
         keep_gathered=fit.keep_gathered,
         trust_remote_code=args.trust_remote_code,
+        float8=resolved.float8,
     )
 
     # 3. OSFT (after sharding, before the optimizer), then the optimizer and schedule.

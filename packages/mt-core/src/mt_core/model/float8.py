@@ -1,0 +1,118 @@
+"""FP8 compute of the decoder blocks' large linear layers (the key ``float8``, torchao.float8).
+
+Which layers convert is one rule, :func:`bfloat16_reason`: a layer computes in FP8 only where
+FP8 pays and nothing needs it exact. The conversion swaps ``nn.Linear`` for torchao's
+``Float8Linear`` on the bare model, before compilation (which traces its casts) and before
+FSDP2 (which must see the float8 weight wrapper to gather tensorwise weights in FP8). The
+parameters keep their names, dtype and values: checkpoints and exports are those of a bfloat16
+run, and a run resumes with or without the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from mt_core.config import ConfigError
+from mt_fsdp import decoder_blocks
+
+__all__ = [
+    "FP8_CAPABILITY",
+    "MIN_DIMENSION",
+    "RECIPES",
+    "bfloat16_reason",
+    "convert_to_float8",
+    "float8_layers",
+    "float8_problem",
+]
+
+# torchao's Float8LinearRecipeName values mt offers (rowwise_with_gw_hp, grad_weight in high
+# precision, gives up most of the gain for accuracy that rowwise already nearly has)
+RECIPES = ("tensorwise", "rowwise")
+
+# FP8 pays only where the matrix product outweighs the scaling and casting around it. torchao's
+# H100 microbenchmarks (torchao/float8/README.md, forward + backward of one linear, compiled):
+# M, K, N = 1024, 2048, 1024 runs at 0.80x of bfloat16, 4096, 8192, 16384 at 1.39x; its own
+# auto-filters (torchao 0.18, float8_linear_utils.py) skip tensorwise layers with K <= 4096 and
+# N <= 1024 and rowwise layers with N <= 2048 or K <= 1024. torchtitan leaves the small layers
+# and the output projection in bfloat16 alike. One bound on the smaller side serves both
+# recipes: below 2048 (the key/value projections of grouped-query attention, 512 or 1024 wide)
+# a layer stays in bfloat16. Measured per model shape: tools/bench/RESULTS.md (issue #29).
+MIN_DIMENSION = 2048
+# the first CUDA compute capability with FP8 tensor cores (Ada; Hopper is 9.0, Blackwell 10.0)
+FP8_CAPABILITY = (8, 9)
+# FP8 GEMMs (torch._scaled_mm) need both dimensions of the weight to be multiples of 16
+_FP8_ALIGNMENT = 16
+# config keys that count a MoE's experts (transformers' names); a linear with that many outputs
+# is a router, whose logits choose the experts and stay exact
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def float8_problem(gpu: bool, capability: tuple[int, int] | None) -> str | None:
+    """Why the key ``float8`` cannot run on this machine (a CUDA GPU or not, its compute
+    capability), in the words of a ConfigError after the key; None where it can."""
+    needs = "FP8 compute needs a GPU with FP8 tensor cores (compute capability 8.9 or more: Ada, "
+    needs += "Hopper, Blackwell)"
+    if not gpu:
+        return f"{needs}, and this run is on the CPU: unset float8 (bfloat16 compute)"
+    if capability is None or tuple(capability) < FP8_CAPABILITY:
+        found = "unknown" if capability is None else "{}.{}".format(*capability)
+        return f"{needs}; this GPU's is {found}: unset float8 (bfloat16 compute)"
+    return None
+
+
+def bfloat16_reason(module: nn.Linear, *, experts: frozenset[int] = frozenset()) -> str | None:
+    """Why this linear layer of a decoder block stays in bfloat16, or None where it converts.
+    ``experts``: the model's expert counts (a router has that many outputs)."""
+    rows, columns = module.out_features, module.in_features
+    if not module.weight.requires_grad:
+        return "frozen (not trained: no input in training, or routing kept as released)"
+    if rows in experts:
+        return f"a router ({rows} expert logits)"
+    if rows % _FP8_ALIGNMENT or columns % _FP8_ALIGNMENT:
+        return f"{columns} -> {rows}: FP8 matrix products need multiples of {_FP8_ALIGNMENT}"
+    if min(rows, columns) < MIN_DIMENSION:
+        return f"{columns} -> {rows}: too small for FP8 to pay (a side under {MIN_DIMENSION})"
+    return None
+
+
+def float8_layers(model: nn.Module) -> dict[str, str | None]:
+    """Every linear layer of ``model`` by name: None where it converts, else why it stays in
+    bfloat16. Only the decoder blocks' layers may convert: the LM head (the largest product,
+    but the loss's logits, which torchtitan keeps in bfloat16 too) and anything outside the
+    blocks (embeddings are no linear layers) stay."""
+    config = getattr(model, "config", None)
+    experts = frozenset(
+        count
+        for text in ([config, config.get_text_config()] if config is not None else [])
+        for key in _EXPERT_COUNTS
+        if isinstance(count := getattr(text, key, None), int)
+    )
+    inside = {id(m) for block in decoder_blocks(model) for m in block.modules()}
+    return {
+        name: bfloat16_reason(module, experts=experts) if id(module) in inside
+        else "outside the decoder blocks"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    }  # fmt: skip
+
+
+def convert_to_float8(model: nn.Module, recipe: str) -> int:
+    """Swap the layers :func:`float8_layers` converts for torchao's ``Float8Linear`` with this
+    recipe (one of :data:`RECIPES`); returns how many. Tensorwise weights are gathered by FSDP2
+    in FP8 (half the bytes of bfloat16), which rowwise scaling does not support."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as error:
+        raise ConfigError(
+            [f"float8: needs torchao ({error}): pip install 'mt-core[torchao]'"]
+        ) from None
+    converts = {name for name, reason in float8_layers(model).items() if reason is None}
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    if recipe == "tensorwise":
+        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+    convert_to_float8_training(
+        model, config=config, module_filter_fn=lambda module, name: name in converts
+    )
+    return len(converts)

@@ -1,0 +1,208 @@
+"""The run-file key ``float8`` (issue #29): which linear layers compute in FP8 for real model
+shapes, that the conversion puts torchao's Float8Linear exactly there and leaves weights,
+checkpoints and exports as a bfloat16 run's, and the one clear error where FP8 cannot run.
+(No FP8 matrix product runs here: speed and loss are measured on a GPU, tools/bench/RESULTS.md.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig
+
+from mt_core.config import ConfigError, args_from_dict, load_run_file, place_problems
+from mt_core.model import float8
+from mt_core.model.float8 import bfloat16_reason, float8_layers
+from mt_core.plan.memory import GIB
+from mt_core.plan.resolve import Machine, resolve
+
+pytest.importorskip("torchao.float8")
+
+SHAPES = {
+    # published configs' shapes (vocabularies cut: the embeddings are no linear layers, and the
+    # LM head is outside the blocks at any size)
+    "Llama-3.2-1B": LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=256, tie_word_embeddings=True,
+    ),
+    "Llama-3.1-8B": LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=256,
+    ),
+    "gpt-oss-20b": GptOssConfig(num_hidden_layers=24, vocab_size=256),
+}  # fmt: skip
+# (converted, kept in bfloat16 by reason): every block's q, o and MLP projections convert; the
+# key/value projections of grouped-query attention (8 heads of 64 or 128: 512 or 1024 wide) are
+# too small to pay; the LM head stays; GPT-OSS's router and experts are no linear layers (its
+# experts are batched matrices), so only its attention converts
+EXPECTED = {
+    "Llama-3.2-1B": (16 * 5, {"2048 -> 512: too small for FP8 to pay (a side under 2048)": 32,
+                              "outside the decoder blocks": 1}),
+    "Llama-3.1-8B": (32 * 5, {"4096 -> 1024: too small for FP8 to pay (a side under 2048)": 64,
+                              "outside the decoder blocks": 1}),
+    "gpt-oss-20b": (24 * 2, {"2880 -> 512: too small for FP8 to pay (a side under 2048)": 48,
+                             "outside the decoder blocks": 1}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_which_layers_of_real_shapes_compute_in_fp8(name):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(SHAPES[name])
+    layers = float8_layers(model)
+    converted, kept = EXPECTED[name]
+    assert sum(reason is None for reason in layers.values()) == converted
+    assert Counter(reason for reason in layers.values() if reason is not None) == kept
+    assert layers["lm_head"] == "outside the decoder blocks"
+    assert all(layers[n] is None for n in layers if n.endswith(("q_proj", "o_proj")))
+
+
+def test_routers_misaligned_and_frozen_layers_stay_in_bfloat16():
+    with torch.device("meta"):
+        router = nn.Linear(4096, 8, bias=False)  # a Mixtral-style router as a linear layer
+        odd = nn.Linear(4096, 2050)  # wide enough, but not a multiple of 16
+        frozen = nn.Linear(4096, 4096).requires_grad_(False)
+        wide = nn.Linear(4096, 4096)
+    assert bfloat16_reason(router, experts=frozenset({8})) == "a router (8 expert logits)"
+    assert bfloat16_reason(odd) == "4096 -> 2050: FP8 matrix products need multiples of 16"
+    assert bfloat16_reason(frozen).startswith("frozen")
+    assert bfloat16_reason(wide) is None
+
+
+@pytest.fixture
+def group():
+    """A one-process gloo group for this test alone (a run in the same worker ends its own)."""
+    from mt_fsdp import init_distributed, shutdown_distributed
+
+    ctx = init_distributed("cpu")
+    yield ctx
+    shutdown_distributed()
+
+
+@pytest.fixture
+def tiny_folder(tiny):
+    from pathlib import Path
+
+    return Path(tiny["model_name_or_path"])
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_converted_layers_are_float8_linear_exactly_where_the_filter_says(
+    recipe, tiny_folder, group, monkeypatch
+):
+    """The tiny Llama with the size bound lowered to its width (32): its key/value projections
+    (16 wide) stay, the rest of each block converts; the weights load as they are."""
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    from mt_core.model.build import build_model, load_config
+
+    monkeypatch.setattr(float8, "MIN_DIMENSION", 32)
+    model, _ = build_model(
+        tiny_folder, load_config(tiny_folder), group, master_dtype=torch.float32,
+        compute_dtype=torch.float32, attn_backend="sdpa", float8=recipe,
+    )  # fmt: skip
+    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert len(converted) == 2 * 5
+    assert all(n.endswith(("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+               for n in converted)  # fmt: skip
+    # tensorwise weights are gathered in FP8 by FSDP2; rowwise ones as bfloat16 ones are
+    wrapped = {n.removesuffix(".weight") for n, p in model.named_parameters()
+               if isinstance(p.to_local(), WeightWithDynamicFloat8CastTensor)}  # fmt: skip
+    assert wrapped == (converted if recipe == "tensorwise" else set())
+    reference = AutoModelForCausalLM.from_pretrained(tiny_folder).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value.full_tensor(), reference[name]), name
+
+
+def test_fp8_checkpoints_and_exports_are_those_of_a_bfloat16_run(tiny_folder, group, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """A checkpoint written with float8 resumes without it and the other way round, and the
+    export loads in transformers with the same weights and dtype."""
+    from mt_core.model.build import build_model, load_config
+    from mt_fsdp import load_checkpoint, save_checkpoint
+    from mt_fsdp.export import export_hf
+
+    monkeypatch.setattr(float8, "MIN_DIMENSION", 32)
+    config = load_config(tiny_folder)
+
+    def built(recipe):
+        model, _ = build_model(
+            tiny_folder, config, group, master_dtype=torch.float32, compute_dtype=torch.float32,
+            attn_backend="sdpa", float8=recipe,
+        )  # fmt: skip
+        return model, torch.optim.AdamW(model.parameters())
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_folder).state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(
+        export_hf(built("tensorwise")[0], tmp_path / "hf")
+    )
+    for name, value in exported.state_dict().items():
+        assert value.dtype == reference[name].dtype and torch.equal(value, reference[name]), name
+    for writer, reader in (("tensorwise", None), (None, "tensorwise"), ("rowwise", None)):
+        folder = save_checkpoint(tmp_path / f"{writer}-{reader}", 1, *built(writer), {})
+        model, optimizer = built(reader)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.zero_()
+        load_checkpoint(folder, model, optimizer)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value.full_tensor(), reference[name]), (writer, reader, name)
+
+
+CONFIG = LlamaConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=64,
+)  # fmt: skip
+KEYS = {"model_name_or_path": "m", "data_path": "d.jsonl", "output_dir": "out",
+        "learning_rate": 1e-5, "batch_size": 8, "max_tokens_per_gpu": 256}  # fmt: skip
+
+
+def _resolved(args, gpu: bool, capability=None):
+    machine = Machine(
+        gpu=gpu, world_size=1, liger_installed=False,
+        attention_backends=("torch_varlen", "sdpa") if gpu else ("sdpa",),
+        gpu_bytes=80 * GIB if gpu else None, gpu_capability=capability,
+    )  # fmt: skip
+    return resolve(args, CONFIG, machine, np.full(8, 32), warn=False)
+
+
+NEEDS = ("float8: FP8 compute needs a GPU with FP8 tensor cores (compute capability 8.9 or "
+         "more: Ada, Hopper, Blackwell)")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("gpu", "capability", "problem"),
+    [
+        (False, None, f"{NEEDS}, and this run is on the CPU: unset float8 (bfloat16 compute)"),
+        (True, (8, 0), f"{NEEDS}; this GPU's is 8.0: unset float8 (bfloat16 compute)"),
+    ],
+)
+def test_fp8_where_it_cannot_run_is_one_clear_error_at_the_key(gpu, capability, problem,
+                                                                tmp_path):  # fmt: skip
+    run_file = tmp_path / "run.toml"
+    keys = {**KEYS, "float8": "tensorwise"}
+    run_file.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items()))
+    with pytest.raises(ConfigError) as caught:
+        _resolved(load_run_file(str(run_file)), gpu, capability)
+    assert caught.value.problems == [problem]
+    # as `mt run` and `mt check` show it: at the run file's line of the key
+    assert place_problems(caught.value, run_file).problems == [f"{run_file}:7: {problem}"]
+
+
+def test_the_settings_say_fp8_where_set_and_nothing_changes_without_it():
+    hopper = _resolved(args_from_dict({**KEYS, "float8": "rowwise"}), True, (9, 0))
+    assert hopper.float8 == "rowwise"
+    assert hopper.describe().startswith(
+        "weights float32, compute bfloat16 (large linear layers FP8 rowwise), attention"
+    )
+    ada = _resolved(args_from_dict({**KEYS, "float8": "tensorwise"}), True, (8, 9))
+    assert ada.float8 == "tensorwise"
+    for gpu, capability in ((True, (8, 0)), (False, None)):
+        unset = _resolved(args_from_dict(KEYS), gpu, capability)
+        assert unset.float8 is None and "FP8" not in unset.describe()
