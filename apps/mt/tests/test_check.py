@@ -35,6 +35,8 @@ ONE_B = ModelShape(
     trainable=1_235_814_400, matmul_params=1_235_814_400, layers=16, hidden=2048,
     intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256,
     block_params=60_821_504, root_params=262_668_288 + 2048, head_params=262_668_288,
+    # float8: q, o and the MLP of every block (its key/value projections are 512 wide)
+    float8_params=16 * (2 * 2048**2 + 3 * 2048 * 8192),
 )  # fmt: skip
 LLAMA_1B = dict(
     hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -358,7 +360,7 @@ def test_mistakes_exit_2_without_a_traceback(tmp_path, tiny_model, kit, capsys):
         ),
         (
             [str(run), "--model_name_or_path=" + str(tmp_path)],
-            f"mt: error: model_name_or_path: {tmp_path} has no config.json",
+            f"mt: error: command line: model_name_or_path: {tmp_path} has no config.json",
         ),
     ]
     for arguments, message in cases:

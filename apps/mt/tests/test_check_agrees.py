@@ -37,6 +37,9 @@ def _trainer_on_a_simulated_gpu(monkeypatch, run_file, device_name: str, world_s
     monkeypatch.setattr(fit, "gpu_room", lambda *args: (device.memory_gib * GIB, ""))
     monkeypatch.setattr(fit, "host_room_bytes", lambda *args: math.inf)
     monkeypatch.setattr(build, "liger_available", lambda: True)  # mt's GPU install has it
+    # the GPU's compute capability, asked where a setting depends on it (float8)
+    capability = {"H100": (9, 0), "H200": (9, 0), "A100": (8, 0), "A100-40": (8, 0)}[device_name]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
     args = load_run_file(str(run_file))
     ctx = SimpleNamespace(
         device=torch.device("cuda", 0), world_size=world_size, rank=0, is_main=True,
@@ -77,6 +80,9 @@ CASES = {
     "tiny Llama with OSFT on 2 GPUs": ("tiny", {"osft": True, "osft_unfreeze_rank_ratio": 0.5}, "H200", 2),
     "8B on 4 small GPUs: budget 0, cpu_offload chosen": (
         "8b", {"batch_size": 32, "max_tokens_per_gpu": 32768}, "A100-40", 4,
+    ),
+    "8B on one H200, FP8 tensorwise": (
+        "8b", {"batch_size": 32, "max_tokens_per_gpu": 16384, "float8": "tensorwise"}, "H200", 1,
     ),
     "8B on one H200, activation checkpointing": (
         "8b", {"batch_size": 32, "max_tokens_per_gpu": 16384, "activation_checkpointing": True},

@@ -130,3 +130,56 @@ def test_a_run_that_fits_names_no_cheapest_settings(run_file, capsys):
     cli.main(["check", str(run_file), "--gpu=H200", "--optimizer_state_dtype=bfloat16"])
     out = capsys.readouterr().out
     assert "verdict fits" in out and "levers" in out and "cheapest" not in out
+
+
+def test_fp8_is_a_speed_lever_only_on_gpus_with_fp8_tensor_cores(run_file, tmp_path, capsys):
+    """On an H200 (compute capability 9.0) float8 is listed, with the share of the matmul
+    weights it converts (8B: q, o and the MLP of every block, 6.71 B of 7.50 B); on an A100
+    (8.0) it is not, and a run file that sets it there is one error at the key's line."""
+    from mt.check_levers import float8_lever
+
+    hopper = plan_of(run_file, "H200")
+    assert hopper.shape.float8_params == 32 * (2 * 4096**2 + 3 * 4096 * 14336)
+    lever = "float8 = 'tensorwise': peak about the same (speed, not memory: 89% of the matmul"
+    assert float8_lever(hopper).startswith(lever)
+    cli.main(["check", str(run_file), "--gpu=H200"])
+    assert f"          - {lever}" in capsys.readouterr().out
+    assert float8_lever(plan_of(run_file, "A100")) is None
+    with pytest.raises(SystemExit):
+        cli.main(["check", str(run_file), "--gpu=A100"])
+    assert "float8 =" not in capsys.readouterr().out
+
+    with_key = tmp_path / "run.toml"
+    with_key.write_text(run_file.read_text() + 'float8 = "tensorwise"\n')
+    line = len(with_key.read_text().splitlines())
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main(["check", str(with_key), "--gpu=A100"])
+    assert exit_status.value.code == 2
+    assert (
+        f"{with_key}:{line}: float8: FP8 compute needs a GPU with FP8 tensor cores (compute "
+        "capability 8.9 or more: Ada, Hopper, Blackwell); this GPU's is 8.0: unset float8"
+    ) in capsys.readouterr().err
+
+
+def test_fp8_in_the_plan_settings_time_and_memory(run_file, capsys):
+    """Set on an H200: the settings line says it, the time is bounded below by the converted
+    layers' products at twice bfloat16's rate, the memory plan is bfloat16's (and says so),
+    and the lever is no longer offered."""
+    from mt.check_levers import float8_lever
+    from mt_core.plan.memory import float8_time_factor
+
+    plain = plan_of(run_file, "H200")
+    fp8 = plan_of(run_file, "H200", float8="tensorwise")
+    assert "compute bfloat16 (large linear layers FP8 tensorwise)" in fp8.resolved.describe()
+    assert fp8.memory == plain.memory
+    assert any(note.startswith("float8: memory is planned as for bfloat16") for note in fp8.notes)
+    assert float8_lever(fp8) is None
+    for slow, fast in zip(plain.steps, fp8.steps, strict=True):
+        # about 5.5 of the 8B's 6N + attention FLOPs a token are in the FP8 layers' products
+        assert 0.5 < fast.time_s / slow.time_s < 0.6
+    shape = fp8.shape
+    assert float8_time_factor(shape, 1000, 0) == 1 - shape.float8_params / (2 * shape.matmul_params)
+    cli.main(["check", str(run_file), "--gpu=H200", "--float8=tensorwise"])
+    out = capsys.readouterr().out
+    assert "settings weights float32, compute bfloat16 (large linear layers FP8 tensorwise)" in out
+    assert "the FP8 layers (89% of the matmul weights) at twice bfloat16's rate" in out

@@ -32,6 +32,7 @@ from mt_core.plan.memory import (
     Gpu,
     ModelShape,
     estimate,
+    float8_time_factor,
     gpu,
     recompute_factor,
     step_flops,
@@ -133,9 +134,8 @@ def make_plan(
             args, config.get_text_config().vocab_size, world, output_dir
         )
     # the settings the trainer will resolve on such a GPU: the same function, the same inputs
-    resolved = resolve(
-        args, config, planned_machine(device, world), train.lengths, shape=shape, warn=False
-    )
+    machine = planned_machine(device, world)
+    resolved = resolve(args, config, machine, train.lengths, shape=shape, warn=False)
     settings = resolved.settings
     steps = _sample_steps(args, train, sampler, world, shape, device, mfu, batches)
     per_epoch = sampler.batches_per_epoch()
@@ -145,6 +145,13 @@ def make_plan(
         notes.append(
             "OSFT adaptive ratios are measured at the start of the run: the trainable count and "
             "OSFT memory are for the midpoint of osft_min_ratio and osft_max_ratio"
+        )
+    if args.float8 is not None:
+        # torchtitan, Llama-3.1-8B on 8 H100: peak 47.3 GiB with tensorwise FP8 against 47.7 in
+        # bfloat16 (pytorch/torchtitan commit 7a04053); mt's own: tools/bench/RESULTS.md
+        notes.append(
+            "float8: memory is planned as for bfloat16 compute (FP8 changes it little: the "
+            "weights, gradients and optimizer state stay as they are)"
         )
     if shape.moe:
         notes.append(
@@ -164,6 +171,7 @@ def make_plan(
         mfu=float(mfu),
         settings=settings,
         resolved=resolved,
+        gpu_capability=machine.gpu_capability,
         memory=estimate(shape, settings),
         memory_ac=estimate(shape, replace(settings, checkpointing=True)),
         memory_no_ac=estimate(shape, replace(settings, checkpointing=False)),
@@ -274,6 +282,8 @@ def _sample_steps(
             )
         if args.activation_checkpointing:
             busiest *= recompute_factor(shape, lengths.sum(), contexts.sum())
+        if args.float8 is not None:
+            busiest *= float8_time_factor(shape, lengths.sum(), contexts.sum())
         steps.append(
             StepSample(
                 tokens=int(lengths.sum()),

@@ -18,7 +18,7 @@ from itertools import product
 from mt.check_plan import Plan, fitted
 from mt_core.plan.memory import GIB, MASTER_BYTES, Settings, estimate, moment_bytes
 
-__all__ = ["Lever", "cheapest_fit", "lever_lines", "levers"]
+__all__ = ["Lever", "cheapest_fit", "float8_lever", "lever_lines", "levers"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,23 @@ def levers(run: Settings, osft: bool = False) -> list[Lever]:
     return found
 
 
+def float8_lever(plan: Plan) -> str | None:
+    """FP8 compute (the key ``float8``), a lever of speed, not memory: offered where the planned
+    GPU has FP8 tensor cores, the run does not use it and the model has layers it converts."""
+    from mt_core.model.float8 import FP8_CAPABILITY
+
+    capability, shape = plan.gpu_capability, plan.shape
+    if plan.args.float8 is not None or capability is None or capability < FP8_CAPABILITY:
+        return None
+    if not shape.float8_params:
+        return None
+    return (
+        f"float8 = 'tensorwise': peak about the same (speed, not memory: "
+        f"{shape.float8_params / shape.matmul_params:.0%} of the matmul weights compute in FP8, "
+        "their products up to twice as fast; measured: tools/bench/RESULTS.md)"
+    )
+
+
 def _fitted(plan: Plan, run: Settings) -> tuple[float, float]:
     """The peak of ``run`` as the trainer would fit it, and the activation budget it needs."""
     run = fitted(plan.args, plan.shape, run, plan.gpu)
@@ -161,7 +178,8 @@ def lever_lines(plan: Plan) -> list[str]:
     (or fits only by the cpu_offload the fit chose), the cheapest combination that does."""
     (run, offload_chosen), usable = _as_asked(plan), plan.gpu.usable_gib * GIB
     found = levers(run, osft=plan.shape.osft_reference_values > 0)
-    if not found:
+    speed = float8_lever(plan)
+    if not found and speed is None:
         return []
     lines = ["levers  each alone, as the trainer would fit it (its cost in brackets):"]
     for lever in found:
@@ -170,6 +188,8 @@ def lever_lines(plan: Plan) -> list[str]:
         if budget < 1:
             word += f", activation budget {budget:.2f}"
         lines.append(f"          - {lever.keys}: peak {peak / GIB:.1f} GiB, {word} ({lever.cost})")
+    if speed is not None:
+        lines.append(f"          - {speed}")
     if not plan.fits or offload_chosen:
         best = cheapest_fit(plan)
         if best is None:

@@ -39,6 +39,7 @@ class Plan:
     mfu: float
     settings: Settings
     resolved: Resolved  # the trainer's settings on this GPU (mt_core.plan.resolve)
+    gpu_capability: tuple[int, int] | None  # the planned GPU's CUDA compute capability
     memory: Memory
     memory_ac: Memory  # the same run with activation checkpointing on
     memory_no_ac: Memory  # ... and off

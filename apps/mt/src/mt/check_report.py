@@ -235,6 +235,11 @@ def _step_lines(plan: Plan) -> list[str]:
     extra = (
         ", with the recomputation of activation checkpointing" if a.activation_checkpointing else ""
     )
+    if a.float8 is not None:
+        extra += (
+            f", the FP8 layers ({plan.shape.float8_params / plan.shape.matmul_params:.0%} of the "
+            "matmul weights) at twice bfloat16's rate: a lower bound, their casts not counted"
+        )
     time = f"time    {_duration(times.mean())} per step at {rate}{extra}"
     if plan.total_steps:
         time += f"; {_duration(times.mean() * plan.total_steps)} for the run"

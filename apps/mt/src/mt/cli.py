@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import fire
@@ -58,7 +59,12 @@ def _check(run_file: str, *extra: Any, **options: Any) -> None:
         if key not in own and near:
             raise CommandError(f"check: unknown option --{key}; did you mean --{near[0]}?")
     overrides = {k: _toml_literal(v) for k, v in options.items() if k not in own}
-    check(str(run_file), **{k: v for k, v in options.items() if k in own}, **overrides)
+    try:
+        check(str(run_file), **{k: v for k, v in options.items() if k in own}, **overrides)
+    except ConfigError as error:  # found with the model, data or GPU: placed as mt run does
+        if not Path(run_file).is_file():  # (reading it failed: nothing to place them in)
+            raise
+        raise place_problems(error, run_file, overrides) from None
 
 
 def _no_extra(command: str, extra: tuple) -> None:

@@ -128,6 +128,7 @@ class ModelShape:
     osft_upcast_bytes: int = 4
     moe: bool = False  # mixture of experts: the activation formula is only a guide
     sinks: bool = False  # attention sinks (GPT-OSS): only some attention backends compute them
+    float8_params: int = 0  # weights of the linear layers the key float8 converts
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,15 @@ def step_flops(shape: ModelShape, tokens: float, context_sum: float) -> float:
     position (``context_sum`` is the sum over tokens of the positions each attends to); the
     trainer's MFU counts the same."""
     return 6.0 * shape.matmul_params * tokens + 12.0 * shape.layers * shape.hidden * context_sum
+
+
+def float8_time_factor(shape: ModelShape, tokens: float, context_sum: float) -> float:
+    """The least share of a bfloat16 step's time a step with the key ``float8`` takes: the FP8
+    layers' matrix products (their 6 FLOPs per weight and token) at twice bfloat16's rate, the
+    rest as before. A bound, not an estimate: the casts and scales around each FP8 product are
+    not counted, and they cost most where the products are small."""
+    base = step_flops(shape, tokens, context_sum)
+    return 1.0 - 3.0 * shape.float8_params * tokens / base if base else 1.0
 
 
 def recompute_factor(shape: ModelShape, tokens: float, context_sum: float) -> float:

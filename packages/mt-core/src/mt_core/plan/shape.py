@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.model.attention import has_attention_sinks
 from mt_core.model.build import matmul_parameter_count
+from mt_core.model.float8 import float8_layers
 from mt_core.plan.memory import ModelShape
 from mt_fsdp import decoder_blocks
 
@@ -114,6 +115,8 @@ def model_shape(
     grad_params, trainable, references, bases = total, total, 0, 0
     if osft is not None:
         grad_params, trainable, references, bases = _osft_counts(model, config, osft, total)
+    modules = dict(model.named_modules())
+    converted = [n for n, reason in float8_layers(model).items() if reason is None]
     return ModelShape(
         architecture=type(model).__name__,
         params=total,
@@ -135,6 +138,7 @@ def model_shape(
         osft_upcast_bytes=osft.upcast_bytes if osft is not None else 4,
         moe=any((getattr(text, key, 0) or 0) > 1 for key in _MOE_KEYS),
         sinks=has_attention_sinks(model),
+        float8_params=sum(modules[name].weight.numel() for name in converted),
     )
 
 
