@@ -1,4 +1,4 @@
-"""Does a lower-precision optimizer setting train as well as float32 AdamW? 300 steps on one GPU.
+"""Does a lower-precision setting train as well as float32 AdamW? 300 steps on one GPU.
 
 On the GPU machine (see shared/GPU.md; torchao's wheel on PYTHONPATH), from the repository root:
 
@@ -40,6 +40,9 @@ SETTINGS = {  # run-file keys of each setting (float32 AdamW is the reference)
         "optimizer_state_dtype": "8bit",
     },  # fmt: skip
     "bf16 weights (no SR)": {"train_dtype": "bfloat16"},  # the negative control
+    # FP8 compute of the large linear layers (issue #29): within 1% of float32's final loss?
+    "float8 tensorwise": {"float8": "tensorwise"},
+    "float8 rowwise": {"float8": "rowwise"},
 }
 SYMBOLS, ITEMS = 64, 24  # the alphabet of the sorting task and the items per sample
 
