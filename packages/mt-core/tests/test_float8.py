@@ -201,8 +201,12 @@ def test_the_settings_say_fp8_where_set_and_nothing_changes_without_it():
     assert hopper.describe().startswith(
         "weights float32, compute bfloat16 (large linear layers FP8 rowwise), attention"
     )
+    assert hopper.notes == ()
     ada = _resolved(args_from_dict({**KEYS, "float8": "tensorwise"}), True, (8, 9))
     assert ada.float8 == "tensorwise"
+    eager = _resolved(args_from_dict({**KEYS, "float8": "tensorwise", "torch_compile": False}),
+                      True, (9, 0))  # fmt: skip
+    assert eager.notes[0].startswith("float8 without compiled blocks")
     for gpu, capability in ((True, (8, 0)), (False, None)):
         unset = _resolved(args_from_dict(KEYS), gpu, capability)
         assert unset.float8 is None and "FP8" not in unset.describe()

@@ -142,6 +142,11 @@ def resolve(
                 "are materialised (the loss row)"
             )
     compiled = machine.gpu if args.torch_compile is None else args.torch_compile
+    if args.float8 is not None and not compiled:
+        notes.append(
+            "float8 without compiled blocks: torchao's scaling and casts around each FP8 "
+            "product run as separate kernels, which torch.compile fuses; expect little gain"
+        )
     if machine.gpu and shape is None:
         shape = model_shape(
             config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code
