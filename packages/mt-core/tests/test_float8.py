@@ -210,3 +210,21 @@ def test_the_settings_say_fp8_where_set_and_nothing_changes_without_it():
     for gpu, capability in ((True, (8, 0)), (False, None)):
         unset = _resolved(args_from_dict(KEYS), gpu, capability)
         assert unset.float8 is None and "FP8" not in unset.describe()
+
+
+def test_a_cpu_run_with_the_key_stops_before_any_weight_loads(tiny, tmp_path, monkeypatch):
+    """``mt run``'s path: the resolver's error comes before the model is built, let alone
+    loaded, and nothing of the run is written but its data cache."""
+    import mt_core.model.build as build
+    from mt_core import train
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(build, "load_weights", never)
+    with pytest.raises(ConfigError) as caught:
+        train(args_from_dict({**tiny, "output_dir": str(tmp_path), "float8": "tensorwise"}))
+    assert caught.value.problems == [
+        f"{NEEDS}, and this run is on the CPU: unset float8 (bfloat16 compute)"
+    ]
+    assert not (tmp_path / "run.toml").exists()
