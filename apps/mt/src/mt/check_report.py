@@ -238,7 +238,8 @@ def _step_lines(plan: Plan) -> list[str]:
     if a.float8 is not None:
         extra += (
             f", the FP8 layers ({plan.shape.float8_params / plan.shape.matmul_params:.0%} of the "
-            "matmul weights) at twice bfloat16's rate: a lower bound, their casts not counted"
+            "matmul weights) at twice bfloat16's rate: a lower bound of the step time, their "
+            "casts not counted"
         )
     time = f"time    {_duration(times.mean())} per step at {rate}{extra}"
     if plan.total_steps:
