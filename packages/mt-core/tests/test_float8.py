@@ -21,8 +21,6 @@ from mt_core.model.float8 import bfloat16_reason, float8_layers
 from mt_core.plan.memory import GIB
 from mt_core.plan.resolve import Machine, resolve
 
-pytest.importorskip("torchao.float8")
-
 SHAPES = {
     # published configs' shapes (vocabularies cut: the embeddings are no linear layers, and the
     # LM head is outside the blocks at any size)
@@ -97,6 +95,7 @@ def test_converted_layers_are_float8_linear_exactly_where_the_filter_says(
 ):
     """The tiny Llama with the size bound lowered to its width (32): its key/value projections
     (16 wide) stay, the rest of each block converts; the weights load as they are."""
+    pytest.importorskip("torchao.float8")  # the torchao extra
     from torchao.float8.float8_linear import Float8Linear
     from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
 
@@ -124,6 +123,7 @@ def test_fp8_checkpoints_and_exports_are_those_of_a_bfloat16_run(tiny_folder, gr
                                                                   monkeypatch):  # fmt: skip
     """A checkpoint written with float8 resumes without it and the other way round, and the
     export loads in transformers with the same weights and dtype."""
+    pytest.importorskip("torchao.float8")  # the torchao extra
     from mt_core.model.build import build_model, load_config
     from mt_fsdp import load_checkpoint, save_checkpoint
     from mt_fsdp.export import export_hf
