@@ -6,7 +6,7 @@ applied (ratio 0.25, the default patterns; bases filled with random values: the 
 same whatever the values, and an SVD of every matrix would take minutes), every weight gets a
 gradient, and the two per-step operations are timed alone, without the model's forward and
 backward: ``project_gradients_`` (between backward and the optimizer step) and ``project_``
-(after it), for float32 master weights (float32 bases: gradients in TF32, weights in IEEE) and
+(after it), for float32 master weights (float32 bases: gradients in TF32, weights in split TF32) and
 bfloat16 ones (bfloat16 bases and products).
 
     python3 tools/gpu/osft_step_cost.py --out $OUT                 # one H200 or H100
@@ -149,7 +149,9 @@ def main() -> None:
         for name, call in (("gradients", state.project_gradients_), ("weights", state.project_)):
             seconds, extra = timed(call, device, options.repeat)
             flops = matmul_flops(call)
-            used = {"float32": {"gradients": "tf32", "weights": "ieee"}}.get(bases, {}).get(name)
+            used = {"float32": {"gradients": "tf32", "weights": "split tf32"}}.get(bases, {}).get(
+                name
+            )
             label = f"{name} ({bases} bases{', ' + used if used else ''})"
             rows.append((label, seconds, flops / 1e12, flops / seconds / 1e12, kept, extra))
         results[bases] = {"targets": len(state.targets), "values": weights, "rows": rows[-2:]}

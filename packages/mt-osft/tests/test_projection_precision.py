@@ -14,6 +14,7 @@ from torch import nn
 
 import mt_osft.state as state_module
 from mt_osft import OSFTConfig, apply_osft, residual_bound, trainable_rank
+from mt_osft.products import PLAIN, SPLIT_TF32, tf32_parts
 from mt_osft.subspace import project
 
 
@@ -24,7 +25,7 @@ def tf32(tensor: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
-def tf32_project(d, left, left_keep, right, right_keep, reduce=None):
+def tf32_project(d, left, left_keep, right, right_keep, group=None, products=None):
     """Π(d), both sides on the whole matrix, with every matmul input rounded to TF32."""
     if left_keep or left.shape[1]:
         coeff = tf32(left).T @ tf32(d)
@@ -157,8 +158,9 @@ def test_the_weight_projection_is_w0_plus_the_projected_change_bit_for_bit():
 
 
 def train_osft(
-    monkeypatch, dtype, steps, *, tf32_weights=False, float32_bases=False, project_gradients=True
-):
+    monkeypatch, dtype, steps, *, tf32_weights=False, split_weights=False, float32_bases=False,
+    project_gradients=True,
+):  # fmt: skip
     """Net in ``dtype`` trained under OSFT. With float32 bases (float32 weights, or bfloat16
     ones with ``float32_bases``) the gradient projection runs in emulated TF32 and the weight
     projection in emulated TF32 (``tf32_weights``) or IEEE float32; bfloat16 weights otherwise
@@ -184,6 +186,8 @@ def train_osft(
         with monkeypatch.context() as patch:
             if emulated and tf32_weights:
                 patch.setattr(state_module, "project", tf32_project)
+            if split_weights:  # what a GPU runs for float32 weights
+                patch.setattr(state_module, "project", lambda *a: project(*a[:6], SPLIT_TF32))
             state.project_()
         optimizer.zero_grad(set_to_none=True)
     return state, w0
@@ -259,9 +263,10 @@ def test_the_weight_projection_runs_in_the_bases_dtype_with_ieee_float32(dtype, 
     state = apply_osft(layer, OSFTConfig(0.5, ["re:"], project_gradients=False))
     seen = []
 
-    def recording(d, left, left_keep, right, right_keep, group=None):
+    def recording(d, left, left_keep, right, right_keep, group=None, products=PLAIN):
         seen.append((torch.backends.cuda.matmul.fp32_precision, d.dtype, left.dtype, right.dtype))
-        return project(d, left, left_keep, right, right_keep, group)
+        assert products == PLAIN  # (split products only for float32 on CUDA)
+        return project(d, left, left_keep, right, right_keep, group, products)
 
     monkeypatch.setattr(state_module, "project", recording)
     state.project_()
@@ -279,3 +284,38 @@ def test_float32_weights_projected_in_tf32_would_leave_the_bound(monkeypatch):
         > residual_bound(w0[n], t.weight.detach(), t.plan.n_frozen, torch.float32)
         for n, t in state.targets.items()
     )
+
+
+def test_split_products_are_within_a_dozen_float32_roundoffs_where_one_tf32_product_is_not():
+    """mt_osft.products: a b as three TF32 products (every input a TF32 number, as a tensor core
+    reads it) is within (k + 12) float32 roundoffs of sum |a_i||b_j| of the exact product, the
+    IEEE bound for a sum of k terms plus the 12 the split drops; a single TF32 product is not."""
+    u = torch.finfo(torch.float32).eps / 2
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 300, generator=generator)
+    b = torch.randn(300, 40, generator=generator)
+    exact = a.double() @ b.double()
+    scale = a.double().abs() @ b.double().abs()
+    for hi, lo in (tf32_parts(a), tf32_parts(b)):  # the parts are TF32 numbers
+        assert torch.equal(hi, tf32(hi)) and torch.equal(lo, tf32(lo))
+    split = SPLIT_TF32.mm(a, b)
+    assert ((split.double() - exact).abs() <= (300 + 12) * u * scale).all()
+    x = torch.randn(64, 40, generator=generator)
+    subtracted = SPLIT_TF32.sub_mm_(x.clone(), a, b)
+    assert (
+        (subtracted.double() - (x.double() - exact)).abs()
+        <= (300 + 13) * u * (scale + x.double().abs())
+    ).all()
+    single = tf32(a) @ tf32(b)
+    assert ((single.double() - exact).abs() > (300 + 12) * u * scale).any()
+
+
+def test_float32_weights_projected_in_split_tf32_products_stay_within_the_bound(monkeypatch):
+    """float32 weights trained with the split products a GPU runs for them (TF32 gradient
+    projection, split weight projection): within float32's residual_bound against an exact SVD,
+    where a single-TF32 weight projection leaves it (the test below)."""
+    state, w0 = train_osft(monkeypatch, torch.float32, 30, split_weights=True)
+    for name, target in state.targets.items():
+        w, k = target.weight.detach(), target.plan.n_frozen
+        assert float((w - w0[name]).norm() / w0[name].norm()) > 0.1, name
+        assert frozen_residual(w0[name], w, k) < residual_bound(w0[name], w, k, torch.float32)

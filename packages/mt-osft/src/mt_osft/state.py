@@ -31,8 +31,10 @@ Projecting the gradients first (:meth:`OSFTState.project_gradients_`, between ba
 keeps Adam's moments in the trainable subspace; it does not by itself keep the weights there,
 because Adam divides each element by its own second moment.
 
-Which projection must be exact: only the weight projection, which runs in IEEE float32 (or
-float64) whatever the trainer's matmul setting, except for bfloat16 weights, whose own storage
+Which projection must be exact: only the weight projection, which keeps float32's accuracy (or
+float64's) whatever the trainer's matmul setting: IEEE products, or on CUDA each float32 product
+as three TF32 ones (:mod:`mt_osft.products`: within a dozen float32 roundoffs more), except for
+bfloat16 weights, whose own storage
 rounding (2^-9) dominates: their bases are stored in bfloat16 and the products run on bfloat16
 tensor cores with float32 sums (:func:`mt_osft.subspace.basis_dtype` derives why the bound of the
 invariant stays the same). The gradient projection runs in ``OSFTConfig.gradient_precision`` (TF32
@@ -77,6 +79,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from mt_osft.config import OSFTConfig
 from mt_osft.patterns import default_target_patterns, match_targets
+from mt_osft.products import PLAIN, SPLIT_TF32, Products
 from mt_osft.reference import device_references, on_device, to_host
 from mt_osft.subspace import (
     SubspacePlan,
@@ -203,7 +206,10 @@ class OSFTState:
         # one temporary of the matrix in the bases' dtype: W0 is upcast inside the in-place ops
         # (exactly: bfloat16 and float32 values are all float32 and float64 values)
         d = weight.to(_local(target.left).dtype, copy=True).sub_(ref)
-        d = self._project_local(target, d)
+        # float32 on CUDA: three TF32 products per product, float32's accuracy at 2-3x the IEEE
+        # rate (mt_osft.products); bfloat16 and float64 bases multiply as they are
+        split = d.dtype == torch.float32 and d.is_cuda
+        d = self._project_local(target, d, SPLIT_TF32 if split else PLAIN)
         weight.copy_(d.add_(ref))
 
     def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
@@ -213,7 +219,9 @@ class OSFTState:
         if projected is not local:
             local.copy_(projected)
 
-    def _project_local(self, target: OSFTTarget, d: torch.Tensor) -> torch.Tensor:
+    def _project_local(
+        self, target: OSFTTarget, d: torch.Tensor, products: Products = PLAIN
+    ) -> torch.Tensor:
         plan = target.plan
         left, right = target.left, target.right
         group = None
@@ -226,7 +234,7 @@ class OSFTState:
                 f"{target.name} is sharded but its OSFT state is not: call apply_osft after "
                 f"fully_shard, not before"
             )
-        return project(d, left, plan.left_keep, right, plan.right_keep, group)
+        return project(d, left, plan.left_keep, right, plan.right_keep, group, products)
 
     # ---- measuring ------------------------------------------------------------------------
 

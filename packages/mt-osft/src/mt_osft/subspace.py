@@ -18,12 +18,19 @@ stored dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from mt_osft.products import (
+    MATMUL_PRECISIONS,
+    PLAIN,
+    Products,
+    ieee_matmul,
+    matmul_precision,
+)
 
 __all__ = [
     "SubspacePlan",
@@ -100,10 +107,6 @@ def plan_subspace(shape: tuple[int, int], n_train: int) -> SubspacePlan:
     )
 
 
-# the precisions matmul_precision accepts: full IEEE float32, or TF32 tensor cores on CUDA
-MATMUL_PRECISIONS = ("ieee", "tf32")
-
-
 def basis_dtype(weight_dtype: torch.dtype, upcast_dtype: torch.dtype) -> torch.dtype:
     """The dtype a target's bases are stored in, and its projections computed in (float32 sums),
     for weights stored in ``weight_dtype``: bfloat16 for bfloat16 weights, else ``upcast_dtype``.
@@ -122,35 +125,6 @@ def basis_dtype(weight_dtype: torch.dtype, upcast_dtype: torch.dtype) -> torch.d
     Weights stored in float32 (or float16, whose roundoff 2^-11 is finer than the bases' 2^-9)
     keep ``upcast_dtype`` bases and IEEE products."""
     return torch.bfloat16 if weight_dtype == torch.bfloat16 else upcast_dtype
-
-
-@contextmanager
-def matmul_precision(precision: str) -> Iterator[None]:
-    """float32 matmuls in ``precision`` inside, whatever the trainer chose for its own matmuls;
-    restored on exit. "ieee": full float32 (no TF32 on CUDA, no reduced precision in oneDNN on
-    CPU). "tf32": TF32 tensor cores on CUDA (10-bit mantissas in, float32 sums); the CPU stays
-    IEEE."""
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
-    wanted = [
-        (torch.backends.cuda.matmul, precision),
-        (torch.backends.mkldnn.matmul, "ieee"),
-    ]
-    saved = [backend.fp32_precision for backend, _ in wanted]
-    try:
-        for (backend, value), before in zip(wanted, saved, strict=True):
-            if before != value and not (value == "ieee" and before == "none"):
-                backend.fp32_precision = value
-        yield
-    finally:
-        for (backend, _), before in zip(wanted, saved, strict=True):
-            if backend.fp32_precision != before:
-                backend.fp32_precision = before
-
-
-def ieee_matmul():
-    """Full IEEE float32 matmuls inside: :func:`matmul_precision` ("ieee")."""
-    return matmul_precision("ieee")
 
 
 def decompose(
@@ -197,9 +171,11 @@ def project(
     right: torch.Tensor,
     right_keep: bool,
     group: dist.ProcessGroup | None = None,
+    products: Products = PLAIN,
 ) -> torch.Tensor:
     """Π(d) = L d R: ``d`` with its components along the frozen directions removed. ``d`` may be
-    overwritten; the result is returned.
+    overwritten; the result is returned. ``products``: how it multiplies
+    (:mod:`mt_osft.products`: plain, or float32 products split into three TF32 ones).
 
     L = I - U U^T for a frozen basis U (``left_keep=False``), U U^T for a basis of the trainable
     complement (``left_keep=True``); R likewise from ``right``. The two sides commute, so the
@@ -213,41 +189,48 @@ def project(
     ``left^T d``) is split by rows over the group, its parts reduce-scattered in and all-gathered
     out. Each of N ranks then does 1/N of the arithmetic of one process.
     """
+    mm = products.mm
     if right_keep:  # d R = (d V) V^T: row-local; then L on the thin factor d V
-        thin = _left_side(d @ right, left, left_keep, group)
-        return torch.matmul(thin, right.T, out=d)
+        thin = _left_side(mm(d, right), left, left_keep, group, products)
+        return mm(thin, right.T, out=d)
     if left_keep:  # L d = U (U^T d); then R on the thin factor U^T d (t x in)
-        thin = left.T @ d
+        thin = mm(left.T, d)
         if group is None:
-            thin = _right_side(thin, right, right_keep)
+            thin = _right_side(thin, right, right_keep, products)
         else:
-            thin = _right_side_split(thin, right, group)
-        return torch.matmul(left, thin, out=d)
-    return _right_side(_left_side(d, left, False, group), right, False)
+            thin = _right_side_split(thin, right, group, products)
+        return mm(left, thin, out=d)
+    return _right_side(_left_side(d, left, False, group, products), right, False, products)
 
 
 def _left_side(
-    x: torch.Tensor, left: torch.Tensor, keep: bool, group: dist.ProcessGroup | None
+    x: torch.Tensor,
+    left: torch.Tensor,
+    keep: bool,
+    group: dist.ProcessGroup | None,
+    products: Products,
 ) -> torch.Tensor:
     """L x for ``x`` with the rows of ``left`` (a block of them under ``group``)."""
     if not keep and left.shape[1] == 0:
         return x
-    coeff = left.T @ x
+    coeff = products.mm(left.T, x)
     if group is not None:
         dist.all_reduce(coeff, group=group)
-    return left @ coeff if keep else x.addmm_(left, coeff, alpha=-1.0)
+    return products.mm(left, coeff) if keep else products.sub_mm_(x, left, coeff)
 
 
-def _right_side(x: torch.Tensor, right: torch.Tensor, keep: bool) -> torch.Tensor:
+def _right_side(
+    x: torch.Tensor, right: torch.Tensor, keep: bool, products: Products
+) -> torch.Tensor:
     """x R for the whole right basis."""
     if not keep and right.shape[1] == 0:
         return x
-    coeff = x @ right
-    return coeff @ right.T if keep else x.addmm_(coeff, right.T, alpha=-1.0)
+    coeff = products.mm(x, right)
+    return products.mm(coeff, right.T) if keep else products.sub_mm_(x, coeff, right.T)
 
 
 def _right_side_split(
-    partial: torch.Tensor, right: torch.Tensor, group: dist.ProcessGroup
+    partial: torch.Tensor, right: torch.Tensor, group: dist.ProcessGroup, products: Products
 ) -> torch.Tensor:
     """(sum over ranks of ``partial``) R for a frozen right basis, each rank computing R on its
     share of the rows: the sum is reduce-scattered (rows padded to a multiple of the group's
@@ -260,7 +243,7 @@ def _right_side_split(
     padded[:rows] = partial
     mine = partial.new_empty(share, partial.shape[1])
     dist.reduce_scatter_tensor(mine, padded, group=group)
-    mine = _right_side(mine, right, keep=False)
+    mine = _right_side(mine, right, False, products)
     dist.all_gather_into_tensor(padded, mine, group=group)
     return padded[:rows]
 
