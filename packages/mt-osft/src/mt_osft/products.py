@@ -93,7 +93,7 @@ class Products:
         if not self.split:
             return torch.matmul(a, b, out=out)
         (a_hi, a_lo), (b_hi, b_lo) = tf32_parts(a), tf32_parts(b)
-        with _tf32():
+        with matmul_precision("tf32"):
             result = torch.matmul(a_hi, b_hi, out=out)
             return result.addmm_(a_hi, b_lo).addmm_(a_lo, b_hi)
 
@@ -102,13 +102,9 @@ class Products:
         if not self.split:
             return x.addmm_(a, b, alpha=-1.0)
         (a_hi, a_lo), (b_hi, b_lo) = tf32_parts(a), tf32_parts(b)
-        with _tf32():
+        with matmul_precision("tf32"):
             x.addmm_(a_hi, b_hi, alpha=-1.0).addmm_(a_hi, b_lo, alpha=-1.0)
             return x.addmm_(a_lo, b_hi, alpha=-1.0)
-
-
-def _tf32():
-    return matmul_precision("tf32")
 
 
 PLAIN = Products()

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 if TYPE_CHECKING:
     from mt_osft.state import OSFTTarget
 
-__all__ = ["device_references", "on_device", "to_host"]
+__all__ = ["device_references", "local_part", "on_device", "to_host"]
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,8 @@ def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.full_tensor()
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: a DTensor's local shard, or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
@@ -64,17 +65,17 @@ def device_references(
     targets = list(targets)
     if not targets:
         return
-    device = _local(targets[0].weight).device
-    if device.type != "cuda" or all(_local(t.ref).device == device for t in targets):
+    device = local_part(targets[0].weight).device
+    if device.type != "cuda" or all(local_part(t.ref).device == device for t in targets):
         for target in targets:
-            yield target, _local(target.ref).to(device)
+            yield target, local_part(target.ref).to(device)
         return
     compute = torch.cuda.current_stream(device)
     copier = torch.cuda.Stream(device)
 
     def start(target: OSFTTarget) -> tuple[torch.Tensor, torch.cuda.Event]:
         with torch.cuda.stream(copier):
-            ref = _local(target.ref).to(device, non_blocking=True)
+            ref = local_part(target.ref).to(device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(copier)
         return ref, done

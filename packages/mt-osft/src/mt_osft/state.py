@@ -80,7 +80,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from mt_osft.config import OSFTConfig
 from mt_osft.patterns import default_target_patterns, match_targets
 from mt_osft.products import PLAIN, SPLIT_TF32, Products
-from mt_osft.reference import device_references, on_device, to_host
+from mt_osft.reference import device_references, local_part, on_device, to_host
 from mt_osft.subspace import (
     SubspacePlan,
     basis_dtype,
@@ -202,10 +202,10 @@ class OSFTState:
 
     def _project_weight(self, target: OSFTTarget, ref: torch.Tensor) -> None:
         """W <- W0 + Π(W - W0) on this rank's rows, ``ref`` being W0's on the weight's device."""
-        weight = _local(target.weight)
+        weight = local_part(target.weight)
         # one temporary of the matrix in the bases' dtype: W0 is upcast inside the in-place ops
         # (exactly: bfloat16 and float32 values are all float32 and float64 values)
-        d = weight.to(_local(target.left).dtype, copy=True).sub_(ref)
+        d = weight.to(local_part(target.left).dtype, copy=True).sub_(ref)
         # float32 on CUDA: three TF32 products per product, float32's accuracy at 2-3x the IEEE
         # rate (mt_osft.products); bfloat16 and float64 bases multiply as they are
         split = d.dtype == torch.float32 and d.is_cuda
@@ -213,9 +213,9 @@ class OSFTState:
         weight.copy_(d.add_(ref))
 
     def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
-        local = _local(tensor)
+        local = local_part(tensor)
         # in place where the tensor is already in the bases' dtype (bfloat16 gradients)
-        projected = self._project_local(target, local.to(_local(target.left).dtype))
+        projected = self._project_local(target, local.to(local_part(target.left).dtype))
         if projected is not local:
             local.copy_(projected)
 
@@ -333,10 +333,6 @@ class OSFTState:
                 )
             # (shard by shard: W0 may wait in host memory while its mesh is on the GPUs)
             tensor.to_local().copy_(source.to_local())
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

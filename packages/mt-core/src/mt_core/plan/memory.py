@@ -237,7 +237,7 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
 
     resident = weights + optimizer + osft  # on the GPU unless offloaded
     host = t * (shape.layers - 1) * kept if run.activation_offload else 0.0
-    if run.osft_reference_on_host:  # (two of them on the GPU at a time: the copies in flight)
+    if run.osft_reference_on_host:  # (up to three come back during the weight projection)
         host += osft_reference_bytes(shape, run.master) / w
     if run.cpu_offload:
         host += resident + gradients
