@@ -37,6 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
 from random_model import SHAPES, make_model, make_sft_data  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_peak  # noqa: E402
+
 # Defaults per shape: batch_size, max_tokens_per_gpu, mean sample length, steps.
 DEFAULTS = {
     "llama-3.1-8b": (32, 16384, 600, 6),
@@ -76,8 +79,16 @@ def child(spec_path: Path) -> None:
         return state
 
     trainer_setup.setup_osft = timed_setup_osft  # time mt's own OSFT set-up inside train()
+    profile = spec["memory_profile"] and torch.cuda.is_available()
+    if profile:
+        memory_peak.record()
     started = time.perf_counter()
-    train(args_from_dict(spec["keys"]))
+    try:
+        train(args_from_dict(spec["keys"]))
+    finally:  # an out-of-memory run too: its breakdown says what filled the GPU
+        if profile:
+            text = memory_peak.breakdown(torch.cuda.memory._snapshot())
+            spec_path.with_suffix(".memory.txt").write_text(text + "\n")
     wall = time.perf_counter() - started
     output_dir = Path(spec["keys"]["output_dir"])
     lines = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -100,14 +111,17 @@ def child(spec_path: Path) -> None:
 # ---------------------------------------------------------------- the comparison (parent)
 
 
-def run_contestant(name: str, keys: dict, out: Path, threads: int) -> dict:
+def run_contestant(name: str, keys: dict, out: Path, threads: int, memory_profile: bool) -> dict:
     spec_path = out / f"{name}.spec.json"
-    spec_path.write_text(json.dumps({"name": name, "keys": keys, "threads": threads}))
+    spec = {"name": name, "keys": keys, "threads": threads, "memory_profile": memory_profile}
+    spec_path.write_text(json.dumps(spec))
     print(f"== {name}", flush=True)
     with (out / f"{name}.log").open("w") as log:
         code = subprocess.call(
             [sys.executable, __file__, "--child", str(spec_path)], stdout=log, stderr=log
         )
+    if spec_path.with_suffix(".memory.txt").exists():
+        print(spec_path.with_suffix(".memory.txt").read_text(), flush=True)
     if code != 0:
         tail = (out / f"{name}.log").read_text()[-2000:]
         print(tail, flush=True)
@@ -144,6 +158,19 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, help="default: 16384 (mid 4096, tiny 2048)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--extra", default="{}", help="more run-file keys for every contestant")
+    parser.add_argument(
+        "--variants",
+        default='{"": {}}',
+        help='JSON {"suffix": {keys}}: every contestant once per variant (e.g. with and without '
+        "activation checkpointing), named contestant_suffix",
+    )
+    parser.add_argument("--no-full", action="store_true", help="OSFT contestants only")
+    parser.add_argument(
+        "--memory-profile",
+        action="store_true",
+        help="CUDA: what is alive at each contestant's peak, by the code that made it "
+        "(tools/gpu/memory_peak.py; slower steps)",
+    )
     options = parser.parse_args()
     if options.child is not None:
         child(options.child)
@@ -161,7 +188,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     folder, data = out / "model", out / "data.jsonl"
     started = time.perf_counter()
-    make_model(folder, options.shape, options.device)
+    if not (folder / "config.json").exists():  # a later call on the same --out reuses it
+        make_model(folder, options.shape, options.device)
     vocab = SHAPES[options.shape][1]["vocab_size"]
     make_sft_data(data, max(256, 4 * batch_size * steps), vocab, min(8192, max_tokens), mean_len)
     print(f"model and data in {time.perf_counter() - started:.0f} s", flush=True)
@@ -175,16 +203,25 @@ def main() -> int:
     if options.device == "cpu":
         keys.setdefault("attn_backend", "sdpa")
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the children too
-    contestants = [("full_ft", {})] + [
+    kinds = [] if options.no_full else [("full_ft", {})]
+    kinds += [
         (f"osft_{ratio}", dict(osft=True, osft_unfreeze_rank_ratio=float(ratio)))
         for ratio in options.ratios.split(",")
     ]
-    results = []
-    for name, extra in contestants:
-        output_dir = str(out / name)
-        results.append(
-            run_contestant(name, {**keys, **extra, "output_dir": output_dir}, out, options.threads)
-        )
+
+    def named(name: str, suffix: str) -> str:
+        return "_".join(filter(None, (name, suffix)))
+
+    contestants = [  # (name, keys, the full fine-tuning run it is compared with)
+        (named(name, suffix), {**extra, **variant}, named("full_ft", suffix))
+        for suffix, variant in json.loads(options.variants).items()
+        for name, extra in kinds
+    ]
+    results, by_name = [], {}
+    for name, extra, _ in contestants:
+        keys_of = {**keys, **extra, "output_dir": str(out / name)}
+        results.append(run_contestant(name, keys_of, out, options.threads, options.memory_profile))
+        by_name[name] = results[-1]
 
     print(
         f"\n{machine(options.device)}; shape {options.shape}, batch {batch_size} samples, "
@@ -195,9 +232,10 @@ def main() -> int:
         "OSFT set-up s | SVD s | targets / frozen directions | loss step 1 -> last"
     )
     print("---|---|---|---|---|---|---|---|---|---|---")
-    base = results[0] if "error" not in results[0] else None
     failures = 0
-    for r in results:
+    for r, (_, _, full) in zip(results, contestants, strict=True):
+        base = by_name.get(full)
+        base = None if base is None or "error" in base else base
         if "error" in r:
             print(f"{r['name']} | FAILED: {r['error']}")
             failures += 1

@@ -123,8 +123,8 @@ def test_the_settings_say_the_precision_and_the_key():
     )  # fmt: skip
     assert on_cpu.describe() == (
         "weights bfloat16, compute bfloat16, attention sdpa, liger off, compiled blocks off, "
-        "activation budget 1.00, activation offload off, cpu_offload off, gradient sync once a "
-        "step"
+        "activation budget 1.00, activation offload off, cpu_offload off, gradient sync every "
+        "minibatch"  # bfloat16 weights: a deferred sync would accumulate in float32
     )
 
 

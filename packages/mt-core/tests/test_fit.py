@@ -264,6 +264,9 @@ def test_the_trainer_turns_activation_offload_on_only_where_nothing_else_fits(tm
     ("keys", "world_size", "offloaded", "expected"),
     [
         ({}, 1, False, False),  # one GPU: the deferred whole gradient is the gradient anyway
+        # ...but for bfloat16 weights it is float32, twice their own gradients
+        ({"train_dtype": "bfloat16"}, 1, False, True),
+        ({"train_dtype": "bfloat16", "sync_gradients_every_minibatch": False}, 1, False, False),
         ({}, 2, False, True),  # several: each keeps only its shard between minibatches
         ({}, 1, True, True),  # cpu_offload (asked or chosen): deferred, it would stay on the GPU
         ({"sync_gradients_every_minibatch": False}, 1, True, False),  # as asked

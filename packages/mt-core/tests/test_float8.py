@@ -228,3 +228,23 @@ def test_a_cpu_run_with_the_key_stops_before_any_weight_loads(tiny, tmp_path, mo
         f"{NEEDS}, and this run is on the CPU: unset float8 (bfloat16 compute)"
     ]
     assert not (tmp_path / "run.toml").exists()
+
+
+def test_training_rows_are_filled_to_a_multiple_of_16_tokens_under_the_key(tiny, tmp_path):
+    """FP8 weight gradients take the row's tokens as their products' inner dimension, which
+    must be a multiple of 16 (a 16,087-token row failed on an H200): every training minibatch
+    of a run with the key is, by a filler without targets; without the key nothing changes."""
+    from mt_core.trainer.data import build_data
+    from mt_fsdp import DistContext
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
+    rows = {}
+    for key in (None, "tensorwise"):
+        args = args_from_dict({**tiny, "output_dir": str(tmp_path / str(key)), "float8": key})
+        data = build_data(args, ctx, 64, tmp_path / str(key))
+        rows[key] = [step.minibatches for step, _ in zip(data.loader, range(3), strict=False)]
+    for plain, filled in zip(sum(rows[None], []), sum(rows["tensorwise"], []), strict=True):
+        assert filled.num_tokens % 16 == 0 and filled.num_tokens - plain.num_tokens < 16
+        assert plain.num_tokens % 16 or filled.num_tokens == plain.num_tokens
+        assert filled.num_loss_tokens == plain.num_loss_tokens  # the filler has no target
+    assert any(m.num_tokens % 16 for m in sum(rows[None], []))  # the test has rows to fill

@@ -3,7 +3,7 @@ segment that no document sees and that has no target."""
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mt_data import (
@@ -26,17 +26,25 @@ def dataset(make_store, sft_row):
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(ids=st.lists(st.integers(0, 39), max_size=6, unique=True), size=st.integers(2, 5))
-def test_parts_make_the_row_and_a_filler_that_adds_nothing(dataset, ids, size):
+@given(
+    ids=st.lists(st.integers(0, 39), max_size=6, unique=True),
+    size=st.integers(1, 5),
+    multiple=st.sampled_from([1, 3, 16]),
+)
+def test_parts_make_the_row_and_a_filler_that_adds_nothing(dataset, ids, size, multiple):
+    unit = size * multiple
+    assume(unit > 1)  # size = multiple = 1 is the row itself (below)
     row = collate_minibatch(dataset, np.array(ids, dtype=np.int64), global_num_loss_tokens=7)
-    parts = [sequence_shard(row, size, index) for index in range(size)]
+    parts = [sequence_shard(row, size, index, multiple) for index in range(size)]
     filled = parts[0].cu_seqlens[-1]
     filler = filled - row.num_tokens
-    # equal parts, together a multiple of size (at least size), less than size tokens added
+    # equal parts of a multiple of `multiple` tokens, together a multiple of size x multiple
+    # (at least that), less than size x multiple tokens added (exactly that to an empty row)
     assert {p.num_tokens for p in parts} == {filled // size}
-    assert filled % size == 0 and filled >= size and 0 <= filler < size + (row.num_tokens == 0)
+    assert parts[0].num_tokens % multiple == 0
+    assert filled % unit == 0 and filled >= unit and 0 <= filler < unit + (row.num_tokens == 0)
     for key in ("input_ids", "labels", "position_ids"):
         joined = np.concatenate([getattr(p, key)[0] for p in parts])
         assert joined[: row.num_tokens].tolist() == getattr(row, key)[0].tolist()
@@ -57,6 +65,8 @@ def test_size_one_is_the_row_itself(dataset):
     assert sequence_shard(row, 1, 0) is row
     with pytest.raises(ValueError, match="part 2 of 2"):
         sequence_shard(row, 2, 2)
+    with pytest.raises(ValueError, match="multiple >= 1"):
+        sequence_shard(row, 1, 0, 0)
 
 
 @pytest.mark.parametrize(("num_ranks", "size"), [(2, 2), (4, 2), (3, 3), (4, 4)])

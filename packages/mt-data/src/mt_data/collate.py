@@ -80,24 +80,32 @@ def collate_minibatch(
     )
 
 
-def sequence_shard(minibatch: PackedMinibatch, size: int, index: int) -> PackedMinibatch:
+def sequence_shard(
+    minibatch: PackedMinibatch, size: int, index: int, multiple: int = 1
+) -> PackedMinibatch:
     """Part ``index`` of ``size`` equal, consecutive parts of ``minibatch``'s row, for sequence
     parallelism: ``size`` ranks each compute one part, and their attention exchanges keys and
-    values so that every document still attends to all of itself.
+    values so that every document still attends to all of itself. Each part is a multiple of
+    ``multiple`` tokens long (FP8 matrix products need 16: the tokens are the inner dimension
+    of a weight gradient's product); ``size = multiple = 1`` is the row itself.
 
-    The row is first made a multiple of ``size`` tokens long (and at least ``size``, so an empty
-    minibatch gives every rank one token) by a filler segment of its own at the end: fewer than
-    ``size`` tokens, label -100, positions from 0. No document is padded or split from its
-    segment: the filler only sees itself and has no target, so it adds exactly nothing to the
-    loss or to any gradient. The returned ``cu_seqlens`` and ``max_seqlen`` are the whole
-    (filled) row's; the token counts are this part's.
+    The row is first made a multiple of ``size x multiple`` tokens long (and at least that, so an
+    empty minibatch gives every rank a part) by a filler segment of its own at the end: fewer
+    than ``size x multiple`` tokens, label -100, positions from 0. No document is padded or
+    split from its segment: the filler only sees itself and has no target, so it adds exactly
+    nothing to the loss or to any gradient. The returned ``cu_seqlens`` and ``max_seqlen`` are
+    the whole (filled) row's; the token counts are this part's.
     """
-    if size < 1 or not 0 <= index < size:
-        raise ValueError(f"part {index} of {size}: need size >= 1 and 0 <= index < size")
-    if size == 1:
+    if size < 1 or multiple < 1 or not 0 <= index < size:
+        raise ValueError(
+            f"part {index} of {size}, each a multiple of {multiple} tokens: need size >= 1, "
+            "multiple >= 1 and 0 <= index < size"
+        )
+    unit = size * multiple
+    if unit == 1:
         return minibatch
     tokens = minibatch.num_tokens
-    filled = max(size, -(-tokens // size) * size)
+    filled = max(unit, -(-tokens // unit) * unit)
     filler = filled - tokens
     cu_seqlens = minibatch.cu_seqlens
     if filler:

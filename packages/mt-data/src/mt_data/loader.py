@@ -46,6 +46,7 @@ class StepLoader:
         num_ranks: int = 1,
         rank: int = 0,
         sequence_parallel_size: int = 1,
+        token_multiple: int = 1,
     ) -> None:
         if num_ranks % sequence_parallel_size:
             raise ValueError(
@@ -68,6 +69,7 @@ class StepLoader:
         self.num_ranks = int(num_ranks)
         self.rank = int(rank)
         self.sequence_parallel_size = int(sequence_parallel_size)
+        self.token_multiple = int(token_multiple)
 
     def __iter__(self) -> Iterator[StepBatch]:
         for batch in self.sampler:
@@ -80,7 +82,7 @@ class StepLoader:
         num_loss_tokens = int(self.source.loss_counts[batch].sum())
         minibatches = rank_minibatches(
             self.source, batch, num_loss_tokens, self.max_tokens_per_rank, self.num_ranks,
-            self.rank, self.sequence_parallel_size,
+            self.rank, self.sequence_parallel_size, self.token_multiple,
         )  # fmt: skip
         return StepBatch(
             minibatches=minibatches,
@@ -104,19 +106,24 @@ def rank_minibatches(
     num_ranks: int,
     rank: int,
     sequence_parallel_size: int = 1,
+    token_multiple: int = 1,
 ) -> list[PackedMinibatch]:
     """``rank``'s minibatches of the items ``batch`` of ``source``: the batch is packed over the
     ``num_ranks / sequence_parallel_size`` groups of ranks, into rows of at most
     ``max_tokens_per_rank x sequence_parallel_size`` tokens, and ``rank`` takes its part of each
-    of its group's rows. Every rank gets the same number of minibatches; an empty one on a rank
-    without sequence parallelism has no token."""
+    of its group's rows, filled to a multiple of ``token_multiple`` tokens
+    (:func:`mt_data.collate.sequence_shard`). Every rank gets the same number of minibatches; an
+    empty one on a rank without sequence parallelism or a token multiple has no token."""
     size = sequence_parallel_size
     plan = pack_minibatches(
         source.lengths[batch], max_tokens_per_rank * size, num_ranks // size, rank // size
     )
     return [
         sequence_shard(
-            collate_minibatch(source, batch[positions], global_num_loss_tokens), size, rank % size
-        )
+            collate_minibatch(source, batch[positions], global_num_loss_tokens),
+            size,
+            rank % size,
+            token_multiple,
+        )  # fmt: skip
         for positions in plan
     ]

@@ -4,8 +4,8 @@ so that the GPU holds the saved activations of about two blocks instead of every
 The tensors come through autograd's ``saved_tensors_hooks``, set around each block's call: what
 eager ops save, and what a compiled block saves (one autograd.Function: the partitioner's choice),
 and, under activation checkpointing, the block's input (all that checkpointing keeps). The
-hooks are set outside the block's compiled code, FSDP2's hooks and the checkpoint, by a subclass
-made for the block's class, as ``fully_shard`` does: the module tree, its names and the state dict
+hooks are set outside the block's compiled code, FSDP2's hooks and the checkpoint
+(:func:`mt_core.model.block_calls.call_around`): the module tree, its names and the state dict
 stay as they are. A checkpoint's recomputation in backward does not go through that call again
 (HF's checkpoint calls the block's forward, or nn.Module's call beneath the subclass), so what it
 recomputes stays on the GPU for the moment it is needed, as it should.
@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mt_core.model.block_calls import call_around
 
 __all__ = ["MIN_BYTES", "ActivationOffload"]
 
@@ -123,8 +125,7 @@ class ActivationOffload:
         self._last = len(blocks) - 1
         self.block_bytes = [0] * len(blocks)
         for index, block in enumerate(blocks):
-            block.__class__ = _offloading_class(type(block))
-            block._activation_offload = partial(self._run_block, index)
+            call_around(block, "activation offload", partial(self._run_block, index))
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -273,27 +274,3 @@ class ActivationOffload:
     def _wait(self, event: torch.cuda.Event | None) -> None:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
-
-
-class _OffloadingCall:
-    """Runs the block's whole call (checkpoint, compiled code and FSDP2's hooks inside) under
-    the offload's hooks."""
-
-    _activation_offload: Callable
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._activation_offload(super().__call__, *args, **kwargs)
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _offloading_class(cls: type) -> type:
-    """``cls`` with its call under the offload's hooks: one class per block class (a compiled
-    block's graph is reused by every block of one class), and of the same name, so that what finds
-    blocks by class name (HF's ``_no_split_modules``) still finds them."""
-    if issubclass(cls, _OffloadingCall):
-        return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(cls.__name__, (_OffloadingCall, cls), {"__module__": cls.__module__})
-    return _CLASSES[cls]

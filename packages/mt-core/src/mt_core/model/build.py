@@ -21,6 +21,7 @@ from mt_core.model.attention import (
     resolve_attn_backend,
     use_padding_free_attention,
 )
+from mt_core.model.compiled_blocks import compile_blocks as compile_decoder_blocks
 from mt_core.model.families import freeze_untrained, load_weights, new_model
 from mt_core.model.float8 import convert_to_float8
 from mt_core.model.sequence_parallel import use_sequence_parallel_attention
@@ -177,13 +178,7 @@ def build_model(
         # recomputed in the backward pass, and it composes with FSDP2's hooks.
         checkpoint_blocks(model)
     if compile_blocks:
-        # Regional compilation: each decoder block's forward is compiled (the same code for
-        # every layer, so one graph is reused) and FSDP2's hooks stay outside the graphs. Packed
-        # rows change length every minibatch: the first new length recompiles the block with
-        # that dimension dynamic, once. (Marking every dimension dynamic from the start, as
-        # dynamic=True does, measured 12% slower: tools/bench/RESULTS.md.)
-        for block in decoder_blocks(model):
-            block.compile()
+        compile_decoder_blocks(decoder_blocks(model))  # regional, the changing sizes dynamic
     if activation_offload is not None:
         # around each block's whole call: its checkpoint, compiled code and FSDP2's hooks
         activation_offload.install(decoder_blocks(model))

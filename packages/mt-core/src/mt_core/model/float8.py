@@ -42,11 +42,21 @@ RECIPES = ("tensorwise", "rowwise")
 MIN_DIMENSION = 2048
 # the first CUDA compute capability with FP8 tensor cores (Ada; Hopper is 9.0, Blackwell 10.0)
 FP8_CAPABILITY = (8, 9)
-# FP8 GEMMs (torch._scaled_mm) need both dimensions of the weight to be multiples of 16
-_FP8_ALIGNMENT = 16
+# FP8 GEMMs (torch._scaled_mm) need both dimensions of the weight to be multiples of 16, and so
+# the tokens of a row: the inner dimension of the weight gradient's product (the 1B shape's
+# 16,087-token rows failed there on an H200)
+FP8_ALIGNMENT = 16
 # config keys that count a MoE's experts (transformers' names); a linear with that many outputs
 # is a router, whose logits choose the experts and stay exact
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def token_multiple(float8: str | None) -> int:
+    """What each training row's token count must be a multiple of under the key ``float8`` (its
+    value): rows are filled to it by a segment without targets (mt_data.collate.sequence_shard).
+    Forward passes alone (validation) need no filling: there the tokens are the products' outer
+    dimension, which may be anything."""
+    return FP8_ALIGNMENT if float8 else 1
 
 
 def float8_problem(gpu: bool, capability: tuple[int, int] | None) -> str | None:
@@ -70,8 +80,8 @@ def bfloat16_reason(module: nn.Linear, *, experts: frozenset[int] = frozenset())
         return "frozen (not trained: no input in training, or routing kept as released)"
     if rows in experts:
         return f"a router ({rows} expert logits)"
-    if rows % _FP8_ALIGNMENT or columns % _FP8_ALIGNMENT:
-        return f"{columns} -> {rows}: FP8 matrix products need multiples of {_FP8_ALIGNMENT}"
+    if rows % FP8_ALIGNMENT or columns % FP8_ALIGNMENT:
+        return f"{columns} -> {rows}: FP8 matrix products need multiples of {FP8_ALIGNMENT}"
     if min(rows, columns) < MIN_DIMENSION:
         return f"{columns} -> {rows}: too small for FP8 to pay (a side under {MIN_DIMENSION})"
     return None

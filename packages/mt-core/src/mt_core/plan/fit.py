@@ -28,6 +28,7 @@ import numpy as np
 from mt_core.config import TrainingArgs
 from mt_core.plan.memory import (
     GIB,
+    MASTER_BYTES,
     RESERVED_GIB,
     ModelShape,
     Settings,
@@ -222,14 +223,17 @@ def _fit_budget(
 
 def syncs_every_minibatch(args: TrainingArgs, world_size: int, cpu_offload: bool) -> bool:
     """Whether gradients are reduce-scattered after every minibatch: the run file's
-    sync_gradients_every_minibatch, else yes on more than one GPU and under cpu_offload. A
-    deferred sync keeps each GPU's whole unsharded gradient on the GPU until the step's last
-    minibatch: 4 bytes a parameter, which cpu_offload is there to move off it (8B shape on one
-    H200: 37.4 GiB measured against 11.6 estimated without it). On one GPU without cpu_offload
-    the two cost the same memory (the memory model counts a deferred sync only as asked)."""
+    sync_gradients_every_minibatch, else yes on more than one GPU, under cpu_offload and for
+    master weights narrower than float32. A deferred sync keeps each GPU's whole unsharded
+    gradient until the step's last minibatch, in FSDP2's reduce dtype, float32: 4 bytes a
+    parameter, which cpu_offload is there to move off the GPU (8B shape on one H200: 37.4 GiB
+    measured against 11.6 estimated without it), and twice a bfloat16 master's own gradients
+    (8B, one H200: 29.9 GiB of them at the peak where the bfloat16 gradients are 15.0;
+    tools/gpu/osft_cost.py --memory-profile). On one GPU with float32 weights the two cost the
+    same (the memory model counts a deferred sync only as asked)."""
     if args.sync_gradients_every_minibatch is not None:
         return args.sync_gradients_every_minibatch
-    return world_size > 1 or cpu_offload
+    return world_size > 1 or cpu_offload or MASTER_BYTES[args.train_dtype] < 4
 
 
 def most_minibatches(args: TrainingArgs, lengths: np.ndarray, world_size: int) -> int:

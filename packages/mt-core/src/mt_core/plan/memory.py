@@ -16,8 +16,9 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
   :func:`mt_core.optim.quant_blocks.quant_block`; the few tensors left unquantized, such as norms and biases, and the
   smaller blocks of rows that are not a multiple of 256 values are counted as if quantized in
   blocks of 256: well under 0.1% of a model worth quantizing); with the
-  gradient sync deferred to a step's last minibatch on several GPUs, 4·P_g more: the unsharded
-  float32 gradients accumulated until then;
+  gradient sync deferred to a step's last minibatch on several GPUs (or on one, with master
+  weights narrower than float32), 4·P_g more: the unsharded float32 gradients accumulated until
+  then (in the last backward pass they give way to the reduced shards, block by block);
 * compute copies: the bf16 root group (embeddings, final norm, LM head) gathered for the whole step,
   two gathered decoder blocks (the running one and the prefetched one; all of them when they
   stay gathered from forward to backward), the LM head's bf16
@@ -246,13 +247,16 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
         grads_on_gpu = gradients
     # a deferred sync: FSDP2 accumulates whole float32 gradients from the first minibatch's
     # backward to the step's last, alive at both moments of every later minibatch (on the GPU
-    # also under cpu_offload; on one GPU without it they are the gradients counted above)
-    deferred = run.deferred_sync and (w > 1 or run.cpu_offload)
+    # also under cpu_offload; on one GPU with float32 weights they are the gradients counted
+    # above, with narrower ones twice their bytes)
+    deferred = run.deferred_sync and (w > 1 or run.cpu_offload or m < 4)
     accumulated = 4 * shape.grad_params if deferred else 0.0
     # after a step's first minibatch its gradients (sharded, or the deferred whole ones) are alive
     earlier = 0.0 if run.minibatches == 1 or accumulated else grads_on_gpu
     start = resident + accumulated + earlier + copies + activations + loss
-    end = resident + accumulated + grads_on_gpu + copies + activations_end
+    # in the last backward pass each block's accumulated gradient is freed as its reduced shard
+    # is made: never more than the larger of the two at once
+    end = resident + max(accumulated, grads_on_gpu) + copies + activations_end
     peak, peak_at = (start, "start of backward") if start >= end else (end, "end of backward")
     return Memory(
         weights=weights,

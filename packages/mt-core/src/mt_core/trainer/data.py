@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mt_core.config import ConfigError, TrainingArgs
+from mt_core.model.float8 import token_multiple
 from mt_data import (
     DataError,
     EpochSampler,
@@ -55,7 +56,7 @@ def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir
     sampler = sampler_type(len(train), args.batch_size, seed=args.seed)
     loader = StepLoader(
         train, sampler, args.max_tokens_per_gpu, ctx.world_size, ctx.rank,
-        args.sequence_parallel_size,
+        args.sequence_parallel_size, token_multiple(args.float8),
     )  # fmt: skip
     return RunData(train, validation, sampler, loader)
 

@@ -1,0 +1,59 @@
+"""Regional compilation: each decoder block compiled, with the sizes that change from one
+minibatch to the next dynamic from its first call.
+
+Packed rows change length every minibatch, and the number of documents in them (the length of
+``cu_seqlens``) changes too, but not every step. Left to torch.compile's automatic dynamic
+shapes, each of the two recompiles the block the first time it changes: the second was seen
+in the middle of a measured run (8B OSFT on one H200, step 4 of 6 at a third of the others'
+speed, when a step first brought two minibatches). So the block's inputs are marked before the
+compiler sees them: the token dimension (dim 1 in transformers' (batch, tokens, ...) layout) of
+every tensor as long as the hidden states, and ``cu_seq_lens_q`` / ``cu_seq_lens_k``. The
+other dimensions stay static: marking every dimension dynamic from the start, as
+``dynamic=True`` does (the hidden size too), measured 12% slower (tools/bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from mt_core.model.block_calls import call_around
+
+__all__ = ["compile_blocks", "mark_varying_sizes"]
+
+TOKEN_DIM = 1  # transformers' (batch, tokens, ...) layout
+_SEGMENT_STARTS = ("cu_seq_lens_q", "cu_seq_lens_k")
+
+
+def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (tuple, list)):  # position_embeddings: (cos, sin)
+            yield from _tensors(value)
+
+
+def mark_varying_sizes(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Mark what changes between minibatches dynamic (see the module docstring), then ``call``.
+    A size the compiler must specialize anyway (0 or 1) stays static: the marks only advise."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor) and hidden.dim() > TOKEN_DIM:
+        tokens = hidden.size(TOKEN_DIM)
+        for tensor in _tensors([*args, *kwargs.values()]):
+            if tensor.dim() > TOKEN_DIM and tensor.size(TOKEN_DIM) == tokens:
+                torch._dynamo.maybe_mark_dynamic(tensor, TOKEN_DIM)
+    for name in _SEGMENT_STARTS:
+        if isinstance(kwargs.get(name), torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(kwargs[name], 0)
+    return call(*args, **kwargs)
+
+
+def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor") -> None:
+    """Compile each block (the same code for every layer, so one graph is reused), its
+    changing sizes dynamic from the first call; FSDP2's hooks stay outside the graphs."""
+    for block in blocks:
+        call_around(block, "varying sizes", mark_varying_sizes)
+        block.compile(backend=backend)

@@ -1,0 +1,93 @@
+"""Compiled decoder blocks: the sizes that change between minibatches (the tokens of a row, the
+number of its documents) are dynamic from the first call, so no later minibatch recompiles.
+Counted with dynamo's own frame counter, the graphs left eager: the compiler's guards are what
+is tested, not its kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from transformers import AttentionInterface, LlamaConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from mt_core.model.block_calls import call_around
+from mt_core.model.compiled_blocks import compile_blocks
+
+
+def _reads_segments(module, query, key, value, attention_mask, **kwargs):
+    """Causal attention that also reads cu_seq_lens_q, as the varlen kernels do (so that the
+    compiled graph depends on its length)."""
+    out, weights = sdpa_attention_forward(module, query, key, value, None, is_causal=True)
+    return out + 0 * kwargs["cu_seq_lens_q"].sum(), weights
+
+
+AttentionInterface.register("test_reads_segments", _reads_segments)
+
+# (tokens, documents): the length changes every minibatch, the document count only at the third
+ROWS = ((12, 3), (17, 3), (23, 3), (23, 5), (9, 2))
+
+
+def _frames_compiled(marked: bool) -> int:
+    torch._dynamo.reset()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2)  # fmt: skip
+    config._attn_implementation = "test_reads_segments"
+    torch.manual_seed(0)
+    blocks = [LlamaDecoderLayer(config, index) for index in range(2)]
+    rope = LlamaRotaryEmbedding(config)
+    counter = CompileCounter()
+    if marked:
+        compile_blocks(blocks, backend=counter)
+    else:  # the negative control: torch.compile's automatic dynamic shapes alone
+        for block in blocks:
+            block.compile(backend=counter)
+    for tokens, documents in ROWS:
+        hidden = torch.randn(1, tokens, 32)
+        positions = torch.arange(tokens)[None]
+        starts = torch.linspace(0, tokens, documents + 1).to(torch.int32)
+        kwargs = dict(position_ids=positions, position_embeddings=rope(hidden, positions),
+                      cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=tokens,
+                      max_length_k=tokens)  # fmt: skip
+        with torch.no_grad():
+            for block in blocks:
+                hidden = block(hidden, **kwargs)
+    return counter.frame_count
+
+
+def test_no_minibatch_after_the_first_recompiles_a_block():
+    # two blocks of one class share one graph; every later row passes its guards
+    assert _frames_compiled(marked=True) == 1
+    # left to automatic dynamic shapes: the first new length recompiles, and so does the first
+    # new document count, however late it comes (step 4 of an 8B run on an H200)
+    assert _frames_compiled(marked=False) == 3
+
+
+def test_code_around_a_block_runs_outside_in_the_order_installed():
+    block = torch.nn.Linear(2, 2)
+    seen = []
+
+    def around(name):
+        def run(call, *args, **kwargs):
+            seen.append(f"{name} in")
+            out = call(*args, **kwargs)
+            seen.append(f"{name} out")
+            return out
+
+        return run
+
+    call_around(block, "first", around("first"))
+    call_around(block, "second", around("second"))
+    call_around(block, "first", around("first again"))  # replaces "first", in its place
+    x = torch.ones(1, 2)
+    assert torch.equal(block(x), torch.nn.functional.linear(x, block.weight, block.bias))
+    assert seen == ["first again in", "second in", "second out", "first again out"]
+    assert type(block).__name__ == "Linear" and isinstance(block, torch.nn.Linear)
+    assert list(block.state_dict()) == ["weight", "bias"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    yield
+    torch._dynamo.reset()
