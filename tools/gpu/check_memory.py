@@ -3,6 +3,7 @@
 On the GPU machine (see shared/GPU.md), from the repository root:
 
     python3 tools/gpu/check_memory.py --out $OUT                    # 1B and 3B Llama shapes
+    python3 tools/gpu/check_memory.py --osft --out $OUT             # OSFT at 8B and 1B (issue #27)
     python3 tools/gpu/check_memory.py --shapes tiny --device cpu --out /tmp/cm   # a dry run
 
 For each shape a random-init model is written (bf16, from config, in --out), then each case runs
@@ -11,7 +12,7 @@ every step is exactly one minibatch of max_tokens_per_gpu tokens: the case ``mt 
 The measured peak is the trainer's own ``peak_mem_gib`` (torch.cuda.max_memory_allocated, the
 largest over the steps: from step 2 on the AdamW state exists); the estimate is
 ``mt_core.plan.memory.estimate`` for the same shape and settings, exactly what ``mt check`` prints. The
-table gives both and the error (estimate - measured) / measured; the goal is within 15%.
+table gives both and the error (estimate - measured) / measured; the goal is within 15% (issue #8), within 3% for OSFT (issue #27: --osft).
 """
 
 from __future__ import annotations
@@ -28,22 +29,37 @@ import torch
 from transformers import AutoConfig
 
 from mt_core import args_from_dict, train
-from mt_core.plan.memory import GIB, Settings, estimate
-from mt_core.plan.shape import model_shape
+from mt_core.plan.fit import gpu_room
+from mt_core.plan.memory import GIB, estimate
+from mt_core.plan.resolve import Machine, resolve
+from mt_core.plan.shape import model_shape, osft_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
 from random_model import SHAPES, make_model  # noqa: E402
 
-# (shape, Liger, activation checkpointing, max_tokens_per_gpu)
+# (shape, Liger, activation checkpointing, max_tokens_per_gpu, more run-file keys)
 CASES = (
-    ("llama-3.2-1b", True, False, 16384),
-    ("llama-3.2-1b", True, True, 16384),
-    ("llama-3.2-1b", False, False, 8192),
-    ("llama-3.2-3b", True, True, 16384),
-    ("llama-3.2-3b", True, False, 4096),
-    ("tiny", False, False, 1024),
-    ("tiny", False, True, 1024),
+    ("llama-3.2-1b", True, False, 16384, {}),
+    ("llama-3.2-1b", True, True, 16384, {}),
+    ("llama-3.2-1b", False, False, 8192, {}),
+    ("llama-3.2-3b", True, True, 16384, {}),
+    ("llama-3.2-3b", True, False, 4096, {}),
+    ("tiny", False, False, 1024, {}),
+    ("tiny", False, True, 1024, {}),
+    ("tiny", False, True, 1024, {"osft": True, "osft_reference_on_host": True}),
 )
+# --osft: the 8B OSFT runs of issue #27 (bfloat16 master weights and moments), the lean plan and
+# a fixed activation budget (what the fit would choose depends on the memory free at the start)
+EIGHT_B = {"train_dtype": "bfloat16", "stochastic_rounding": True,
+           "optimizer_state_dtype": "bfloat16"}  # fmt: skip
+OSFT_CASES = (
+    ("llama-3.1-8b", True, True, 16384, EIGHT_B),
+    ("llama-3.1-8b", True, True, 16384,
+     {**EIGHT_B, "osft": True, "osft_unfreeze_rank_ratio": 0.25, "osft_reference_on_host": True}),
+    ("llama-3.1-8b", True, False, 16384,
+     {**EIGHT_B, "osft": True, "osft_unfreeze_rank_ratio": 0.25, "activation_memory_budget": 0.5}),
+    ("llama-3.2-1b", True, False, 16384, {"osft": True, "osft_unfreeze_rank_ratio": 0.25}),
+)  # fmt: skip
 SAMPLES_PER_STEP = 8
 
 
@@ -58,24 +74,30 @@ def make_data(path: Path, max_tokens: int, vocab: int, steps: int) -> None:
             out.write(json.dumps({"input_ids": tokens, "labels": labels}) + "\n")
 
 
-def measure(folder: Path, data: Path, out: Path, liger: bool, ac: bool, max_tokens: int,
-            steps: int, device: str) -> float:  # fmt: skip
-    args = args_from_dict(
-        dict(
-            model_name_or_path=str(folder), data_path=str(data), output_dir=str(out),
-            batch_size=SAMPLES_PER_STEP, max_tokens_per_gpu=max_tokens, learning_rate=1e-5,
-            lr_scheduler="constant", training_mode="step", max_steps=steps,
-            save_final_checkpoint=False, use_liger_kernels=liger, activation_checkpointing=ac,
-            attn_backend="auto" if device == "cuda" else "sdpa",
-        )
+def run_keys(folder: Path, data: Path, out: Path, liger: bool, ac: bool, max_tokens: int,
+             steps: int, device: str, extra: dict) -> dict:  # fmt: skip
+    """The run file of one case: every step one full minibatch of max_tokens tokens."""
+    return dict(
+        model_name_or_path=str(folder), data_path=str(data), output_dir=str(out),
+        batch_size=SAMPLES_PER_STEP, max_tokens_per_gpu=max_tokens, learning_rate=1e-5,
+        lr_scheduler="constant", training_mode="step", max_steps=steps,
+        save_final_checkpoint=False, use_liger_kernels=liger, activation_checkpointing=ac,
+        attn_backend="auto" if device == "cuda" else "sdpa", **extra,
     )  # fmt: skip
+
+
+def measure(keys: dict) -> float:
+    args = args_from_dict(keys)
+    max_tokens = args.max_tokens_per_gpu
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train(args)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
     assert all(line["tokens"] == max_tokens for line in lines), "every step should be one full row"
     assert all(line["num_minibatches"] == 1 for line in lines)
     return max(line["peak_mem_gib"] for line in lines)
@@ -86,9 +108,7 @@ def one_case(spec: str) -> int:
 
     Each case gets a process of its own: the peak counter starts clean, and Liger's patches of
     module-level functions (applied for one case) cannot leak into the next."""
-    case = json.loads(spec)
-    peak = measure(Path(case["folder"]), Path(case["data"]), Path(case["run_dir"]), case["liger"],
-                   case["ac"], case["max_tokens"], case["steps"], case["device"])  # fmt: skip
+    peak = measure(json.loads(spec)["keys"])
     print(json.dumps({"measured_gib": peak}), flush=True)
     return 0
 
@@ -113,8 +133,10 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--osft", action="store_true", help="the OSFT cases (8B and 1B) instead")
     options = parser.parse_args()
-    shapes = options.shapes.split(",")
+    cases = OSFT_CASES if options.osft else CASES
+    shapes = options.shapes.split(",") if not options.osft else ["llama-3.1-8b", "llama-3.2-1b"]
     options.out.mkdir(parents=True, exist_ok=True)
     if options.device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -124,22 +146,30 @@ def main() -> int:
         folder = options.out / f"model-{shape}"
         make_model(folder, shape, options.device)
         config = AutoConfig.from_pretrained(folder)
-        dims = model_shape(config)
-        for case_shape, liger, ac, max_tokens in CASES:
+        for index, (case_shape, liger, ac, max_tokens, extra) in enumerate(cases):
             if case_shape != shape:
                 continue
             name = f"{shape} liger={'on' if liger else 'off'} ac={'on' if ac else 'off'} T={max_tokens}"
+            name += "".join(f" {key}={value}" for key, value in extra.items())
             print(f"== {name}", flush=True)
             data = options.out / f"data-{shape}-{max_tokens}.jsonl"
             make_data(data, max_tokens, SHAPES[shape][1]["vocab_size"], options.steps)
-            run_dir = options.out / f"run-{shape}-{int(liger)}{int(ac)}-{max_tokens}"
-            settings = Settings(max_tokens=max_tokens, world_size=1, liger=liger, checkpointing=ac)
-            memory = estimate(dims, settings)
+            run_dir = options.out / f"run-{shape}-{index}"
+            keys = run_keys(folder, data, run_dir, liger, ac, max_tokens, options.steps,
+                            options.device, extra)  # fmt: skip
+            # the estimate of mt check and the trainer's fit: its plan for this GPU (activation
+            # budget, blocks kept gathered, W0 on the host), from the same keys and functions
+            args = args_from_dict(keys)
+            room = gpu_room(torch.device("cuda"), 1)[0] if options.device == "cuda" else None
+            machine = Machine(gpu=options.device == "cuda", world_size=1, liger_installed=liger,
+                              attention_backends=("sdpa",), gpu_bytes=room)  # fmt: skip
+            lengths = np.full(SAMPLES_PER_STEP * options.steps, max_tokens // SAMPLES_PER_STEP)
+            plan = resolve(args, config, machine, lengths, warn=False)
+            dims = plan.shape or model_shape(config, osft=osft_settings(args))
+            memory = estimate(dims, plan.settings)
+            print(f"   plan: {plan.describe()}", flush=True)
             try:
-                measured = run_case(
-                    dict(folder=str(folder), data=str(data), run_dir=str(run_dir), liger=liger,
-                         ac=ac, max_tokens=max_tokens, steps=options.steps, device=options.device)
-                )  # fmt: skip
+                measured = run_case(dict(keys=keys, run_dir=str(run_dir)))
             except Exception as error:  # report and go on with the other cases
                 print(f"{name} failed: {error!r}", flush=True)
                 rows.append({"case": name, "error": repr(error)})
@@ -156,6 +186,7 @@ def main() -> int:
                         "weights",
                         "gradients",
                         "optimizer",
+                        "osft",
                         "copies",
                         "activations",
                         "activations_end",
@@ -175,7 +206,7 @@ def main() -> int:
         worst = max(worst, abs(row["error"]))
         print(f"{row['case']} | {row['measured_gib']:.2f} | {row['estimate_gib']:.2f} | "
               f"{row['error']:+.1%} | {row['peak_at']}")  # fmt: skip
-    print(f"largest error {worst:.1%} (goal: within 15%)")
+    print(f"largest error {worst:.1%} (goal: within {3 if options.osft else 15}%)")
     return 0
 
 
