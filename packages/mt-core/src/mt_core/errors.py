@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch.distributed import Store
 
-__all__ = ["NonFiniteError", "RunError", "report_error", "write_error"]
+__all__ = ["NonFiniteError", "PeerLostError", "RunError", "report_error", "write_error"]
 
 # How long a rank other than 0 waits for rank 0's message before it shows its own. Every rank
 # reads the same run file, data and model, so a mistake in them stops all ranks within moments
@@ -30,6 +30,13 @@ class RunError(RuntimeError):
 class NonFiniteError(RunError):
     """The loss or gradient norm became NaN or infinite; the message names the step and the
     last good checkpoint."""
+
+
+class PeerLostError(RunError):
+    """Other ranks of the run ended while this one needed them: their node was lost, they
+    stopped answering, or they stopped for an error of their own. One rank has already written
+    the message for the whole run (which ranks, the newest complete checkpoint, how to resume),
+    so this one ends without repeating it."""
 
 
 def write_error(message: str) -> None:

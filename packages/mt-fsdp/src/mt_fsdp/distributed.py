@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -62,12 +63,16 @@ def _pick_device(local_rank: int, device: str) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto", sequence_parallel_size: int = 1) -> DistContext:
+def init_distributed(
+    device: str = "auto", sequence_parallel_size: int = 1, timeout: timedelta | None = None
+) -> DistContext:
     """Join the job torchrun started (RANK/WORLD_SIZE set) or start a one-process group.
 
     ``device`` is "auto" (CUDA when present, else CPU), "cuda" or "cpu". NCCL serves CUDA, gloo
     the CPU. ``sequence_parallel_size`` must divide the world size (ValueError otherwise, before
-    any group is made).
+    any group is made). ``timeout`` bounds each collective's wait for the other ranks (NCCL's
+    watchdog ends the process after it, gloo raises); None keeps PyTorch's default (10 minutes
+    with NCCL, 30 with gloo).
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -85,7 +90,9 @@ def init_distributed(device: str = "auto", sequence_parallel_size: int = 1) -> D
     device_id = target if backend == "nccl" else None
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id)
+            dist.init_process_group(
+                backend, rank=rank, world_size=world_size, device_id=device_id, timeout=timeout
+            )
         else:
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
