@@ -4,7 +4,8 @@
 The run file is written to ``<output_dir>/run.toml`` and torchrun runs ``python -m mt_core run``
 on it (mt-core's own entry: the ``mt`` command sits above mt-core and may not be used from here).
 Every line the run prints goes to the console and to ``<output_dir>/training.log`` as it comes
-(``training-node<k>.log`` on node k > 0 of several: the nodes share output_dir).
+(on several nodes ``training-<host>.log``: lines appended to one file from several machines can
+be lost on a network file system).
 
 torchrun starts in a session of its own, so a Ctrl-C at the terminal reaches only the caller; the
 caller then ends the run as a whole: SIGTERM to torchrun (which passes it to its workers, and
@@ -20,6 +21,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -199,7 +201,7 @@ def run_training(
     """Train ``training_args`` under torchrun and return when the run has ended.
 
     Writes ``<output_dir>/run.toml``, streams the run's output to stdout and to ``log_file``
-    (default ``<output_dir>/training.log``, on node k > 0 ``training-node<k>.log``; appended
+    (default ``<output_dir>/training.log``, on several nodes ``training-<host>.log``; appended
     to), and raises :class:`TrainingFailed` if
     the run fails. Interrupted (KeyboardInterrupt; SIGTERM or SIGHUP where no handler is set),
     it stops the run: SIGTERM, ``grace_period_s`` to stop, then SIGKILL; a second interrupt
@@ -210,8 +212,10 @@ def run_training(
     command = torchrun_command(torchrun_args, run_file)  # first: may refuse ('gpu', no GPU)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_run_file(training_args, run_file)
-    node = torchrun_args.node_rank
-    default_log = output_dir / ("training.log" if node == 0 else f"training-node{node}.log")
+    several = torchrun_args.nnodes > 1
+    default_log = output_dir / (
+        f"training-{socket.gethostname()}.log" if several else "training.log"
+    )
     log_path = Path(log_file) if log_file is not None else default_log
     log_path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -215,17 +215,16 @@ def _message(
                          f"(node {number}, {host})")  # fmt: skip
         who = f"lost {'; '.join(parts)}: ended or stopped answering"
     newest = latest_checkpoint(checkpoints)
-    kept = (
-        f"the newest complete checkpoint, {newest}, is intact"
-        if newest is not None
-        else "no checkpoint was written yet: the run starts over"
-    )
+    if newest is not None:
+        kept, goal = f"the newest complete checkpoint, {newest}, is intact", "to resume"
+    else:
+        kept, goal = "no checkpoint was written yet", "to start over"
     again = "run the same command again on every node"
-    if resume != "auto":
+    if resume != "auto" and newest is not None:
         again += f' with resume = "auto" (the run file says {resume!r})'
     return (
         f"{who} ({cause})\n{kept}\n"
-        f"to resume, {again} (any number of nodes; --nnodes says how many); on this node: "
+        f"{goal}, {again} (any number of nodes; --nnodes says how many); on this node: "
         f"{_command()}"
     )
 
