@@ -327,12 +327,14 @@ class TrainingArgs:
     )
     collective_timeout: float = field(
         "Seconds a process waits in one collective (a step's all-reduce, a checkpoint's "
-        "gather) for the others before the run stops with an error that names the ranks lost. "
-        "It bounds how long a node that went silent (powered off, cut off, hung) holds every "
-        "GPU of the job: PyTorch's own default is 10 minutes with NCCL and 30 with gloo. A "
-        "healthy run's processes meet within seconds of each other; the longest waits are for "
-        "one process writing alone (rank 0 exports a 70B model's 141 GB in about 2 minutes at "
-        "1.2 GB/s) or for a node building its data store: raise it where those take longer.",
+        "gather) for the others before it gives up and the run stops (on CPUs with mt's "
+        "message naming the ranks lost; on GPUs NCCL's watchdog ends each process with its "
+        "own). It bounds how long a node that went silent (powered off, cut off, hung) holds "
+        "every GPU of the job: PyTorch's own default is 10 minutes with NCCL and 30 with gloo. "
+        "A healthy run's processes meet within seconds of each other; the longest waits are "
+        "for one process writing alone (rank 0 exports a 70B model's 141 GB in about 2 "
+        "minutes at 1.2 GB/s) or for a node building its data store: raise it where those "
+        "take longer.",
         _RESUME,
         "float",
         finite,
