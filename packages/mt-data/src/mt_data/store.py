@@ -217,9 +217,13 @@ def _build(
     try:
         _write_store(source, tmp, name, digest, stamp, require_labels, progress)
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # another node may build the same store at once, on a network file system whose locks
+        # do not reach across nodes: the rename then finds its copy in place, or that node took
+        # this folder for a killed build's leftover. Its copy holds the same arrays: it is used.
+        if not (isinstance(error, OSError) and _is_complete(final)):
+            raise
 
 
 def _write_store(
