@@ -336,8 +336,9 @@ def one_store_per_node(nodes: list[Node], output: Path) -> None:
     one), and the shared output_dir none."""
     for node in nodes:
         cache = node.tmp / "mt-data"
-        stores = [p.name for p in cache.iterdir() if not p.name.startswith(".")]
-        assert stores == [f"data-{stores[0].split('-')[1]}-v1"], (node.tmp, stores)
+        stores = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+        assert len(stores) == 1, (node.tmp, stores)
+        assert re.fullmatch(r"data-[0-9a-f]{16}-v\d+", stores[0]), stores
         meta = json.loads((cache / stores[0] / "meta.json").read_text())
         assert meta["num_samples"] == 40
         assert not [p.name for p in cache.iterdir() if ".tmp-" in p.name]
