@@ -336,6 +336,7 @@ def one_store_per_node(nodes: list[Node], output: Path) -> None:
     one), and the shared output_dir none."""
     for node in nodes:
         cache = node.tmp / "mt-data"
+        assert cache.is_dir(), f"{node.tmp}: no data store of this node"
         stores = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
         assert len(stores) == 1, (node.tmp, stores)
         assert re.fullmatch(r"data-[0-9a-f]{16}-v\d+", stores[0]), stores
