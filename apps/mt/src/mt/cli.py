@@ -155,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except USER_ERRORS as error:
         _fail(str(error))
     except PeerLostError:  # other ranks ended: one rank has said so for the whole run
+        from mt_fsdp import exit_rank
+
+        exit_rank(1)  # at once: the teardown of a broken process group can take seconds
         sys.exit(1)
     except RunError as error:  # the run started and stopped for a stated reason
         _fail(str(error), status=1)

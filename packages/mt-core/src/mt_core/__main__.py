@@ -38,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report_error(str(error))  # under torchrun: once for all ranks
         return 2
     except PeerLostError:  # other ranks ended: one rank has said so for the whole run
+        from mt_fsdp import exit_rank
+
+        exit_rank(1)  # at once: the teardown of a broken process group can take seconds
         return 1
     except RunError as error:  # the run started and stopped for a stated reason: as `mt run`
         report_error(str(error))
