@@ -99,7 +99,10 @@ class Node:
     """One node: its launcher process (a torchrun agent, or a Python caller of run_training)
     with its own TMPDIR, its output in files."""
 
+    started: list[Node] = []  # every node of the module, killed at its end whatever happened
+
     def __init__(self, root: Path, name: str, command: list[str], env: dict) -> None:
+        Node.started.append(self)
         self.tmp = root / f"{name}-tmp"
         self.tmp.mkdir()
         self.stdout, self.stderr = root / f"{name}.out", root / f"{name}.err"
@@ -119,8 +122,12 @@ class Node:
             pytest.fail(f"{self.stdout.stem} did not end in {timeout} s")
 
     def kill(self) -> None:
-        signal_all(process_tree(self.process.pid) + self.tree, signal.SIGKILL)
+        """SIGKILL to every process of the node still there (once: pids are reused later)."""
+        if self.process.poll() is None:
+            self.tree += process_tree(self.process.pid)
+        signal_all(alive(self.tree), signal.SIGKILL)
         self.process.wait()
+        self.tree = []
 
     @property
     def out(self) -> str:
@@ -174,6 +181,15 @@ def workers_output(text: str) -> str:
 
 
 # ---- The runs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_left():
+    """A failed test or fixture may leave a node running, or stopped (SIGSTOP): none outlives
+    the module."""
+    yield
+    for node in Node.started:
+        node.kill()
 
 
 @pytest.fixture(scope="module")
