@@ -434,10 +434,11 @@ def test_a_silent_node_ends_the_others_after_collective_timeout(silent_node):
 @pytest.mark.slow(25)
 def test_sigterm_to_both_agents_checkpoints_and_exits_as_on_one_node(across_node_counts):
     run = across_node_counts
-    (stop,) = re.findall(r"stopped by signal at step (\d+); the training state is in (\S+): "
-                         r'run the same command again to resume \(resume = "auto"\)',
-                         run.nodes[0].out)  # fmt: skip
-    step, folder = int(stop[0]), Path(stop[1])
+    stops = re.findall(r"stopped by signal at step (\d+); the training state is in (\S+): "
+                       r'run the same command again to resume \(resume = "auto"\)',
+                       run.nodes[0].out)  # fmt: skip
+    assert len(stops) == 1, run.nodes[0].out[-2000:] + run.nodes[0].err[-2000:]
+    step, folder = int(stops[0][0]), Path(stops[0][1])
     assert folder == latest(run.out) == run.out / "checkpoints" / f"step_{step}"
     assert step > run.back_at + 1
     assert [line["step"] for line in metric_lines(run.out)] == list(range(1, step + 1))
