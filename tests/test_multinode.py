@@ -397,7 +397,6 @@ LOST_MESSAGE = [
 def test_a_lost_node_ends_the_others_with_one_message_and_the_checkpoint_intact(lost_node):
     node0 = lost_node.nodes[0]
     assert lost_node.code == 1
-    print("STOP", lost_node.stop_s)
     assert lost_node.stop_s < LOST_NODE_STOP_S
     assert alive(lost_node.survivors) == []  # node 0's agent and both its workers
     said = [line for line in node0.err.splitlines() if line.startswith("mt: error:")]
@@ -415,7 +414,6 @@ def test_a_lost_node_ends_the_others_with_one_message_and_the_checkpoint_intact(
 @SHARES_RUNS
 @pytest.mark.slow(25)
 def test_a_silent_node_ends_the_others_after_collective_timeout(silent_node):
-    print("SILENT STOP", silent_node.stop_s)
     assert silent_node.code == 1
     # the collective waited the timeout, then the roll call took its few seconds
     assert SILENT_TIMEOUT_S <= silent_node.stop_s < SILENT_TIMEOUT_S + LOST_NODE_STOP_S
