@@ -22,10 +22,12 @@ import contextlib
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -41,7 +43,7 @@ __all__ = ["BEAT_S", "QUIET_S", "SPOKEN_WAIT_S", "PeerWatch"]
 BEAT_S = 0.5  # how often each rank's counter moves
 QUIET_S = 3.0  # a counter standing still this long (six beats) belongs to a rank that is gone
 SPOKEN_WAIT_S = 10.0  # how long the other survivors wait for the lowest one's message
-STORE_TIMEOUT = timedelta(seconds=5)  # an agent store that does not answer in this is gone
+STORE_TIMEOUT = timedelta(seconds=2)  # an agent store that does not answer in this is gone
 
 
 @dataclass(frozen=True)
@@ -116,23 +118,31 @@ class PeerWatch:
     def explain(self, error: BaseException, output_dir: Path, resume: str) -> PeerLostError | None:
         """After ``error`` in a collective (this rank has left the process group): the error
         to end this rank with when other ranks are gone, their message written once for the
-        run; None when every other rank is still there (the error is this rank's own)."""
+        run; None when every other rank is still there (the error is this rank's own).
+
+        SIGTERM waits meanwhile: torchrun stops the other processes of a node with it as soon
+        as one of them ends, which would cut the message short."""
         if self._address is None:
             return None
-        cause = _cause(error)
+        with _sigterm_held():
+            return self._explain(_cause(error), output_dir, resume)
+
+    def _explain(self, cause: str, output_dir: Path, resume: str) -> PeerLostError | None:
         roll = self._roll_call()
-        if roll is not None and roll.failed:
-            self._end("lost")
-            ranks = ", ".join(map(str, roll.failed))
-            return PeerLostError(f"rank(s) {ranks} stopped with an error of their own: {cause}")
-        if roll is not None and not roll.lost:
-            return None
-        self._end("lost")
-        message = _message(roll, cause, self._address, output_dir / "checkpoints", resume)
-        if roll is None:  # no roll to agree on: the first rank of each node speaks for it
+        if roll is None:  # the store went with its node: the first rank of each node speaks
+            self._stop.set()  # (the beat may hang on the store until its timeout: not joined)
+            message = _message(None, cause, self._address, output_dir / "checkpoints", resume)
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 write_error(message)
             return PeerLostError(message)
+        if roll.failed:
+            self._end("lost")
+            ranks = ", ".join(map(str, roll.failed))
+            return PeerLostError(f"rank(s) {ranks} stopped with an error of their own: {cause}")
+        if not roll.lost:
+            return None
+        self._end("lost")
+        message = _message(roll, cause, self._address, output_dir / "checkpoints", resume)
         survivors = set(range(self.world_size)) - set(roll.lost) - set(roll.failed)
         if self.rank == min(survivors) or not self._wait_for_message():
             write_error(message)
@@ -170,6 +180,19 @@ class PeerWatch:
             failed=[rank for rank, value in zip(others, last, strict=True) if value == b"error"],
             nodes={rank: node.decode() for rank, node in enumerate(nodes) if node is not None},
         )
+
+
+@contextlib.contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """SIGTERM ignored inside, its handler put back after (only the main thread sets them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _values(store: TCPStore, keys: list[str]) -> list[bytes | None]:
