@@ -373,7 +373,7 @@ def test_two_nodes_under_torchrun_equal_one_node_bit_for_bit(two_nodes_mt_run, r
 
 
 @SHARES_RUNS
-@pytest.mark.slow(20)
+@pytest.mark.slow(25)
 def test_run_training_on_two_nodes_equals_one_node_bit_for_bit(two_nodes_run_training, reference):
     out = two_nodes_run_training.out
     same_steps(out, reference, STEPS)
@@ -393,7 +393,7 @@ LOST_MESSAGE = [
 
 
 @SHARES_RUNS
-@pytest.mark.slow(20)
+@pytest.mark.slow(30)
 def test_a_lost_node_ends_the_others_with_one_message_and_the_checkpoint_intact(lost_node):
     node0 = lost_node.nodes[0]
     assert lost_node.code == 1
@@ -412,7 +412,7 @@ def test_a_lost_node_ends_the_others_with_one_message_and_the_checkpoint_intact(
 
 
 @SHARES_RUNS
-@pytest.mark.slow(25)
+@pytest.mark.slow(30)
 def test_a_silent_node_ends_the_others_after_collective_timeout(silent_node):
     assert silent_node.code == 1
     # the collective waited the timeout, then the roll call took its few seconds
