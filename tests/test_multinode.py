@@ -314,9 +314,10 @@ def across_node_counts(workspace, runs, mt_run_then_lost_node) -> SimpleNamespac
     wait_for_step(out, back_at + 2, nodes)  # step back_at + 1 was the one node's too
     signal_all([node.process.pid for node in nodes], signal.SIGTERM)
     signalled = time.monotonic()
-    codes = [node.wait(120) for node in nodes]
-    return SimpleNamespace(out=out, nodes=nodes, codes=codes, back_at=back_at,
-                           resumed_at=resumed_at, stop_s=time.monotonic() - signalled)  # fmt: skip
+    for node in nodes:
+        node.wait(120)
+    return SimpleNamespace(out=out, nodes=nodes, back_at=back_at,
+                           stop_s=time.monotonic() - signalled)  # fmt: skip
 
 
 def latest(out: Path) -> Path:
@@ -417,7 +418,8 @@ def test_a_silent_node_ends_the_others_after_collective_timeout(silent_node):
         rf"waiting {SILENT_TIMEOUT_S * 1000}ms for \w+ operation to complete\)",
         said[0],
     ), said
-    assert said[1:] == ["mt: error: no checkpoint was written yet", said[2]]
+    assert len(said) == 3, said  # one message, from the one rank left
+    assert said[1] == "mt: error: no checkpoint was written yet"
     assert said[2].startswith("mt: error: to start over, run the same command again on every node")
     assert "Traceback" not in workers_output(silent_node.nodes[0].err)
 
@@ -446,7 +448,7 @@ def test_resumes_on_another_node_count_within_the_rank_count_bound(
 ):
     params = sum(p.numel() for p in load_file(llama_folder / "model.safetensors").values())
     got, want = metric_lines(across_node_counts.out), metric_lines(reference)
-    assert len(got) > across_node_counts.back_at + 1  # steps of 4 ranks, then 1, then 4 again
+    assert len(got) > across_node_counts.back_at + 1  # steps of 4 ranks, then 1, then 2
     # the same data order: identical token counts per step; losses equal up to the order of
     # float32 sums, which differs between rank counts (8 samples of <= 17 tokens a step)
     assert [line["tokens"] for line in got] == [line["tokens"] for line in want[: len(got)]]
