@@ -143,7 +143,7 @@ class PeerWatch:
             return None
         self._end("lost")
         message = _message(roll, cause, self._address, output_dir / "checkpoints", resume)
-        survivors = set(range(self.world_size)) - set(roll.lost) - set(roll.failed)
+        survivors = set(range(self.world_size)) - set(roll.lost)
         if self.rank == min(survivors) or not self._wait_for_message():
             write_error(message)
             with contextlib.suppress(Exception):
