@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mt_core.errors import PeerLostError, write_error
 from mt_fsdp import latest_checkpoint
+from mt_fsdp.distributed import agent_store_address, connect_agent_store, leave_barriers
 
 __all__ = ["BEAT_S", "QUIET_S", "SPOKEN_WAIT_S", "PeerWatch"]
 
@@ -66,9 +67,7 @@ class PeerWatch:
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self._prefix = f"mt/peers/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        self._address = None
-        if self.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            self._address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        self._address = agent_store_address() if self.world_size > 1 else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self._address is None:
@@ -84,8 +83,7 @@ class PeerWatch:
             self._thread.start()
 
     def _connect(self) -> TCPStore:
-        host, port = self._address
-        return TCPStore(host, port, is_master=False, timeout=STORE_TIMEOUT)
+        return connect_agent_store(STORE_TIMEOUT)
 
     def _key(self, rank: int) -> str:
         return f"{self._prefix}/{rank}"
@@ -114,6 +112,7 @@ class PeerWatch:
         if self._address is not None:
             with contextlib.suppress(Exception):
                 self._connect().set(self._key(self.rank), reason)
+            leave_barriers(STORE_TIMEOUT)  # ranks waiting for this one's file work stop too
 
     def explain(self, error: BaseException, output_dir: Path, resume: str) -> PeerLostError | None:
         """After ``error`` in a collective (this rank has left the process group): the error
