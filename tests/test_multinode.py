@@ -4,6 +4,9 @@ data cache lives (data_cache_dir = "$TMPDIR/mt-data").
 
 - `mt run` under torchrun (static rendezvous) and run_training (c10d rendezvous) on 2 nodes x 2
   processes equal the one-node, 4-process run bit for bit; each node built its data store once.
+- The run_training run's export is written slower than its collective_timeout (rank 0's rename
+  of it held back): the other ranks wait for it in torchrun's store, not in a collective, and
+  the run completes.
 - A lost node (SIGKILL to its agent and every process of it, in the `mt run` run after step 7):
   node 0's processes stop within the bound docs/cluster.md states, with one `mt: error:` message
   and no traceback of theirs; the newest complete checkpoint stays intact and resumes.
@@ -46,6 +49,28 @@ EXPORT = f"samples_{BATCH * STEPS}"  # the HF export after step 6, in every run
 # ending (their connections close), and within collective_timeout plus as many of it going silent
 LOST_NODE_STOP_S = 15.0
 SILENT_TIMEOUT_S = 10  # collective_timeout of the silent-node run; above its start-up skew
+# collective_timeout of the run_training run (4 processes: more start-up skew), and how long
+# rank 0's export takes there: longer, as a large model's export to a slow file system
+SLOW_EXPORT_TIMEOUT_S = 15
+SLOW_EXPORT_S = SLOW_EXPORT_TIMEOUT_S + 5
+# Loaded by every process of the run_training run (PYTHONPATH): rank 0 sleeps before it renames
+# the export's temporary folder (mt_fsdp.export: ".<name>.tmp-<pid>") into place, and says so.
+SLOW_EXPORT_SHIM = """
+import os
+import time
+from pathlib import Path
+
+if os.environ.get("RANK") == "0":
+    _replace = os.replace
+
+    def replace(source, target, *args, **kwargs):
+        if ".tmp-" in os.path.basename(os.fspath(source)):
+            time.sleep(float(os.environ["MT_TEST_SLOW_EXPORT_S"]))
+            (Path(__file__).parent / "slept").write_text(os.environ["MT_TEST_SLOW_EXPORT_S"])
+        return _replace(source, target, *args, **kwargs)
+
+    os.replace = replace
+"""
 
 
 # ---- Processes -----------------------------------------------------------------------------------
@@ -235,26 +260,33 @@ def reference(workspace, runs) -> Path:
 RUN_TRAINING = """
 import sys
 from mt_core import TorchrunArgs, load_run_file, run_training
-node, endpoint, run_file, output = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+node, endpoint, run_file, output, timeout = int(sys.argv[1]), *sys.argv[2:5], float(sys.argv[5])
+keys = {"output_dir": output, "collective_timeout": timeout}
 run_training(TorchrunArgs(nnodes=2, node_rank=node, nproc_per_node=2, rdzv_id="multinode",
-                          rdzv_endpoint=endpoint), load_run_file(run_file, {"output_dir": output}))
+                          rdzv_endpoint=endpoint), load_run_file(run_file, keys))
 """
 
 
 @pytest.fixture(scope="module")
 def two_nodes_run_training(workspace, runs) -> SimpleNamespace:
-    """run_training on each node, c10d rendezvous."""
+    """run_training on each node, c10d rendezvous; collective_timeout = SLOW_EXPORT_TIMEOUT_S,
+    and rank 0's export SLOW_EXPORT_S long (SLOW_EXPORT_SHIM; ``slept`` is its file)."""
     out = workspace / "run-training"
+    shim = workspace / "slow-export"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SLOW_EXPORT_SHIM)
+    path = os.pathsep.join(filter(None, [str(shim), runs.ENV.get("PYTHONPATH")]))
+    env = {**runs.ENV, "PYTHONPATH": path, "MT_TEST_SLOW_EXPORT_S": str(SLOW_EXPORT_S)}
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
         Node(workspace, f"run-training-node{rank}",
              [sys.executable, "-c", RUN_TRAINING, str(rank), endpoint,
-              str(workspace / "run.toml"), str(out)], runs.ENV)
+              str(workspace / "run.toml"), str(out), str(SLOW_EXPORT_TIMEOUT_S)], env)
         for rank in range(2)
     ]  # fmt: skip
     codes = [node.wait(300) for node in nodes]
     assert codes == [0, 0], nodes[0].err[-3000:] + nodes[1].err[-3000:]
-    return SimpleNamespace(out=out, nodes=nodes)
+    return SimpleNamespace(out=out, nodes=nodes, slept=shim / "slept")
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +397,7 @@ def test_two_nodes_under_torchrun_equal_one_node_bit_for_bit(mt_run_then_lost_no
 
 
 @SHARES_RUNS
-@pytest.mark.slow(25)
+@pytest.mark.slow(45)
 def test_run_training_on_two_nodes_equals_one_node_bit_for_bit(two_nodes_run_training, reference):
     out = two_nodes_run_training.out
     same_steps(out, reference, STEPS)
@@ -373,6 +405,19 @@ def test_run_training_on_two_nodes_equals_one_node_bit_for_bit(two_nodes_run_tra
     # each node's caller logs what its torchrun printed, to a file named by its host
     assert "step 6" in (out / f"training-{socket.gethostname()}.log").read_text()
     assert not (out / "training.log").exists()
+
+
+@SHARES_RUNS
+@pytest.mark.slow(5)
+def test_an_export_slower_than_collective_timeout_completes(two_nodes_run_training):
+    """Rank 0 wrote the export for SLOW_EXPORT_S, longer than the run's collective_timeout,
+    while the other ranks waited in mt_fsdp.barrier (in torchrun's store): the run ended with
+    0 (the fixture) and the export is in place, complete."""
+    assert two_nodes_run_training.slept.read_text() == str(SLOW_EXPORT_S)
+    export = two_nodes_run_training.out / "hf_format" / EXPORT
+    assert (export / "model.safetensors").is_file()
+    assert (export / "config.json").is_file()
+    assert not [p.name for p in export.parent.iterdir() if p.name.startswith(".")]
 
 
 LOST_MESSAGE = [
