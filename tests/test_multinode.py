@@ -54,7 +54,8 @@ SILENT_TIMEOUT_S = 10  # collective_timeout of the silent-node run; above its st
 SLOW_EXPORT_TIMEOUT_S = 15
 SLOW_EXPORT_S = SLOW_EXPORT_TIMEOUT_S + 5
 # Loaded by every process of the run_training run (PYTHONPATH): rank 0 sleeps before it renames
-# the export's temporary folder (mt_fsdp.export: ".<name>.tmp-<pid>") into place, and says so.
+# the export's temporary folder (mt_fsdp.export: ".samples_<n>.tmp-<pid>") into place, and says
+# so.
 SLOW_EXPORT_SHIM = """
 import os
 import time
@@ -64,7 +65,7 @@ if os.environ.get("RANK") == "0":
     _replace = os.replace
 
     def replace(source, target, *args, **kwargs):
-        if ".tmp-" in os.path.basename(os.fspath(source)):
+        if os.path.basename(os.fspath(source)).startswith(".samples_"):
             time.sleep(float(os.environ["MT_TEST_SLOW_EXPORT_S"]))
             (Path(__file__).parent / "slept").write_text(os.environ["MT_TEST_SLOW_EXPORT_S"])
         return _replace(source, target, *args, **kwargs)
