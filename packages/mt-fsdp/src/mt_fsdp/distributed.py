@@ -177,7 +177,7 @@ def barrier() -> None:
     A rank that ends while the others wait here is noticed where mt's error handling runs in it
     (an error it raises, a failed collective: :func:`leave_barriers`), or where torchrun's store
     goes with it (the store's node, where rank 0 runs: node 0 of a static rendezvous, usually
-    the c10d host); the others then raise within a second (within
+    the c10d host); the others then raise within seconds (within
     :data:`STORE_CONNECT_TIMEOUT` where the store's node went silent). A process killed
     outright (SIGKILL, out of memory) on another node takes the rest of its own node down (its
     torchrun agent stops them), but the ranks of the other nodes are not told: they wait out

@@ -331,10 +331,11 @@ class TrainingArgs:
         "message naming the ranks lost; on GPUs NCCL's watchdog ends each process with its "
         "own). It bounds how long a node that went silent (powered off, cut off, hung) holds "
         "every GPU of the job: PyTorch's own default is 10 minutes with NCCL and 30 with gloo. "
-        "A healthy run's processes meet within seconds of each other; the longest waits are "
-        "for one process writing alone (rank 0 exports a 70B model's 141 GB in about 2 "
-        "minutes at 1.2 GB/s) or for a node building its data store: raise it where those "
-        "take longer.",
+        "A healthy run's processes meet within seconds of each other; the longest wait is for "
+        "a node building its data store: raise it where that takes longer. Waits for one "
+        "process's file work are not collectives and not bounded by it: under torchrun the "
+        "others wait for rank 0 writing an export (a 70B model's 141 GB: minutes) or renaming "
+        "a checkpoint in torchrun's store, for up to 2 hours.",
         _RESUME,
         "float",
         finite,
