@@ -179,9 +179,9 @@ def barrier() -> None:
     goes with it (the store's node, where rank 0 runs: node 0 of a static rendezvous, usually
     the c10d host); the others then raise within seconds (within
     :data:`STORE_CONNECT_TIMEOUT` where the store's node went silent). A process killed
-    outright (SIGKILL, out of memory) on another node takes the rest of its own node down (its
-    torchrun agent stops them), but the ranks of the other nodes are not told: they wait out
-    :data:`BARRIER_TIMEOUT`, then raise.
+    outright (SIGKILL, out of memory) on a node other than the store's takes the rest of its
+    node down (its torchrun agent stops them), but the ranks of the other nodes are not told:
+    they wait out :data:`BARRIER_TIMEOUT`, then raise.
 
     Without torchrun's store (one process, another launcher) it is a collective barrier, bounded
     by the process group's timeout. On NCCL it names this rank's GPU, which a group made
