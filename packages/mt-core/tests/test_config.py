@@ -1,5 +1,6 @@
 import math
 import os
+import socket
 
 import attrs
 import pytest
@@ -83,6 +84,51 @@ def test_defaults_are_mini_trainers_and_mts_own():
     assert args.activation_offload is None  # the fit decides on a GPU
     assert args.attn_backend == "auto"
     assert args.too_long_samples == "drop"
+    assert args.data_cache_dir is None  # output_dir/data_cache, shared by the nodes
+    assert args.collective_timeout == 180.0
+
+
+def test_collective_timeout_is_much_shorter_than_pytorchs():
+    """A lost node holds every GPU of the job for this long: PyTorch's own NCCL default (10
+    minutes; gloo's is 30) is more than three times the default."""
+    from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
+
+    default = args_from_dict(REQUIRED).collective_timeout
+    assert default * 3 <= default_pg_nccl_timeout.total_seconds()
+    assert default * 10 <= default_pg_timeout.total_seconds()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "collective_timeout: must be > 0, got 0"),
+        ("-30", "collective_timeout: must be > 0, got -30"),
+        ("inf", "collective_timeout: must be a finite number, got inf"),
+        ('"3m"', 'collective_timeout: expected a float, got "3m" (a string)'),
+    ],
+)
+def test_a_bad_collective_timeout_names_the_run_file_and_key(run_file, value, message):
+    path = run_file(f"{GOOD_FILE}collective_timeout = {value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_run_file(path)
+    assert error.value.problems == [f"{path}:8: {message}"]
+
+
+def test_data_cache_dir_expands_this_nodes_variables(monkeypatch, tmp_path):
+    from mt_core.trainer.data import data_cache_dir
+
+    args = args_from_dict({**REQUIRED, "output_dir": str(tmp_path / "out")})
+    assert data_cache_dir(args) == tmp_path / "out" / "data_cache"
+    monkeypatch.setenv("NODE_SCRATCH", str(tmp_path / "scratch"))
+    args = args_from_dict({**REQUIRED, "data_cache_dir": "${NODE_SCRATCH}/mt-data"})
+    assert data_cache_dir(args) == tmp_path / "scratch" / "mt-data"
+    monkeypatch.delenv("NODE_SCRATCH")
+    with pytest.raises(ConfigError) as error:
+        data_cache_dir(args)
+    assert error.value.problems == [
+        f"data_cache_dir: $NODE_SCRATCH is not set on {socket.gethostname()}; set it in the "
+        "environment of every node, or give a folder without it"
+    ]
 
 
 def test_choice_lists_match_the_modules_that_use_them():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -392,6 +393,29 @@ def test_concurrent_opens_build_once(tmp_path):
         for key in ("ids", "labels", "offsets", "path"):
             assert np.array_equal(r[key], results[0][key])
     assert results[0]["offsets"][-1] == 2000 * 50
+
+
+def test_a_store_built_meanwhile_by_another_node_is_used(tmp_path, monkeypatch):
+    """Where file locks do not reach across nodes (some network file systems), two nodes can
+    build one store at once: the second to finish finds the first's in place and uses it."""
+    path = simple_file(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(store_module, "_locked", lambda *args: contextlib.nullcontext())
+    real = store_module._write_store
+    other_node = []
+
+    def write_while_another_node_builds(*args):
+        if not other_node:  # the other node finishes first, while this one writes
+            other_node.append(None)
+            other_node[0] = open_token_store(path, cache_dir=cache)
+        real(*args)
+
+    monkeypatch.setattr(store_module, "_write_store", write_while_another_node_builds)
+    store = open_token_store(path, cache_dir=cache)
+    assert store.path == other_node[0].path
+    assert store.input_ids.tolist() == other_node[0].input_ids.tolist()
+    assert [p.name for p in cache.iterdir() if ".tmp-" in p.name] == []  # ours removed
+    assert store_dirs(cache) == [store.path]
 
 
 def test_check_token_range_names_lines(tmp_path):

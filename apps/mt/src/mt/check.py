@@ -2,8 +2,9 @@
 
 The run file is read and the data validated exactly as ``mt run`` does (mt_core.trainer.data.build_data:
 the same store, the same path:line errors, the same dropping of too-long samples), into the same
-cache (``output_dir/data_cache``), so the run that follows starts at once. The model is built from
-its config.json on the meta device (exact parameter counts, no weights). Then a few global
+cache (``data_cache_dir``, by default ``output_dir/data_cache``), so the run that follows starts
+at once. The model is built from its config.json on the meta device (exact parameter counts, no
+weights). Then a few global
 batches are drawn by the run's own sampler and split by the real packer over the planned ranks,
 which gives the tokens and minibatches per step and, at a stated MFU, the step time; and
 :mod:`mt_core.plan.memory` estimates each GPU's peak memory. :mod:`mt.check_report` prints it all.
@@ -129,9 +130,9 @@ def make_plan(
         raise CommandError(f"sequence_parallel_size: {problem}")
     shape = model_shape(config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code)
     with ExitStack() as stack:
-        output_dir, cache_note = _cache_dir(args, stack)
+        cache, cache_note = _cache_dir(args, stack)
         train, sampler, caught, counts = _data_plan(
-            args, config.get_text_config().vocab_size, world, output_dir
+            args, config.get_text_config().vocab_size, world, cache
         )
     # the settings the trainer will resolve on such a GPU: the same function, the same inputs
     machine = planned_machine(device, world)
@@ -185,24 +186,24 @@ def make_plan(
 
 
 def _cache_dir(args: TrainingArgs, stack: ExitStack) -> tuple[Path, str]:
-    """Where the validated store goes: beside the run's output, where ``mt run`` will look for
-    it; a temporary folder when output_dir cannot be written here (another machine's path)."""
-    output_dir = Path(args.output_dir)
+    """Where the validated store goes: where ``mt run`` will look for it (data_cache_dir, by
+    default beside the run's output); a temporary folder when that cannot be written here
+    (another machine's path)."""
+    from mt_core.trainer.data import data_cache_dir
+
+    cache = data_cache_dir(args)
     try:
-        (output_dir / "data_cache").mkdir(parents=True, exist_ok=True)
-        probe = output_dir / "data_cache" / ".mt-check-probe"
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / ".mt-check-probe"
         probe.write_text("")
         probe.unlink()
-        return output_dir, f"validated data cached in {output_dir / 'data_cache'} for the run"
+        return cache, f"validated data cached in {cache} for the run"
     except OSError:
         temporary = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mt-check-")))
-        return (
-            temporary,
-            f"output_dir {output_dir} is not writable here: data checked in a temporary cache",
-        )
+        return temporary, f"{cache} is not writable here: data checked in a temporary cache"
 
 
-def _data_plan(args: TrainingArgs, vocab_size: int, world: int, output_dir: Path):
+def _data_plan(args: TrainingArgs, vocab_size: int, world: int, cache: Path):
     """The run's data as ``mt run`` builds it (the same function), with what it dropped."""
     from mt_core.trainer.data import build_data
 
@@ -212,7 +213,7 @@ def _data_plan(args: TrainingArgs, vocab_size: int, world: int, output_dir: Path
     )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = build_data(args, ctx, vocab_size, output_dir)
+        data = build_data(args, ctx, vocab_size, cache)
     source = data.train
     base = getattr(source, "source", source)  # under a validation split: the whole source
     store = base.store

@@ -27,7 +27,7 @@ from mt.help_text import COMMAND_HELP, COMMANDS_HELP, OTHER_USAGE, USAGE, usage_
 from mt.plot import plot
 from mt.prepare import prepare
 from mt_core.config import ConfigError, load_run_file, place_problems, render_help
-from mt_core.errors import RunError, report_error
+from mt_core.errors import PeerLostError, RunError, report_error
 from mt_data import DataError
 
 __all__ = ["COMMANDS", "USAGE", "main"]
@@ -154,6 +154,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         fire.Fire(COMMANDS, command=argv, name="mt")
     except USER_ERRORS as error:
         _fail(str(error))
+    except PeerLostError:  # other ranks ended: one rank has said so for the whole run
+        from mt_fsdp import exit_rank
+
+        exit_rank(1)  # at once: the teardown of a broken process group can take seconds
+        sys.exit(1)
     except RunError as error:  # the run started and stopped for a stated reason
         _fail(str(error), status=1)
     except Verdict as verdict:  # the command's answer is its status; it printed its report

@@ -52,7 +52,8 @@ options:
   --key=value          overrides a run-file key, as with `mt run`
 
 exit status: 0 the run fits, 1 it does not fit, 2 a mistake in the run file, data or options.
-The validated data is cached in output_dir/data_cache, where `mt run` finds it.
+The validated data is cached in data_cache_dir (by default output_dir/data_cache), where
+`mt run` finds it.
 How the memory is estimated: docs/commands.md.
 """
 

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     from mt_core.config import ConfigError, load_run_file, place_problems
-    from mt_core.errors import RunError, report_error
+    from mt_core.errors import PeerLostError, RunError, report_error
     from mt_data import DataError
 
     try:
@@ -37,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         report_error(str(error))  # under torchrun: once for all ranks
         return 2
+    except PeerLostError:  # other ranks ended: one rank has said so for the whole run
+        from mt_fsdp import exit_rank
+
+        exit_rank(1)  # at once: the teardown of a broken process group can take seconds
+        return 1
     except RunError as error:  # the run started and stopped for a stated reason: as `mt run`
         report_error(str(error))
         return 1

@@ -1,7 +1,8 @@
 """Errors that end a run for a reason the user acts on: shown as one message, no traceback.
 
 Kept free of torch so the command line can catch them without loading the model stack (only
-:func:`report_error` under torchrun loads ``torch.distributed``, to compare with rank 0).
+:func:`report_error` in a job of several processes loads ``mt_fsdp.distributed``, and torch
+with it, to reach torchrun's store and compare with rank 0).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch.distributed import Store
 
-__all__ = ["NonFiniteError", "RunError", "report_error", "write_error"]
+__all__ = ["NonFiniteError", "PeerLostError", "RunError", "report_error", "write_error"]
 
 # How long a rank other than 0 waits for rank 0's message before it shows its own. Every rank
 # reads the same run file, data and model, so a mistake in them stops all ranks within moments
@@ -30,6 +31,13 @@ class RunError(RuntimeError):
 class NonFiniteError(RunError):
     """The loss or gradient norm became NaN or infinite; the message names the step and the
     last good checkpoint."""
+
+
+class PeerLostError(RunError):
+    """Other ranks of the run ended while this one needed them: their node was lost, they
+    stopped answering, or they stopped for an error of their own. One rank has already written
+    the message for the whole run (which ranks, the newest complete checkpoint, how to resume),
+    so this one ends without repeating it."""
 
 
 def write_error(message: str) -> None:
@@ -50,20 +58,20 @@ def report_error(message: str) -> bool:
     the data, the model) therefore show it once, and a mistake only some ranks hit still shows.
     """
     rank = int(os.environ.get("RANK", "0"))
-    shared = int(os.environ.get("WORLD_SIZE", "1")) > 1 and _agent_store_address() is not None
-    if shared and rank != 0 and _rank_zero_said(message):
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and rank != 0 and _rank_zero_said(message):
         return False
     write_error(message)
-    if shared and rank == 0:
+    if several and rank == 0:
         _leave_for_other_ranks(message)
     return True
 
 
-def _agent_store_address() -> tuple[str, int] | None:
-    """Where torchrun's agent keeps its store for the ranks (None: not started by torchrun)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+def _agent_store() -> Store | None:
+    """torchrun's agent store (None: not started by torchrun)."""
+    from mt_fsdp.distributed import connect_agent_store  # torch only here, for several ranks
+
+    return connect_agent_store(RANK_ZERO_WAIT)
 
 
 def _rank_zero_key() -> str:
@@ -71,22 +79,19 @@ def _rank_zero_key() -> str:
     return f"mt/error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/rank0"
 
 
-def _connect() -> Store:
-    from torch.distributed import TCPStore  # torch only here, and only under torchrun
-
-    host, port = _agent_store_address()
-    return TCPStore(host, port, is_master=False, timeout=RANK_ZERO_WAIT)
-
-
 def _leave_for_other_ranks(message: str) -> None:
     # without the store the message is still written; the other ranks then add theirs
     with contextlib.suppress(Exception):
-        _connect().set(_rank_zero_key(), message)
+        store = _agent_store()
+        if store is not None:
+            store.set(_rank_zero_key(), message)
 
 
 def _rank_zero_said(message: str) -> bool:
     try:
-        store = _connect()
+        store = _agent_store()
+        if store is None:  # not under torchrun: nothing to compare with
+            return False
         store.wait([_rank_zero_key()], RANK_ZERO_WAIT)
         return store.get(_rank_zero_key()).decode() == message
     except Exception:  # no answer from rank 0 (in time): this rank speaks for itself

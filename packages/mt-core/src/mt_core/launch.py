@@ -3,7 +3,9 @@
 
 The run file is written to ``<output_dir>/run.toml`` and torchrun runs ``python -m mt_core run``
 on it (mt-core's own entry: the ``mt`` command sits above mt-core and may not be used from here).
-Every line the run prints goes to the console and to ``<output_dir>/training.log`` as it comes.
+Every line the run prints goes to the console and to ``<output_dir>/training.log`` as it comes
+(on several nodes ``training-<host>.log``: lines appended to one file from several machines can
+be lost on a network file system).
 
 torchrun starts in a session of its own, so a Ctrl-C at the terminal reaches only the caller; the
 caller then ends the run as a whole: SIGTERM to torchrun (which passes it to its workers, and
@@ -19,6 +21,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -198,7 +201,8 @@ def run_training(
     """Train ``training_args`` under torchrun and return when the run has ended.
 
     Writes ``<output_dir>/run.toml``, streams the run's output to stdout and to ``log_file``
-    (default ``<output_dir>/training.log``, appended to), and raises :class:`TrainingFailed` if
+    (default ``<output_dir>/training.log``, on several nodes ``training-<host>.log``; appended
+    to), and raises :class:`TrainingFailed` if
     the run fails. Interrupted (KeyboardInterrupt; SIGTERM or SIGHUP where no handler is set),
     it stops the run: SIGTERM, ``grace_period_s`` to stop, then SIGKILL; a second interrupt
     kills at once. Then the KeyboardInterrupt propagates, or the signal ends the caller as it
@@ -208,7 +212,11 @@ def run_training(
     command = torchrun_command(torchrun_args, run_file)  # first: may refuse ('gpu', no GPU)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_run_file(training_args, run_file)
-    log_path = Path(log_file) if log_file is not None else output_dir / "training.log"
+    several = torchrun_args.nnodes > 1
+    default_log = output_dir / (
+        f"training-{socket.gethostname()}.log" if several else "training.log"
+    )
+    log_path = Path(log_file) if log_file is not None else default_log
     log_path.parent.mkdir(parents=True, exist_ok=True)
 
     with open(log_path, "a", encoding="utf-8") as log, _stop_signals():

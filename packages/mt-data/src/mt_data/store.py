@@ -206,7 +206,9 @@ def _build(
     require_labels: bool,
     progress: Progress | None,
 ) -> None:
-    """Builds into a temporary folder, then renames it into place (caller holds the lock)."""
+    """Builds into a temporary folder, then renames it into place (caller holds the lock). On
+    a network file system whose locks do not reach across nodes another node may build the same
+    store at once (and take this one's folder for a killed build's): its copy is used."""
     for leftover in cache.glob(f".{name}.tmp-*"):  # from killed builds: nobody else builds now
         shutil.rmtree(leftover, ignore_errors=True)
     final = cache / name
@@ -217,9 +219,10 @@ def _build(
     try:
         _write_store(source, tmp, name, digest, stamp, require_labels, progress)
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not (isinstance(error, OSError) and _is_complete(final)):
+            raise  # else another node built it at once (where locks do not reach across nodes)
 
 
 def _write_store(
@@ -410,10 +413,7 @@ class _NpyWriter:
 
 def _npy_header(dtype: np.dtype, count: int) -> bytes:
     buf = io.BytesIO()
-    header = {
-        "descr": np.lib.format.dtype_to_descr(dtype),
-        "fortran_order": False,
-        "shape": (count,),
-    }
+    descr = np.lib.format.dtype_to_descr(dtype)
+    header = {"descr": descr, "fortran_order": False, "shape": (count,)}
     np.lib.format.write_array_header_1_0(buf, header)
     return buf.getvalue()

@@ -8,19 +8,44 @@ The ranks form one device mesh, built here: FSDP2 shards over all of them (``mes
 dimension); with sequence parallelism, ``sequence_parallel_size`` consecutive ranks (the fastest
 links: on one node) also form a group that computes each packed row together
 (``sequence_group``). The train loop asks the context for groups and never builds its own.
+
+:func:`barrier` waits for one rank's file work (an export, a checkpoint's rename); under torchrun
+it waits in torchrun's agent store, not in a collective, so ``init_distributed``'s ``timeout``
+(meant for lost ranks) does not bound how long a file system may take.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["DistContext", "barrier", "init_distributed", "shutdown_distributed"]
+__all__ = [
+    "DistContext",
+    "agent_store_address",
+    "barrier",
+    "connect_agent_store",
+    "init_distributed",
+    "leave_barriers",
+    "shutdown_distributed",
+]
+
+# How long barrier() waits in torchrun's store for the last rank. Its waits are for one rank's
+# file work, not for a collective: rank 0 writing a whole HF export (141 GB for a 70B model:
+# minutes, more on a slow file system), renaming a checkpoint, deleting old ones. The run's
+# collective_timeout, which bounds how long a lost node holds the GPUs, must not end a healthy
+# run there; this bound only keeps a rank from waiting forever.
+BARRIER_TIMEOUT = timedelta(hours=2)
+# how long a rank waits for torchrun's store to accept it (it answers at once while the job runs)
+STORE_CONNECT_TIMEOUT = timedelta(seconds=30)
+_POLL_S = (0.01, 1.0)  # barrier()'s look at the store: first after 10 ms, then doubling to 1 s
 
 
 @dataclass(frozen=True)
@@ -62,12 +87,16 @@ def _pick_device(local_rank: int, device: str) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto", sequence_parallel_size: int = 1) -> DistContext:
+def init_distributed(
+    device: str = "auto", sequence_parallel_size: int = 1, timeout: timedelta | None = None
+) -> DistContext:
     """Join the job torchrun started (RANK/WORLD_SIZE set) or start a one-process group.
 
     ``device`` is "auto" (CUDA when present, else CPU), "cuda" or "cpu". NCCL serves CUDA, gloo
     the CPU. ``sequence_parallel_size`` must divide the world size (ValueError otherwise, before
-    any group is made).
+    any group is made). ``timeout`` bounds each collective's wait for the other ranks (NCCL's
+    watchdog ends the process after it, gloo raises); None keeps PyTorch's default (10 minutes
+    with NCCL, 30 with gloo).
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -85,7 +114,9 @@ def init_distributed(device: str = "auto", sequence_parallel_size: int = 1) -> D
     device_id = target if backend == "nccl" else None
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id)
+            dist.init_process_group(
+                backend, rank=rank, world_size=world_size, device_id=device_id, timeout=timeout
+            )
         else:
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
@@ -111,16 +142,98 @@ def init_distributed(device: str = "auto", sequence_parallel_size: int = 1) -> D
     )
 
 
+def agent_store_address() -> tuple[str, int] | None:
+    """Where torchrun's agent keeps its key-value store for the ranks (None: not started by
+    torchrun). The agent holds it, so it outlives the ranks (and a restarted job keeps it:
+    keys name ``TORCHELASTIC_RESTART_COUNT``)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+
+
+def connect_agent_store(timeout: timedelta) -> dist.TCPStore | None:
+    """A connection to torchrun's agent store (None outside torchrun); ``timeout`` bounds the
+    connect and each request without a timeout of its own. Raises when the store does not
+    answer."""
+    address = agent_store_address()
+    if address is None:
+        return None
+    return dist.TCPStore(address[0], address[1], is_master=False, timeout=timeout)
+
+
+def _barrier_prefix() -> str:
+    return f"mt/barrier/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def barrier() -> None:
-    """Wait for every rank (nothing to wait for without a process group). On NCCL it names this
-    rank's GPU, which a group made elsewhere may not be bound to: torch would take the current
-    device and warn that it guessed."""
+    """Wait for every rank (nothing to wait for without a process group).
+
+    Under torchrun the ranks meet in torchrun's agent store, for :data:`BARRIER_TIMEOUT` at
+    most, not in a collective: what they wait for is one rank's file work (rank 0 writing an
+    export, renaming a checkpoint), which may take longer than the process group's timeout
+    without anything being wrong. Each rank numbers its barriers with a counter kept in the
+    store; the rank that arrives last at barrier N marks it done.
+
+    A rank that ends while the others wait here is noticed where mt's error handling runs in it
+    (an error it raises, a failed collective: :func:`leave_barriers`), or where torchrun's store
+    goes with it (the store's node, where rank 0 runs: node 0 of a static rendezvous, usually
+    the c10d host); the others then raise within seconds (within
+    :data:`STORE_CONNECT_TIMEOUT` where the store's node went silent). A process killed
+    outright (SIGKILL, out of memory) on a node other than the store's takes the rest of its
+    node down (its torchrun agent stops them), but the ranks of the other nodes are not told:
+    they wait out :data:`BARRIER_TIMEOUT`, then raise.
+
+    Without torchrun's store (one process, another launcher) it is a collective barrier, bounded
+    by the process group's timeout. On NCCL it names this rank's GPU, which a group made
+    elsewhere may not be bound to: torch would take the current device and warn that it
+    guessed."""
     if not dist.is_initialized():
         return
-    if dist.get_backend() == "nccl":
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    own_group = os.environ.get("RANK") == str(rank) and os.environ.get("WORLD_SIZE") == str(
+        world_size
+    )
+    store = connect_agent_store(STORE_CONNECT_TIMEOUT) if world_size > 1 and own_group else None
+    if store is not None:
+        _store_barrier(store, rank, world_size)
+    elif dist.get_backend() == "nccl":
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
+
+
+def _store_barrier(store: dist.TCPStore, rank: int, world_size: int) -> None:
+    prefix = _barrier_prefix()
+    number = store.add(f"{prefix}/rank{rank}", 1)  # this rank's barriers so far, this one included
+    done = f"{prefix}/{number}/done"
+    if store.add(f"{prefix}/{number}", 1) == world_size:
+        store.set(done, "1")
+        return
+    # polled, not store.wait: a wait that times out logs warnings, and leave_barriers must be
+    # noticed meanwhile
+    deadline = time.monotonic() + BARRIER_TIMEOUT.total_seconds()
+    pause = _POLL_S[0]
+    while not store.check([done]):
+        if store.check([f"{prefix}/left"]):
+            gone = store.get(f"{prefix}/left").decode()
+            raise RuntimeError(f"rank {gone} ended while rank {rank} waited for it at a barrier")
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"rank {rank} waited {BARRIER_TIMEOUT} at a barrier for the other ranks"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, _POLL_S[1])
+
+
+def leave_barriers(timeout: timedelta = timedelta(seconds=2)) -> None:
+    """Tell the ranks waiting in :func:`barrier` (or about to) that this rank ends and will not
+    come: they raise instead of waiting. Call it when this rank stops for an error; it does
+    nothing outside torchrun, nor where the store does not answer within ``timeout`` (it went
+    with its node: the waiting ranks fail on that already)."""
+    with contextlib.suppress(Exception):
+        store = connect_agent_store(timeout)
+        if store is not None:
+            store.set(f"{_barrier_prefix()}/left", os.environ.get("RANK", "?"))
 
 
 def shutdown_distributed() -> None:

@@ -99,6 +99,18 @@ class TrainingArgs:
         "string",
         not_empty,
     )
+    data_cache_dir: str | None = field(
+        "Folder for the validated token store of each data file (built once per folder, then "
+        "memory-mapped by every process that uses it). Not set = output_dir/data_cache, one copy "
+        "shared by all nodes (mt check builds it ahead of the job). A node-local folder, e.g. "
+        "'$TMPDIR/mt-data', gives each node its own copy, built once per node: $VARIABLES and ~ "
+        "are expanded on each node.",
+        _MODEL,
+        "string",
+        not_empty,
+        default=None,
+        optional=True,
+    )
     trust_remote_code: bool = field(
         "Run custom modeling code shipped with the model (Hugging Face trust_remote_code). "
         "Only for models you trust.",
@@ -313,6 +325,23 @@ class TrainingArgs:
         _RESUME,
         "boolean",
         default=False,
+    )
+    collective_timeout: float = field(
+        "Seconds a process waits in one collective (a step's all-reduce, a checkpoint's "
+        "gather) for the others before it gives up and the run stops (on CPUs with mt's "
+        "message naming the ranks lost; on GPUs NCCL's watchdog ends each process with its "
+        "own). It bounds how long a node that went silent (powered off, cut off, hung) holds "
+        "every GPU of the job: PyTorch's own default is 10 minutes with NCCL and 30 with gloo. "
+        "A healthy run's processes meet within seconds of each other; the longest wait is for "
+        "a node building its data store: raise it where that takes longer. Waits for one "
+        "process's file work are not collectives and not bounded by it: under torchrun the "
+        "others wait for rank 0 writing an export (a 70B model's 141 GB: minutes) or renaming "
+        "a checkpoint in torchrun's store, for up to 2 hours.",
+        _RESUME,
+        "float",
+        finite,
+        greater_than(0),
+        default=180.0,
     )
     resume_from_full_state_checkpoint: str | None = field(
         "mini_trainer's key: resume from this checkpoint folder (the same as resume = PATH).",

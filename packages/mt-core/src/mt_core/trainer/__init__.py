@@ -6,8 +6,10 @@
   metrics, exports, checkpoints, stop); ``loop``: ``train``, which runs them in turn;
 - the loop's helpers: ``data`` (the run's token stores and sampler), ``loss``, ``validation``,
   ``osft`` (OSFT's set-up), ``counters`` (what a checkpoint resumes and when things are due),
-  ``lifecycle`` (output folder, stop signals), ``callbacks``, ``metrics``, ``tracking``,
-  ``library_noise`` (the libraries' warnings a user cannot act on, quiet during a run).
+  ``lifecycle`` (output folder, stop signals), ``peers`` (which ranks are gone when a
+  collective fails, and the one message that says so), ``callbacks``, ``metrics``,
+  ``tracking``, ``library_noise`` (the libraries' warnings a user cannot act on, quiet during
+  a run).
 
 May import: every room below it (config, model, optim, plan) and mt_data, mt_fsdp, mt_osft.
 Nothing imports it but mt_core's top level (``train``) and the app.

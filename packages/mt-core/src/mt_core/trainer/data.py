@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from mt_data import (
 )
 from mt_fsdp import DistContext
 
-__all__ = ["RunData", "build_data"]
+__all__ = ["RunData", "build_data", "data_cache_dir"]
 
 
 @dataclass
@@ -31,9 +34,25 @@ class RunData:
     loader: StepLoader
 
 
-def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir: Path) -> RunData:
-    """Validate the data into a memory-mapped store (every rank maps the same files), cut it
-    into training items and the validation share, and set up the sampler and packer."""
+def data_cache_dir(args: TrainingArgs) -> Path:
+    """Where this node keeps the run's token stores: data_cache_dir with this node's
+    $VARIABLES and ~ expanded, or output_dir/data_cache."""
+    if args.data_cache_dir is None:
+        return Path(args.output_dir) / "data_cache"
+    folder = os.path.expanduser(os.path.expandvars(args.data_cache_dir))
+    unset = re.findall(r"\$\{?(\w+)", folder)  # expandvars leaves unset variables as they are
+    if unset:
+        raise ConfigError(
+            [f"data_cache_dir: ${unset[0]} is not set on {socket.gethostname()}; set it in "
+             "the environment of every node, or give a folder without it"]
+        )  # fmt: skip
+    return Path(folder)
+
+
+def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, cache_dir: Path) -> RunData:
+    """Validate the data into memory-mapped stores in ``cache_dir`` (built once per folder, by
+    whichever process of those sharing it comes first; the others wait and map the same files),
+    cut it into training items and the validation share, and set up the sampler and packer."""
     groups = ctx.data_parallel_size
     if args.batch_size < groups:
         # The packer would leave a rank without any sample in every step: legal, but never
@@ -46,11 +65,11 @@ def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir
              "so some rank would get no sample in any step; set batch_size to at least "
              f"{groups} or start fewer processes"]
         )  # fmt: skip
-    source = _source(args.data_path, "data_path", args, vocab_size, output_dir)
+    source = _source(args.data_path, "data_path", args, vocab_size, cache_dir)
     train, validation = split_validation(source, args.validation_split, args.seed)
     if args.validation_data_path is not None:
         validation = _source(
-            args.validation_data_path, "validation_data_path", args, vocab_size, output_dir
+            args.validation_data_path, "validation_data_path", args, vocab_size, cache_dir
         )
     sampler_type = EpochSampler if args.training_mode == "epoch" else InfiniteSampler
     sampler = sampler_type(len(train), args.batch_size, seed=args.seed)
@@ -62,7 +81,7 @@ def build_data(args: TrainingArgs, ctx: DistContext, vocab_size: int, output_dir
 
 
 def _source(
-    path: str, key: str, args: TrainingArgs, vocab_size: int, output_dir: Path
+    path: str, key: str, args: TrainingArgs, vocab_size: int, cache_dir: Path
 ) -> TokenSource:
     """One JSONL file as training items: samples, or pretraining blocks."""
     if not Path(path).is_file():
@@ -70,9 +89,7 @@ def _source(
             [f"{path}: {key} does not exist or is not a file; set {key} to a JSONL file of "
              "tokenized samples"]
         )  # fmt: skip
-    store = open_token_store(
-        path, cache_dir=output_dir / "data_cache", require_labels=args.pretraining is None
-    )
+    store = open_token_store(path, cache_dir=cache_dir, require_labels=args.pretraining is None)
     store.check_token_range(vocab_size)
     if args.pretraining is not None:
         return PretrainingBlocks(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.profiler import record_function
 
 from mt_core.config import ConfigError, TrainingArgs
@@ -21,8 +23,10 @@ from mt_core.trainer.after_step import after_step
 from mt_core.trainer.counters import finished
 from mt_core.trainer.library_noise import quiet_libraries
 from mt_core.trainer.lifecycle import OutputDir
+from mt_core.trainer.peers import PeerWatch
 from mt_core.trainer.setup import Run, setup_run
 from mt_core.trainer.step import StepClock, train_step
+from mt_data import DataError
 from mt_fsdp import CheckpointError, DistContext, init_distributed, shutdown_distributed
 
 __all__ = ["TrainResult", "train"]
@@ -48,16 +52,32 @@ def train(args: TrainingArgs) -> TrainResult:
     # first GPU matmul
     with deterministic_kernels(args.deterministic):
         try:
-            ctx = init_distributed(sequence_parallel_size=args.sequence_parallel_size)
+            ctx = init_distributed(
+                sequence_parallel_size=args.sequence_parallel_size,
+                timeout=timedelta(seconds=args.collective_timeout),
+            )
         except ValueError as error:  # the size does not divide the processes started
             raise ConfigError([f"sequence_parallel_size: {error}"]) from error
         if not ctx.is_main:
             _quiet()  # rank 0 speaks for the run; the others only raise errors
+        peers = PeerWatch()
         try:
             return _train(args, ctx)
         except CheckpointError as error:  # disk full, quota: the message says what is intact
+            peers.ended_by_own_error()
             raise RunError(str(error)) from error
+        except (ConfigError, DataError, RunError, KeyboardInterrupt):
+            peers.ended_by_own_error()  # reported by this rank: the others end quietly
+            raise
+        except (Exception, CheckpointException) as error:  # a collective failed, or a bug
+            shutdown_distributed()  # first: peers blocked on this rank fail now, not later
+            lost = peers.explain(error, Path(args.output_dir), _resume_setting(args))
+            if lost is not None:
+                raise lost from None
+            peers.ended_by_own_error()  # every peer is there: this rank's own error
+            raise
         finally:
+            peers.close()
             shutdown_distributed()
 
 
@@ -96,6 +116,10 @@ def _loop(run: Run) -> TrainResult:
         run.output_dir, counters.step, counters.samples_seen, counters.tokens_seen,
         run.last_loss, run.exports,
     )  # fmt: skip
+
+
+def _resume_setting(args: TrainingArgs) -> str:
+    return args.resume_from_full_state_checkpoint or args.resume
 
 
 def _quiet() -> None:

@@ -34,7 +34,7 @@ from mt_core.plan.flops import peak_flops_per_gpu
 from mt_core.plan.resolve import Resolved, resolve_this_process
 from mt_core.trainer.callbacks import CallbackRunner, load_callbacks
 from mt_core.trainer.counters import RunCounters, planned_steps
-from mt_core.trainer.data import RunData, build_data
+from mt_core.trainer.data import RunData, build_data, data_cache_dir
 from mt_core.trainer.lifecycle import StopRequest, resume_folder, truncate_metrics
 from mt_core.trainer.metrics import MetricsLog, ProgressBar
 from mt_core.trainer.osft import setup_osft
@@ -111,7 +111,7 @@ def setup_run(args: TrainingArgs, ctx: DistContext, output_dir: Path):
     problem = sequence_parallel_problem(config, args.sequence_parallel_size)
     if problem is not None:
         raise ConfigError([f"sequence_parallel_size: {problem}"])
-    data = build_data(args, ctx, config.get_text_config().vocab_size, output_dir)
+    data = build_data(args, ctx, config.get_text_config().vocab_size, data_cache_dir(args))
 
     # 2. Every unset speed and memory setting, then the model: sharded, master weights in
     # train_dtype, compute in the resolved dtype (bf16 on a GPU).
