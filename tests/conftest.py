@@ -272,6 +272,17 @@ def write_run(path: Path, **keys) -> Path:
     return path
 
 
+def write_counting_data(path: Path) -> Path:
+    """40 samples of 5 to 17 tokens counting in steps of 3 (mod 64), the first two masked: the
+    data of the resume and multi-node runs."""
+    rows = []
+    for i in range(40):
+        tokens = [(7 * i + 3 * j) % 64 for j in range(5 + i % 13)]
+        rows.append({"input_ids": tokens, "labels": [-100] * 2 + tokens[2:]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def launch(*arguments: str, nproc: int = 1, script: Path | None = None, env: dict | None = None,
            check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
     """``mt ARGUMENTS`` (or ``python SCRIPT ARGUMENTS``) in a fresh process, or under torchrun
@@ -330,7 +341,8 @@ def same_first_step(one: Path, two: Path, tokens: int, lr: float = 1e-2) -> None
 def runs() -> SimpleNamespace:
     """The helpers above (importlib mode: test modules cannot import conftest)."""
     return SimpleNamespace(
-        TINY_LLAMA=TINY_LLAMA, BIN=BIN, ENV=ENV, write_run=write_run, launch=launch,
+        TINY_LLAMA=TINY_LLAMA, BIN=BIN, ENV=ENV, write_run=write_run,
+        write_counting_data=write_counting_data, launch=launch,
         metrics=metrics, exported_weights=exported_weights, train_here=train_here,
         same_first_step=same_first_step,
     )  # fmt: skip

@@ -25,11 +25,7 @@ SHARES_RUNS = pytest.mark.xdist_group("resume")
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, killer_source, llama_folder, runs):
     root = tmp_path_factory.mktemp("resume")
-    rows = []
-    for i in range(40):
-        tokens = [(7 * i + 3 * j) % 64 for j in range(5 + i % 13)]
-        rows.append({"input_ids": tokens, "labels": [-100] * 2 + tokens[2:]})
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs.write_counting_data(root / "data.jsonl")
     runs.write_run(
         root / "run.toml",
         model_name_or_path=str(llama_folder),
