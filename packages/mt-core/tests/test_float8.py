@@ -38,26 +38,54 @@ SHAPES = {
 # key/value projections of grouped-query attention (8 heads of 64 or 128: 512 or 1024 wide) are
 # too small to pay; the LM head stays; GPT-OSS's router and experts are no linear layers (its
 # experts are batched matrices), so only its attention converts
+SHAPES["Llama-3.1-70B"] = LlamaConfig(
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+    num_key_value_heads=8, vocab_size=256,
+)  # fmt: skip
+TOO_SMALL = "too small for FP8 {} to pay (a side under {})"
+OUTSIDE = {"outside the decoder blocks": 1}
+# rowwise converts only sides of 8192 and more (measured slower at the 1B and 8B shapes)
 EXPECTED = {
-    "Llama-3.2-1B": (16 * 5, {"2048 -> 512: too small for FP8 to pay (a side under 2048)": 32,
-                              "outside the decoder blocks": 1}),
-    "Llama-3.1-8B": (32 * 5, {"4096 -> 1024: too small for FP8 to pay (a side under 2048)": 64,
-                              "outside the decoder blocks": 1}),
-    "gpt-oss-20b": (24 * 2, {"2880 -> 512: too small for FP8 to pay (a side under 2048)": 48,
-                             "outside the decoder blocks": 1}),
+    ("Llama-3.2-1B", "tensorwise"): (
+        16 * 5, {"2048 -> 512: " + TOO_SMALL.format("tensorwise", 2048): 32, **OUTSIDE}),
+    ("Llama-3.1-8B", "tensorwise"): (
+        32 * 5, {"4096 -> 1024: " + TOO_SMALL.format("tensorwise", 2048): 64, **OUTSIDE}),
+    ("gpt-oss-20b", "tensorwise"): (
+        24 * 2, {"2880 -> 512: " + TOO_SMALL.format("tensorwise", 2048): 48, **OUTSIDE}),
+    ("Llama-3.1-70B", "tensorwise"): (
+        80 * 5, {"8192 -> 1024: " + TOO_SMALL.format("tensorwise", 2048): 160, **OUTSIDE}),
+    ("Llama-3.2-1B", "rowwise"): (0, {
+        "2048 -> 512: " + TOO_SMALL.format("rowwise", 8192): 32,
+        "2048 -> 2048: " + TOO_SMALL.format("rowwise", 8192): 32,
+        "2048 -> 8192: " + TOO_SMALL.format("rowwise", 8192): 32,
+        "8192 -> 2048: " + TOO_SMALL.format("rowwise", 8192): 16, **OUTSIDE}),
+    ("Llama-3.1-8B", "rowwise"): (0, {
+        "4096 -> 1024: " + TOO_SMALL.format("rowwise", 8192): 64,
+        "4096 -> 4096: " + TOO_SMALL.format("rowwise", 8192): 64,
+        "4096 -> 14336: " + TOO_SMALL.format("rowwise", 8192): 64,
+        "14336 -> 4096: " + TOO_SMALL.format("rowwise", 8192): 32, **OUTSIDE}),
+    ("Llama-3.1-70B", "rowwise"): (
+        80 * 5, {"8192 -> 1024: " + TOO_SMALL.format("rowwise", 8192): 160, **OUTSIDE}),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(SHAPES))
-def test_which_layers_of_real_shapes_compute_in_fp8(name):
+@pytest.mark.parametrize(("name", "recipe"), list(EXPECTED))
+def test_which_layers_of_real_shapes_compute_in_fp8(name, recipe):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(SHAPES[name])
-    layers = float8_layers(model)
-    converted, kept = EXPECTED[name]
+    layers = float8_layers(model, recipe)
+    converted, kept = EXPECTED[name, recipe]
     assert sum(reason is None for reason in layers.values()) == converted
     assert Counter(reason for reason in layers.values() if reason is not None) == kept
     assert layers["lm_head"] == "outside the decoder blocks"
-    assert all(layers[n] is None for n in layers if n.endswith(("q_proj", "o_proj")))
+    if converted:
+        assert all(layers[n] is None for n in layers if n.endswith(("q_proj", "o_proj")))
+
+
+def test_weights_are_gathered_in_fp8_only_tensorwise_over_several_ranks():
+    """One rank has nothing to send, and the gather's cast cost a 1B run on one H200 10%."""
+    assert [float8.gathers_in_float8(r, n) for r in ("tensorwise", "rowwise") for n in (1, 2, 8)
+            ] == [False, True, True, False, False, False]  # fmt: skip
 
 
 def test_routers_misaligned_and_frozen_layers_stay_in_bfloat16():
@@ -101,7 +129,9 @@ def test_converted_layers_are_float8_linear_exactly_where_the_filter_says(
 
     from mt_core.model.build import build_model, load_config
 
-    monkeypatch.setattr(float8, "MIN_DIMENSION", 32)
+    monkeypatch.setattr(float8, "MIN_DIMENSION", dict.fromkeys(float8.RECIPES, 32))
+    # gathered in FP8 as over several ranks (this group has one)
+    monkeypatch.setattr(float8, "gathers_in_float8", lambda recipe, ranks: recipe == "tensorwise")
     model, _ = build_model(
         tiny_folder, load_config(tiny_folder), group, master_dtype=torch.float32,
         compute_dtype=torch.float32, attn_backend="sdpa", float8=recipe,
@@ -117,6 +147,22 @@ def test_converted_layers_are_float8_linear_exactly_where_the_filter_says(
     reference = AutoModelForCausalLM.from_pretrained(tiny_folder).state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(value.full_tensor(), reference[name]), name
+    if recipe == "tensorwise":  # the gathers' scales follow every change of the weights
+        weights = {
+            n: p for n, p in model.named_parameters() if n.removesuffix(".weight") in wrapped
+        }
+        largest = torch.finfo(torch.float8_e4m3fn).max
+        for scale_by in (1.0, 0.25):
+            with torch.no_grad():
+                for weight in weights.values():
+                    weight.mul_(scale_by)
+            float8.refresh_weight_scales(model)
+            for name, weight in weights.items():
+                local = weight._local_tensor  # (to_local() makes a new wrapper)
+                expected = largest / local._tensor.abs().max().double()
+                # torchao divides in float64 and rounds once to float32: within half an ulp
+                torch.testing.assert_close(local._precomputed_scale.double(), expected,
+                                           rtol=2**-24, atol=0, msg=name)  # fmt: skip
 
 
 def test_fp8_checkpoints_and_exports_are_those_of_a_bfloat16_run(tiny_folder, group, tmp_path,
@@ -128,7 +174,8 @@ def test_fp8_checkpoints_and_exports_are_those_of_a_bfloat16_run(tiny_folder, gr
     from mt_fsdp import load_checkpoint, save_checkpoint
     from mt_fsdp.export import export_hf
 
-    monkeypatch.setattr(float8, "MIN_DIMENSION", 32)
+    monkeypatch.setattr(float8, "MIN_DIMENSION", dict.fromkeys(float8.RECIPES, 32))
+    monkeypatch.setattr(float8, "gathers_in_float8", lambda recipe, ranks: recipe == "tensorwise")
     config = load_config(tiny_folder)
 
     def built(recipe):
@@ -195,7 +242,9 @@ def test_fp8_where_it_cannot_run_is_one_clear_error_at_the_key(gpu, capability, 
     assert place_problems(caught.value, run_file).problems == [f"{run_file}:7: {problem}"]
 
 
-def test_the_settings_say_fp8_where_set_and_nothing_changes_without_it():
+def test_the_settings_say_fp8_where_set_and_nothing_changes_without_it(monkeypatch):
+    # CONFIG (32 wide) as large as the bound: its q, o and MLP projections convert
+    monkeypatch.setattr(float8, "MIN_DIMENSION", dict.fromkeys(float8.RECIPES, 32))
     hopper = _resolved(args_from_dict({**KEYS, "float8": "rowwise"}), True, (9, 0))
     assert hopper.float8 == "rowwise"
     assert hopper.describe().startswith(
@@ -210,6 +259,17 @@ def test_the_settings_say_fp8_where_set_and_nothing_changes_without_it():
     for gpu, capability in ((True, (8, 0)), (False, None)):
         unset = _resolved(args_from_dict(KEYS), gpu, capability)
         assert unset.float8 is None and "FP8" not in unset.describe()
+
+
+def test_a_recipe_that_converts_no_layer_of_the_model_says_so():
+    """With the real bounds nothing of CONFIG (32 wide) converts: a note, not a silent no-op."""
+    for recipe, hint in (("rowwise", "; 'tensorwise' converts from 2048 up"), ("tensorwise", "")):
+        resolved = _resolved(args_from_dict({**KEYS, "float8": recipe}), True, (9, 0))
+        assert resolved.notes == (
+            f"float8 = {recipe!r} converts no linear layer of this model (each has a side too "
+            "small for FP8 to pay, mt_core.model.float8.MIN_DIMENSION): it computes in "
+            "bfloat16" + hint,
+        )
 
 
 def test_a_cpu_run_with_the_key_stops_before_any_weight_loads(tiny, tmp_path, monkeypatch):

@@ -122,13 +122,13 @@ def make_plan(
 
     from mt_core.model.sequence_parallel import sequence_parallel_problem
     from mt_core.plan.resolve import planned_machine, resolve  # torch, ...
-    from mt_core.plan.shape import model_shape, osft_settings, read_config_only
+    from mt_core.plan.shape import read_config_only, run_shape
 
     config = read_config_only(args.model_name_or_path, args.trust_remote_code)
     problem = sequence_parallel_problem(config, size)
     if problem is not None:
         raise CommandError(f"sequence_parallel_size: {problem}")
-    shape = model_shape(config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code)
+    shape = run_shape(config, args)
     with ExitStack() as stack:
         cache, cache_note = _cache_dir(args, stack)
         train, sampler, caught, counts = _data_plan(

@@ -227,7 +227,11 @@ class OSFTState:
         group = None
         if isinstance(left, DTensor):
             group = _shard_group(left)
-            right = right.full_tensor()
+            if dist.get_world_size(group) == 1:
+                # one rank holds all of it: no collective (each would be a launch and a copy)
+                group, right = None, right.to_local()
+            else:
+                right = right.full_tensor()
             left = left.to_local()
         elif isinstance(target.weight, DTensor):
             raise RuntimeError(

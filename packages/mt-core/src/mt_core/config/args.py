@@ -530,13 +530,15 @@ class TrainingArgs:
     float8: str | None = field(
         "FP8 compute of the decoder blocks' large linear layers (torchao's float8 training; "
         "the torchao extra), on GPUs with FP8 tensor cores (compute capability 8.9 or more: "
-        "Ada, Hopper, Blackwell). 'tensorwise' = one scale per tensor, the fastest, with FSDP2 "
-        "gathering the weights in FP8; 'rowwise' = one scale per row, closer to bfloat16, a "
-        "smaller gain. It pays where the matrix products are large (models of several billion "
-        "parameters, thousands of tokens per minibatch); layers with a dimension under 2048 or "
-        "not a multiple of 16, the LM head, embeddings, routers and MoE experts compute in "
-        "bfloat16 as without it, as do attention and the norms. Master weights, optimizer "
-        "state, checkpoints and exports are unchanged. Not set = bfloat16 compute.",
+        "Ada, Hopper, Blackwell). 'tensorwise' = one scale per tensor, the fastest (on several "
+        "ranks FSDP2 gathers the weights in FP8); 'rowwise' = one scale per row, closer to "
+        "bfloat16, slower than it on one H200 at 1B and 8B, so it converts only layers with "
+        "both sides of 8192 or more. It pays where the matrix products are large (models of "
+        "several billion parameters, thousands of tokens per minibatch); layers with a side "
+        "under 2048 (tensorwise) or not a multiple of 16, the LM head, embeddings, routers and "
+        "MoE experts compute in bfloat16 as without it, as do attention and the norms. Master "
+        "weights, optimizer state, checkpoints and exports are unchanged. Not set = bfloat16 "
+        "compute.",
         _SPEED,
         "string",
         default=None,

@@ -166,7 +166,8 @@ def build_model(
         model = new_model(config, master_dtype, trust_remote_code)
     freeze_untrained(model)
     # before compilation and FSDP2, as torchao needs (mt_core.model.float8)
-    float8_count = convert_to_float8(model, float8) if float8 is not None else 0
+    shard_ranks = ctx.mesh.size() if ctx.mesh is not None else 1
+    float8_count = convert_to_float8(model, float8, shard_ranks) if float8 is not None else 0
     backend = resolve_attn_backend(attn_backend, ctx.device, sinks=has_attention_sinks(model))
     use_padding_free_attention(model, backend)
     if ctx.sequence_group is not None:

@@ -25,21 +25,23 @@ __all__ = [
     "convert_to_float8",
     "float8_layers",
     "float8_problem",
+    "gathers_in_float8",
+    "refresh_weight_scales",
 ]
 
 # torchao's Float8LinearRecipeName values mt offers (its third, rowwise_with_gw_hp, computes
 # the weight gradient's product, a third of a layer's, in bfloat16: left out until measured)
 RECIPES = ("tensorwise", "rowwise")
 
-# FP8 pays only where the matrix product outweighs the scaling and casting around it. torchao's
-# H100 microbenchmarks (torchao/float8/README.md, forward + backward of one linear, compiled):
-# M, K, N = 1024, 2048, 1024 runs at 0.80x of bfloat16, 4096, 8192, 16384 at 1.39x; its own
-# auto-filters (torchao 0.18, float8_linear_utils.py) skip tensorwise layers with K <= 4096 and
-# N <= 1024 and rowwise layers with N <= 2048 or K <= 1024. torchtitan leaves the small layers
-# and the output projection in bfloat16 alike. One bound on the smaller side serves both
-# recipes: below 2048 (the key/value projections of grouped-query attention, 512 or 1024 wide)
-# a layer stays in bfloat16. Measured per model shape: tools/bench/RESULTS.md (issue #29).
-MIN_DIMENSION = 2048
+# FP8 pays only where the matrix product outweighs the scaling and casting around it, by recipe
+# the smallest side a converted layer may have. Measured on one H200 (tools/bench/RESULTS.md,
+# issue #29; 8,192 tokens, forward + backward of a block's MLP and q projection, compiled):
+# tensorwise 1.45x bfloat16 at the 8B shape (4096 x 14336) and 1.29x at the 1B shape (2048 x
+# 8192), whole 1B runs 1.05x; rowwise 1.04x at 8B and 0.80x at 1B, whole 8B runs 0.92x. So
+# tensorwise converts from 2048 up (the key/value projections of grouped-query attention, 512
+# or 1024 wide, stay: torchao's own filters and torchtitan leave such small layers alike), and
+# rowwise only from 8192 up (70B-class layers), where its gain is yet to be measured.
+MIN_DIMENSION = {"tensorwise": 2048, "rowwise": 8192}
 # the first CUDA compute capability with FP8 tensor cores (Ada; Hopper is 9.0, Blackwell 10.0)
 FP8_CAPABILITY = (8, 9)
 # FP8 GEMMs (torch._scaled_mm) need both dimensions of the weight to be multiples of 16, and so
@@ -72,9 +74,11 @@ def float8_problem(gpu: bool, capability: tuple[int, int] | None) -> str | None:
     return None
 
 
-def bfloat16_reason(module: nn.Linear, *, experts: frozenset[int] = frozenset()) -> str | None:
-    """Why this linear layer of a decoder block stays in bfloat16, or None where it converts.
-    ``experts``: the model's expert counts (a router has that many outputs)."""
+def bfloat16_reason(
+    module: nn.Linear, recipe: str = "tensorwise", *, experts: frozenset[int] = frozenset()
+) -> str | None:
+    """Why this linear layer of a decoder block stays in bfloat16 under ``recipe``, or None where
+    it converts. ``experts``: the model's expert counts (a router has that many outputs)."""
     rows, columns = module.out_features, module.in_features
     if not module.weight.requires_grad:
         return "frozen (not trained: no input in training, or routing kept as released)"
@@ -82,13 +86,14 @@ def bfloat16_reason(module: nn.Linear, *, experts: frozenset[int] = frozenset())
         return f"a router ({rows} expert logits)"
     if rows % FP8_ALIGNMENT or columns % FP8_ALIGNMENT:
         return f"{columns} -> {rows}: FP8 matrix products need multiples of {FP8_ALIGNMENT}"
-    if min(rows, columns) < MIN_DIMENSION:
-        return f"{columns} -> {rows}: too small for FP8 to pay (a side under {MIN_DIMENSION})"
+    if min(rows, columns) < MIN_DIMENSION[recipe]:
+        bound = MIN_DIMENSION[recipe]
+        return f"{columns} -> {rows}: too small for FP8 {recipe} to pay (a side under {bound})"
     return None
 
 
-def float8_layers(model: nn.Module) -> dict[str, str | None]:
-    """Every linear layer of ``model`` by name: None where it converts, else why it stays in
+def float8_layers(model: nn.Module, recipe: str = "tensorwise") -> dict[str, str | None]:
+    """Every linear layer of ``model`` by name: None where ``recipe`` converts it, else why it stays in
     bfloat16. Only the decoder blocks' layers may convert: the LM head (the largest product,
     but the loss's logits, which torchtitan keeps in bfloat16 too) and anything outside the
     blocks (embeddings are no linear layers) stay."""
@@ -101,28 +106,49 @@ def float8_layers(model: nn.Module) -> dict[str, str | None]:
     )
     inside = {id(m) for block in decoder_blocks(model) for m in block.modules()}
     return {
-        name: bfloat16_reason(module, experts=experts) if id(module) in inside
+        name: bfloat16_reason(module, recipe, experts=experts) if id(module) in inside
         else "outside the decoder blocks"
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
     }  # fmt: skip
 
 
-def convert_to_float8(model: nn.Module, recipe: str) -> int:
+def gathers_in_float8(recipe: str, shard_ranks: int) -> bool:
+    """Whether FSDP2 gathers the converted weights in FP8: tensorwise ones where they are
+    sharded over several ranks (half the bytes of bfloat16 on the wire; rowwise scaling has no
+    such gather). On one rank there is nothing to send, and the cast it brings runs outside the
+    compiled blocks, once per weight and gather: a 1B run on one H200 ran at 0.90x bfloat16 with
+    it and 1.05x without (tools/bench/RESULTS.md, issue #29)."""
+    return recipe == "tensorwise" and shard_ranks > 1
+
+
+def convert_to_float8(model: nn.Module, recipe: str, shard_ranks: int) -> int:
     """Swap the layers :func:`float8_layers` converts for torchao's ``Float8Linear`` with this
-    recipe (one of :data:`RECIPES`); returns how many. Tensorwise weights are gathered by FSDP2
-    in FP8 (half the bytes of bfloat16), which rowwise scaling does not support."""
+    recipe (one of :data:`RECIPES`), their weights gathered as :func:`gathers_in_float8` says
+    for FSDP2 over ``shard_ranks``; returns how many."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
         raise ConfigError(
             [f"float8: needs torchao ({error}): pip install 'mt-core[torchao]'"]
         ) from None
-    converts = {name for name, reason in float8_layers(model).items() if reason is None}
+    converts = {name for name, reason in float8_layers(model, recipe).items() if reason is None}
     config = Float8LinearConfig.from_recipe_name(recipe)
-    if recipe == "tensorwise":
+    if gathers_in_float8(recipe, shard_ranks):
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     convert_to_float8_training(
         model, config=config, module_filter_fn=lambda module, name: name in converts
     )
     return len(converts)
+
+
+def refresh_weight_scales(model: nn.Module) -> None:
+    """The FP8 scales of the weights FSDP2 gathers in FP8, all in one reduction; call after
+    every change of the weights (the optimizer step, OSFT's projection after it). Each gather
+    then uses its weight's scale instead of reducing its own (torchao's
+    ``precompute_float8_dynamic_scale_for_fsdp``, which torchtitan calls at the same place). A
+    scale once set is used until the next call, so no weight may change without one. Nothing
+    to do where no weight is gathered in FP8."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(model)

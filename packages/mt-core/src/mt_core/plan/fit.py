@@ -301,11 +301,9 @@ def fit_to_gpu(
     # here, not at the top: choose_fit and run_settings are arithmetic that `mt check` uses
     # before any model is built, and a run file's mistakes are shown without loading torch
     if shape is None:
-        from mt_core.plan.shape import model_shape, osft_settings
+        from mt_core.plan.shape import run_shape
 
-        shape = model_shape(
-            config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code
-        )
+        shape = run_shape(config, args)
     run = run_settings(args, world_size, liger, most_minibatches(args, lengths, world_size))
     usable = usable_bytes(capacity_bytes)
     fit = choose_fit(
@@ -388,9 +386,9 @@ def host_memory_problem(
     does (or nothing is offloaded, or the memory is unknown)."""
     if not args.cpu_offload or available_bytes is None:
         return None
-    from mt_core.plan.shape import model_shape, osft_settings  # (see fit_to_gpu)
+    from mt_core.plan.shape import run_shape  # (see fit_to_gpu)
 
-    shape = model_shape(config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code)
+    shape = run_shape(config, args)
     run = run_settings(args, world_size, liger=True)
     per_process = estimate(shape, run).host
     needed = per_process * local_processes

@@ -119,13 +119,13 @@ def resolve(
     warn: bool = True,
 ) -> Resolved:
     """Every unset speed and memory setting of ``args`` on ``machine``, for training samples of
-    these ``lengths``. ``shape``: the model's (:func:`mt_core.plan.shape.model_shape`), built
+    these ``lengths``. ``shape``: the model's (:func:`mt_core.plan.shape.run_shape`), built
     here where the machine has a GPU and it is not given; ``warn``: log a warning where nothing
     makes the run fit."""
     # torch: only once the run file is good
     from mt_core.model.attention import auto_backend, deterministic_backward_problem
     from mt_core.model.float8 import float8_problem
-    from mt_core.plan.shape import liger_supports, model_shape, osft_settings
+    from mt_core.plan.shape import liger_supports, run_shape
 
     if args.float8 is not None:
         problem = float8_problem(machine.gpu, machine.gpu_capability)
@@ -148,8 +148,13 @@ def resolve(
             "product run as separate kernels, which torch.compile fuses; expect little gain"
         )
     if machine.gpu and shape is None:
-        shape = model_shape(
-            config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code
+        shape = run_shape(config, args)
+    if args.float8 is not None and shape is not None and not shape.float8_params:
+        notes.append(
+            f"float8 = {args.float8!r} converts no linear layer of this model (each has a side "
+            "too small for FP8 to pay, mt_core.model.float8.MIN_DIMENSION): it computes in "
+            "bfloat16"
+            + ("; 'tensorwise' converts from 2048 up" if args.float8 != "tensorwise" else "")
         )
     attention = args.attn_backend
     if attention == "auto":

@@ -17,7 +17,9 @@ from mt_core.model.float8 import float8_layers
 from mt_core.plan.memory import ModelShape
 from mt_fsdp import decoder_blocks
 
-__all__ = ["OsftSettings", "liger_supports", "read_config_only", "model_shape", "osft_settings"]
+__all__ = [
+    "OsftSettings", "liger_supports", "model_shape", "osft_settings", "read_config_only", "run_shape",
+]  # fmt: skip
 
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -100,8 +102,10 @@ def model_shape(
     *,
     osft: OsftSettings | None = None,
     trust_remote_code: bool = False,
+    float8: str | None = None,
 ) -> ModelShape:
-    """Counts and widths of the model of ``config``; with ``osft``, what OSFT trains and keeps."""
+    """Counts and widths of the model of ``config``; with ``osft``, what OSFT trains and keeps;
+    the weights the FP8 recipe ``float8`` converts (None: what tensorwise, the lever, would)."""
     model = _build_on_meta(config, trust_remote_code)
     text = config.get_text_config()
     params = {id(p): p for p in model.parameters()}  # a tied parameter once
@@ -116,7 +120,9 @@ def model_shape(
     if osft is not None:
         grad_params, trainable, references, bases = _osft_counts(model, config, osft, total)
     modules = dict(model.named_modules())
-    converted = [n for n, reason in float8_layers(model).items() if reason is None]
+    converted = [
+        n for n, reason in float8_layers(model, float8 or "tensorwise").items() if reason is None
+    ]
     return ModelShape(
         architecture=type(model).__name__,
         params=total,
@@ -140,6 +146,15 @@ def model_shape(
         sinks=has_attention_sinks(model),
         float8_params=sum(modules[name].weight.numel() for name in converted),
     )
+
+
+def run_shape(config: PretrainedConfig, args: TrainingArgs) -> ModelShape:
+    """:func:`model_shape` of ``config`` with what the run file ``args`` says of OSFT, FP8 and
+    remote code: the shape the trainer and ``mt check`` plan with."""
+    return model_shape(
+        config, osft=osft_settings(args), trust_remote_code=args.trust_remote_code,
+        float8=args.float8,
+    )  # fmt: skip
 
 
 def _osft_counts(

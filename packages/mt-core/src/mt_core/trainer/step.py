@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from mt_core.errors import NonFiniteError
+from mt_core.model.float8 import refresh_weight_scales
 from mt_core.optim.build import clip_gradients
 from mt_core.plan.flops import attended_context
 from mt_core.trainer.loss import minibatch_loss, minibatch_tensors
@@ -98,6 +99,8 @@ def train_step(run: Run, batch: StepBatch, clock: StepClock) -> StepOutcome:
             run.optimizer.step()
             if run.osft is not None:
                 run.osft.project_()  # the total change stays orthogonal to the frozen subspace
+            if run.resolved.float8 is not None:
+                refresh_weight_scales(run.model)  # the FP8 gathers' scales of the new weights
         fire("on_after_optimizer_step", step=counters.step, epoch=counters.epochs_done)
     elif run.args.skip_nonfinite_steps:
         counters.skipped_steps += 1  # no update; the data of this step is passed over
