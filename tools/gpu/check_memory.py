@@ -4,6 +4,7 @@ On the GPU machine (see shared/GPU.md), from the repository root:
 
     python3 tools/gpu/check_memory.py --out $OUT                    # 1B and 3B Llama shapes
     python3 tools/gpu/check_memory.py --osft --out $OUT             # OSFT at 8B and 1B (issue #27)
+    python3 tools/gpu/check_memory.py --budgets 0.2,0.4,0.6,0.8,1 --shapes llama-3.2-1b --out $OUT
     python3 tools/gpu/check_memory.py --shapes tiny --device cpu --out /tmp/cm   # a dry run
 
 For each shape a random-init model is written (bf16, from config, in --out), then each case runs
@@ -13,6 +14,12 @@ The measured peak is the trainer's own ``peak_mem_gib`` (torch.cuda.max_memory_a
 largest over the steps: from step 2 on the AdamW state exists); the estimate is
 ``mt_core.plan.memory.estimate`` for the same shape and settings, exactly what ``mt check`` prints. The
 table gives both and the error (estimate - measured) / measured; the goal is within 15% (issue #8), within 3% for OSFT (issue #27: --osft).
+
+``--budgets``: compiled blocks at each of these activation memory budgets, full fine-tuning and
+OSFT (ratio 0.25) on each shape, 16k tokens, Liger on: the data to calibrate the memory model's
+compiled-activation term. Each row also gives the budget the measured peak implies: the share b
+of ``c·h + b·(a - c·h)`` (mt_core.plan.memory) that the compiled blocks kept, taking every
+other term of the estimate as it is.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from transformers import AutoConfig
 
 from mt_core import args_from_dict, train
 from mt_core.plan.fit import gpu_room
-from mt_core.plan.memory import GIB, estimate
+from mt_core.plan.memory import COMPUTE_BYTES, GIB, activation_bytes_per_token_layer, estimate
 from mt_core.plan.resolve import Machine, resolve
 from mt_core.plan.shape import model_shape, osft_settings
 
@@ -61,6 +68,13 @@ OSFT_CASES = (
     ("llama-3.2-1b", True, False, 16384, {"osft": True, "osft_unfreeze_rank_ratio": 0.25}),
 )  # fmt: skip
 SAMPLES_PER_STEP = 8
+
+
+def budget_cases(shapes: list[str], budgets: list[float], liger: bool) -> list[tuple]:
+    """--budgets: full fine-tuning and OSFT 0.25 at each activation budget, compiled blocks."""
+    osft = {"osft": True, "osft_unfreeze_rank_ratio": 0.25}
+    return [(shape, liger, False, 16384, {"activation_memory_budget": budget, **extra})
+            for shape in shapes for extra in ({}, osft) for budget in budgets]  # fmt: skip
 
 
 def make_data(path: Path, max_tokens: int, vocab: int, steps: int) -> None:
@@ -134,8 +148,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--osft", action="store_true", help="the OSFT cases (8B and 1B) instead")
+    parser.add_argument("--budgets", help="comma-separated activation budgets: that sweep instead")
     options = parser.parse_args()
     cases = OSFT_CASES if options.osft else CASES
+    if options.budgets:
+        budgets = [float(b) for b in options.budgets.split(",")]
+        cases = budget_cases(options.shapes.split(","), budgets, options.device == "cuda")
     shapes = options.shapes.split(",") if not options.osft else ["llama-3.1-8b", "llama-3.2-1b"]
     options.out.mkdir(parents=True, exist_ok=True)
     if options.device == "cuda":
@@ -174,8 +192,18 @@ def main() -> int:
                 print(f"{name} failed: {error!r}", flush=True)
                 rows.append({"case": name, "error": repr(error)})
                 continue
+            # the activations the measured peak implies, every other term as estimated
+            others = memory.peak - (
+                memory.activations if memory.peak_at == "start of backward"
+                else memory.activations_end
+            )  # fmt: skip
+            layers = dims.layers if memory.peak_at == "start of backward" else 1
+            per_layer = activation_bytes_per_token_layer(dims, plan.settings.liger)
+            kept = (measured * GIB - others) / (max_tokens * layers)
             row = {
                 "case": name,
+                "implied_budget": (kept - COMPUTE_BYTES * dims.hidden)
+                / (per_layer - COMPUTE_BYTES * dims.hidden),
                 "measured_gib": measured,
                 "estimate_gib": memory.peak / GIB,
                 "error": memory.peak / GIB / measured - 1,
@@ -197,7 +225,8 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     (options.out / "check_memory.json").write_text(json.dumps(rows, indent=1))
-    print("\ncase | measured peak GiB | mt check estimate GiB | error | estimate's peak at")
+    print("\ncase | measured peak GiB | mt check estimate GiB | error | estimate's peak at | "
+          "implied budget")  # fmt: skip
     worst = 0.0
     for row in rows:
         if "error" in row and isinstance(row["error"], str):
@@ -205,7 +234,7 @@ def main() -> int:
             continue
         worst = max(worst, abs(row["error"]))
         print(f"{row['case']} | {row['measured_gib']:.2f} | {row['estimate_gib']:.2f} | "
-              f"{row['error']:+.1%} | {row['peak_at']}")  # fmt: skip
+              f"{row['error']:+.1%} | {row['peak_at']} | {row['implied_budget']:.2f}")  # fmt: skip
     print(f"largest error {worst:.1%} (goal: within {3 if options.osft else 15}%)")
     return 0
 
