@@ -93,8 +93,8 @@ def bfloat16_reason(
 
 
 def float8_layers(model: nn.Module, recipe: str = "tensorwise") -> dict[str, str | None]:
-    """Every linear layer of ``model`` by name: None where ``recipe`` converts it, else why it stays in
-    bfloat16. Only the decoder blocks' layers may convert: the LM head (the largest product,
+    """Every linear layer of ``model`` by name: None where ``recipe`` converts it, else why it
+    stays in bfloat16. Only the decoder blocks' layers may convert: the LM head (the largest product,
     but the loss's logits, which torchtitan keeps in bfloat16 too) and anything outside the
     blocks (embeddings are no linear layers) stay."""
     config = getattr(model, "config", None)
@@ -117,7 +117,7 @@ def gathers_in_float8(recipe: str, shard_ranks: int) -> bool:
     """Whether FSDP2 gathers the converted weights in FP8: tensorwise ones where they are
     sharded over several ranks (half the bytes of bfloat16 on the wire; rowwise scaling has no
     such gather). On one rank there is nothing to send, and the cast it brings runs outside the
-    compiled blocks, once per weight and gather: a 1B run on one H200 ran at 0.90x bfloat16 with
+    compiled blocks, once per weight and gather: a 1B run on one H200 ran at 0.89x bfloat16 with
     it and 1.05x without (tools/bench/RESULTS.md, issue #29)."""
     return recipe == "tensorwise" and shard_ranks > 1
 

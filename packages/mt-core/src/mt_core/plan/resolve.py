@@ -124,7 +124,7 @@ def resolve(
     makes the run fit."""
     # torch: only once the run file is good
     from mt_core.model.attention import auto_backend, deterministic_backward_problem
-    from mt_core.model.float8 import float8_problem
+    from mt_core.model.float8 import MIN_DIMENSION, float8_problem
     from mt_core.plan.shape import liger_supports, run_shape
 
     if args.float8 is not None:
@@ -154,7 +154,11 @@ def resolve(
             f"float8 = {args.float8!r} converts no linear layer of this model (each has a side "
             "too small for FP8 to pay, mt_core.model.float8.MIN_DIMENSION): it computes in "
             "bfloat16"
-            + ("; 'tensorwise' converts from 2048 up" if args.float8 != "tensorwise" else "")
+            + (
+                f"; 'tensorwise' converts from {MIN_DIMENSION['tensorwise']} up"
+                if args.float8 != "tensorwise"
+                else ""
+            )  # fmt: skip
         )
     attention = args.attn_backend
     if attention == "auto":
