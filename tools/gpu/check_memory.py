@@ -39,7 +39,7 @@ from mt_core import args_from_dict, train
 from mt_core.plan.fit import gpu_room
 from mt_core.plan.memory import COMPUTE_BYTES, GIB, activation_bytes_per_token_layer, estimate
 from mt_core.plan.resolve import Machine, resolve
-from mt_core.plan.shape import model_shape, osft_settings
+from mt_core.plan.shape import run_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
 from random_model import SHAPES, make_model  # noqa: E402
@@ -183,7 +183,7 @@ def main() -> int:
                               attention_backends=("sdpa",), gpu_bytes=room)  # fmt: skip
             lengths = np.full(SAMPLES_PER_STEP * options.steps, max_tokens // SAMPLES_PER_STEP)
             plan = resolve(args, config, machine, lengths, warn=False)
-            dims = plan.shape or model_shape(config, osft=osft_settings(args))
+            dims = plan.shape or run_shape(config, args)
             memory = estimate(dims, plan.settings)
             print(f"   plan: {plan.describe()}", flush=True)
             try:

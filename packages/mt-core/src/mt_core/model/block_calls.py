@@ -5,9 +5,9 @@ A compiled block's ``__call__`` leads straight into the compiled code, so what m
 at every call (mark sizes dynamic before the compiler sees them; put saved tensors under hooks)
 goes around it. The block's class is swapped for a subclass whose ``__call__`` runs the block's
 own call through each function installed with :func:`call_around`, the first installed
-outermost; installing again under the same name replaces that one in its place. One subclass per block class, of the same name: a compiled block's graph is reused
-by every block of one class, and what finds blocks by class name (HF's ``_no_split_modules``)
-still finds them.
+outermost; installing again under the same name replaces that one in its place. One subclass
+per block class, of the same name: a compiled block's graph is reused by every block of one
+class, and what finds blocks by class name (HF's ``_no_split_modules``) still finds them.
 """
 
 from __future__ import annotations

@@ -86,17 +86,17 @@ def bfloat16_reason(
         return f"a router ({rows} expert logits)"
     if rows % FP8_ALIGNMENT or columns % FP8_ALIGNMENT:
         return f"{columns} -> {rows}: FP8 matrix products need multiples of {FP8_ALIGNMENT}"
-    if min(rows, columns) < MIN_DIMENSION[recipe]:
-        bound = MIN_DIMENSION[recipe]
+    bound = MIN_DIMENSION[recipe]
+    if min(rows, columns) < bound:
         return f"{columns} -> {rows}: too small for FP8 {recipe} to pay (a side under {bound})"
     return None
 
 
 def float8_layers(model: nn.Module, recipe: str = "tensorwise") -> dict[str, str | None]:
     """Every linear layer of ``model`` by name: None where ``recipe`` converts it, else why it
-    stays in bfloat16. Only the decoder blocks' layers may convert: the LM head (the largest product,
-    but the loss's logits, which torchtitan keeps in bfloat16 too) and anything outside the
-    blocks (embeddings are no linear layers) stay."""
+    stays in bfloat16. Only the decoder blocks' layers may convert: the LM head (the largest
+    product, but the loss's logits, which torchtitan keeps in bfloat16 too) and anything
+    outside the blocks (embeddings are no linear layers) stay."""
     config = getattr(model, "config", None)
     experts = frozenset(
         count

@@ -27,7 +27,7 @@ __all__ = ["AdamW", "AdamW8bit"]
 
 # torchao's per-parameter update, compiled when first called. With dynamic shapes (torchao
 # compiles it static) one graph serves every parameter of a rank and moment kind (1-D and 2-D
-# tensors; two graphs where eight shapes took eight) and every rank count's shards, so the
+# tensors: two graphs where seven shapes took seven, measured) and every rank count's shards, so the
 # on-disk graph cache that one process fills serves the next whatever its shards: the update is
 # elementwise (8-bit moments add a maximum per block, exact in any order), so the values are
 # the same as the static graphs' bit for bit. A fixed number of graphs: the step lifts dynamo's
