@@ -310,6 +310,21 @@ def test_split_products_are_within_a_dozen_float32_roundoffs_where_one_tf32_prod
     assert ((single.double() - exact).abs() > (300 + 12) * u * scale).any()
 
 
+def test_the_compiled_split_a_gpu_runs_gives_the_eager_split_bit_for_bit():
+    """On CUDA tf32_parts is one compiled kernel (mt_osft.products._fused_split): the same bits as
+    the eager split for every float32 (normal, subnormal, both signs, zero), and on operands of
+    other shapes and transposed views without recompiling into something else."""
+    from mt_osft import products
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(37, 53, generator=generator) * torch.logspace(-40, 38, 53)
+    values[0, :4] = torch.tensor([0.0, -0.0, 1e-45, -3e-39])  # zeros and subnormals
+    fused = products._fused_split()
+    for x in (values, values.T, values[:, :7], torch.randn(300, 2, generator=generator)):
+        for got, want in zip(fused(x), products._split(x), strict=True):
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_float32_weights_projected_in_split_tf32_products_stay_within_the_bound(monkeypatch):
     """float32 weights trained with the split products a GPU runs for them (TF32 gradient
     projection, split weight projection): within float32's residual_bound against an exact SVD,

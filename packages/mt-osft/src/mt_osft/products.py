@@ -15,7 +15,8 @@ tests train with.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,11 +26,16 @@ __all__ = [
     "MATMUL_PRECISIONS",
     "PLAIN",
     "SPLIT_TF32",
+    "Operand",
     "Products",
     "ieee_matmul",
     "matmul_precision",
     "tf32_parts",
 ]
+
+# a matrix as the products read it: itself, or its TF32 parts (hi, lo) split once for all of its
+# products (:meth:`Products.prepare`)
+Operand = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 # the precisions matmul_precision accepts: full IEEE float32, or TF32 tensor cores on CUDA
 MATMUL_PRECISIONS = ("ieee", "tf32")
@@ -75,33 +81,65 @@ def _to_tf32(x: torch.Tensor) -> torch.Tensor:
     return ((bits + _HALF) & ~_DROPPED).view(torch.float32)
 
 
-def tf32_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo), TF32 numbers with x = hi + lo + r, |r| <= 2^-22 |x| elementwise."""
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hi = _to_tf32(x)
     return hi, _to_tf32(x - hi)
+
+
+@functools.cache
+def _fused_split() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    # One kernel that reads x once and writes both parts, where the five of the eager split
+    # (two roundings and a difference) move about 11 passes over x: on a GPU the split's
+    # elementwise traffic is of the order of its products' time. Integer bit operations and the
+    # exact difference x - hi: the same bits as the eager split (tests/test_projection_precision.py).
+    return torch.compile(_split, dynamic=True)
+
+
+def tf32_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo), TF32 numbers with x = hi + lo + r, |r| <= 2^-22 |x| elementwise (on CUDA by
+    one compiled kernel)."""
+    return (_fused_split() if x.is_cuda else _split)(x)
+
+
+def transposed(x: Operand) -> Operand:
+    """The transpose of an operand (of each part: a view, no copy)."""
+    return x.T if isinstance(x, torch.Tensor) else (x[0].T, x[1].T)
+
+
+def columns(x: Operand) -> int:
+    return (x if isinstance(x, torch.Tensor) else x[0]).shape[1]
 
 
 @dataclass(frozen=True)
 class Products:
     """How the projections multiply: ``split`` float32 products into three TF32 ones (on CUDA,
-    where TF32 tensor cores make that faster), or plain products in the backend's precision."""
+    where TF32 tensor cores make that faster), or plain products in the backend's precision.
+    Their operands are tensors or, for split products, their parts from :meth:`prepare`."""
 
     split: bool = False
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None):
+    def prepare(self, x: torch.Tensor) -> Operand:
+        """``x`` as these products read it: split once into its TF32 parts where a projection
+        uses it in several products (a basis is used twice), else itself."""
+        return tf32_parts(x) if self.split else x
+
+    def _parts(self, x: Operand) -> tuple[torch.Tensor, torch.Tensor]:
+        return tf32_parts(x) if isinstance(x, torch.Tensor) else x
+
+    def mm(self, a: Operand, b: Operand, out: torch.Tensor | None = None):
         """a @ b (into ``out``, which may be an input's storage only if it is not read after)."""
         if not self.split:
             return torch.matmul(a, b, out=out)
-        (a_hi, a_lo), (b_hi, b_lo) = tf32_parts(a), tf32_parts(b)
+        (a_hi, a_lo), (b_hi, b_lo) = self._parts(a), self._parts(b)
         with matmul_precision("tf32"):
             result = torch.matmul(a_hi, b_hi, out=out)
             return result.addmm_(a_hi, b_lo).addmm_(a_lo, b_hi)
 
-    def sub_mm_(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def sub_mm_(self, x: torch.Tensor, a: Operand, b: Operand) -> torch.Tensor:
         """x -= a @ b, in place."""
         if not self.split:
             return x.addmm_(a, b, alpha=-1.0)
-        (a_hi, a_lo), (b_hi, b_lo) = tf32_parts(a), tf32_parts(b)
+        (a_hi, a_lo), (b_hi, b_lo) = self._parts(a), self._parts(b)
         with matmul_precision("tf32"):
             x.addmm_(a_hi, b_hi, alpha=-1.0).addmm_(a_hi, b_lo, alpha=-1.0)
             return x.addmm_(a_lo, b_hi, alpha=-1.0)

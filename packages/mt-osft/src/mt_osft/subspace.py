@@ -27,9 +27,12 @@ import torch.distributed as dist
 from mt_osft.products import (
     MATMUL_PRECISIONS,
     PLAIN,
+    Operand,
     Products,
+    columns,
     ieee_matmul,
     matmul_precision,
+    transposed,
 )
 
 __all__ = [
@@ -190,11 +193,13 @@ def project(
     out. Each of N ranks then does 1/N of the arithmetic of one process.
     """
     mm = products.mm
+    # each basis takes part in two products: split into TF32 parts once for both
+    left, right = products.prepare(left), products.prepare(right)
     if right_keep:  # d R = (d V) V^T: row-local; then L on the thin factor d V
         thin = _left_side(mm(d, right), left, left_keep, group, products)
-        return mm(thin, right.T, out=d)
+        return mm(thin, transposed(right), out=d)
     if left_keep:  # L d = U (U^T d); then R on the thin factor U^T d (t x in)
-        thin = mm(left.T, d)
+        thin = mm(transposed(left), d)
         if group is None:
             thin = _right_side(thin, right, right_keep, products)
         else:
@@ -205,32 +210,32 @@ def project(
 
 def _left_side(
     x: torch.Tensor,
-    left: torch.Tensor,
+    left: Operand,
     keep: bool,
     group: dist.ProcessGroup | None,
     products: Products,
 ) -> torch.Tensor:
     """L x for ``x`` with the rows of ``left`` (a block of them under ``group``)."""
-    if not keep and left.shape[1] == 0:
+    if not keep and columns(left) == 0:
         return x
-    coeff = products.mm(left.T, x)
+    coeff = products.mm(transposed(left), x)
     if group is not None:
         dist.all_reduce(coeff, group=group)
     return products.mm(left, coeff) if keep else products.sub_mm_(x, left, coeff)
 
 
-def _right_side(
-    x: torch.Tensor, right: torch.Tensor, keep: bool, products: Products
-) -> torch.Tensor:
+def _right_side(x: torch.Tensor, right: Operand, keep: bool, products: Products) -> torch.Tensor:
     """x R for the whole right basis."""
-    if not keep and right.shape[1] == 0:
+    if not keep and columns(right) == 0:
         return x
     coeff = products.mm(x, right)
-    return products.mm(coeff, right.T) if keep else products.sub_mm_(x, coeff, right.T)
+    if keep:
+        return products.mm(coeff, transposed(right))
+    return products.sub_mm_(x, coeff, transposed(right))
 
 
 def _right_side_split(
-    partial: torch.Tensor, right: torch.Tensor, group: dist.ProcessGroup, products: Products
+    partial: torch.Tensor, right: Operand, group: dist.ProcessGroup, products: Products
 ) -> torch.Tensor:
     """(sum over ranks of ``partial``) R for a frozen right basis, each rank computing R on its
     share of the rows: the sum is reduce-scattered (rows padded to a multiple of the group's
