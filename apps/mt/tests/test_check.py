@@ -91,6 +91,33 @@ def test_osft_counts_the_trainable_subspace_and_its_extra_memory():
     assert osft_state_bytes(quarter, "float32") > 4 * targets
 
 
+def test_osft_projection_time_is_the_flop_count_at_the_measured_rates(tiny_run):
+    """The 8B shape's 224 targets at ratio 0.25: the FLOPs torch's counter measured on the GPU
+    for one projection (tools/bench/RESULTS.md: 46.4 TFLOP), and with bfloat16 weights the
+    0.074 + 0.094 s the two projections took on one H200; N ranks do 1/N each. ``mt check``'s
+    step time is the compute time plus that, and says so."""
+    from mt_core.plan.memory import osft_step_seconds
+
+    eight_b = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=256,
+    )  # fmt: skip
+    shape = model_shape(eight_b, osft=OsftSettings(ratio=0.25))
+    assert shape.osft_projection_flops == pytest.approx(46.4e12, rel=1e-3)
+    h200 = gpu("H200").peak_flops
+    assert osft_step_seconds(shape, "bfloat16", 1, h200) == pytest.approx(0.074 + 0.094, rel=0.01)
+    assert osft_step_seconds(shape, "bfloat16", 8, h200) == pytest.approx(0.168 / 8, rel=0.01)
+    assert osft_step_seconds(model_shape(eight_b), "bfloat16", 1, h200) == 0.0
+    args = load_run_file(tiny_run, {"osft": True})
+    plans = [make_plan(load_run_file(tiny_run), str(tiny_run), batches=2),
+             make_plan(args, str(tiny_run), batches=2)]  # fmt: skip
+    extra = osft_step_seconds(plans[1].shape, "float32", 1, plans[1].gpu.peak_flops)
+    assert extra > 0
+    for without, with_osft in zip(plans[0].steps, plans[1].steps, strict=True):
+        assert with_osft.time_s == pytest.approx(without.time_s + extra, rel=1e-12)
+    assert "OSFT's projections of gradients and weights included" in render(plans[1])
+
+
 def test_memory_parts_follow_the_documented_formula():
     t, w = 16384, 8
     m = estimate(ONE_B, Settings(max_tokens=t, world_size=w))

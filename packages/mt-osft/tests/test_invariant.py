@@ -252,3 +252,21 @@ def test_same_trajectory_as_the_reparametrised_form():
         # lr δ / eps, every step.
         atol = steps * lr / eps * 64 * torch.finfo(torch.float64).eps / 2
         torch.testing.assert_close(net[index].weight, dense, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape", [(48, 48), (48, 16), (16, 48), (40, 24), (24, 40), (7, 5)], ids=str
+)
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75, 1.0])
+def test_projection_flops_are_what_the_products_count(shape, ratio):
+    """SubspacePlan.projection_flops (what ``mt check`` times) against torch's FLOP counter on
+    one projection: square and rectangular, each side kept or frozen, fully trainable (none)."""
+    from mt_osft.subspace import matmul_flops, plan_subspace, project
+
+    plan = plan_subspace(shape, trainable_rank(min(shape), ratio))
+    left = torch.randn(shape[0], plan.left_cols)
+    right = torch.randn(shape[1], plan.right_cols)
+    counted = matmul_flops(
+        lambda: project(torch.randn(shape), left, plan.left_keep, right, plan.right_keep)
+    )
+    assert plan.projection_flops == (counted if plan.projected else 0)

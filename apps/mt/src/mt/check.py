@@ -35,6 +35,7 @@ from mt_core.plan.memory import (
     estimate,
     float8_time_factor,
     gpu,
+    osft_step_seconds,
     recompute_factor,
     step_flops,
 )
@@ -261,6 +262,7 @@ def _sample_steps(
 
     steps = []
     rate = device.peak_flops * mfu
+    osft = osft_step_seconds(shape, args.train_dtype, world, device.peak_flops)
     size = args.sequence_parallel_size
     for batch in itertools.islice(iter(sampler), count):
         batch = np.asarray(batch, dtype=np.int64)
@@ -291,7 +293,7 @@ def _sample_steps(
                 loss_tokens=int(train.loss_counts[batch].sum()),
                 minibatches=len(plan[0]),
                 largest=largest,
-                time_s=busiest / rate,
+                time_s=busiest / rate + osft,
             )
         )
     return steps

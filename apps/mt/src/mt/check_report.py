@@ -16,6 +16,7 @@ from mt_core.plan.memory import (
     Settings,
     estimate,
     largest_fitting_tokens,
+    osft_step_seconds,
 )
 
 __all__ = ["render", "suggestions"]
@@ -39,8 +40,8 @@ def _gib(value: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.2g} ms"
+    if seconds < 1:  # (310 ms, not 3.1e+02 ms)
+        return f"{seconds * 1000:.0f} ms" if seconds >= 0.01 else f"{seconds * 1000:.2g} ms"
     if seconds < 120:
         return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
     if seconds < 7200:
@@ -240,6 +241,12 @@ def _step_lines(plan: Plan) -> list[str]:
             f", the FP8 layers ({plan.shape.float8_params / plan.shape.matmul_params:.0%} of the "
             "matmul weights) at twice bfloat16's rate: a lower bound of the step time, their "
             "casts not counted"
+        )
+    osft = osft_step_seconds(plan.shape, a.train_dtype, w, plan.gpu.peak_flops)
+    if osft:
+        extra += (
+            f", OSFT's projections of gradients and weights included ({_duration(osft)} at the "
+            "rates measured on an H200)"
         )
     time = f"time    {_duration(times.mean())} per step at {rate}{extra}"
     if plan.total_steps:

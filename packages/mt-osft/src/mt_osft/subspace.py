@@ -88,6 +88,23 @@ class SubspacePlan:
         out, inn = self.shape
         return (out - self.n_frozen) * (inn - self.n_frozen)
 
+    @property
+    def projection_flops(self) -> int:
+        """FLOPs of the matrix products of one :func:`project` of the whole matrix (2 per
+        multiply-add, as :func:`matmul_flops` counts; split TF32 products run three times these).
+        Each side costs 4 x (the matrix it acts on) x (its basis's width): two products, one
+        into the basis's coordinates and one back (or a subtraction of as many FLOPs). A
+        complement side goes first and leaves a thin factor for the other (see :func:`project`)."""
+        if not self.projected:
+            return 0
+        out, inn = self.shape
+        left, right = self.left_cols, self.right_cols
+        if self.right_keep:  # d V, then the left side on the thin out x right factor
+            return 4 * out * inn * right + 4 * out * left * right
+        if self.left_keep:  # U^T d, then the right side on the thin left x in factor
+            return 4 * out * inn * left + 4 * left * inn * right
+        return 4 * out * inn * (left + right)
+
 
 def plan_subspace(shape: tuple[int, int], n_train: int) -> SubspacePlan:
     """How a matrix of ``shape`` with ``n_train`` trainable directions is stored."""

@@ -127,6 +127,7 @@ class ModelShape:
     osft_reference_values: int = 0
     osft_basis_values: int = 0
     osft_upcast_bytes: int = 4
+    osft_projection_flops: int = 0  # one projection of every projected target (mt_osft)
     moe: bool = False  # mixture of experts: the activation formula is only a guide
     sinks: bool = False  # attention sinks (GPT-OSS): only some attention backends compute them
     float8_params: int = 0  # weights of the linear layers the key float8 converts
@@ -321,6 +322,30 @@ def float8_time_factor(shape: ModelShape, tokens: float, context_sum: float) -> 
     not counted, and they cost most where the products are small."""
     base = step_flops(shape, tokens, context_sum)
     return 1.0 - 3.0 * shape.float8_params * tokens / base if base else 1.0
+
+
+# The rates of OSFT's projections on one H200 as shares of its bf16 peak (989 TFLOP/s; the 8B
+# shape's 224 targets alone, tools/bench/RESULTS.md "OSFT's own work per step"): bfloat16 bases
+# and products 0.63 (gradients) and 0.50 (weights: the subtraction from W0 and the casts around
+# them), float32 gradients in TF32 0.27; float32 weights multiply in three TF32 products each
+# (mt_osft.products), so a third of that; float64 bases (osft_upcast_dtype) at the H200's float64
+# tensor-core rate, 67 of 989 TFLOP/s (its datasheet; not measured).
+OSFT_RATES = {"bfloat16": (0.63, 0.50), "float32": (0.27, 0.27 / 3), "float64": (0.068, 0.068)}
+
+
+def osft_step_seconds(shape: ModelShape, master: str, world_size: int, peak_flops: float) -> float:
+    """Seconds a step spends in OSFT's two projections on one GPU (the gradients before the
+    optimizer step, the weights after it; each of N ranks does 1/N of them), at the measured
+    rates of :data:`OSFT_RATES` scaled to the GPU's bf16 peak: a guide, not a bound."""
+    if not shape.osft_projection_flops:
+        return 0.0
+    # the bases' dtype (mt_osft.subspace.basis_dtype) sets what the products run in
+    if master == "bfloat16":
+        gradient, weight = OSFT_RATES["bfloat16"]
+    else:
+        gradient, weight = OSFT_RATES["float64" if shape.osft_upcast_bytes == 8 else "float32"]
+    flops = shape.osft_projection_flops / world_size
+    return (flops / gradient + flops / weight) / peak_flops
 
 
 def recompute_factor(shape: ModelShape, tokens: float, context_sum: float) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -116,9 +117,7 @@ def model_shape(
     head = model.get_output_embeddings()
     heads = int(text.num_attention_heads)
     hidden = int(text.hidden_size)
-    grad_params, trainable, references, bases = total, total, 0, 0
-    if osft is not None:
-        grad_params, trainable, references, bases = _osft_counts(model, config, osft, total)
+    counts = _osft_counts(model, config, osft, total) if osft is not None else None
     modules = dict(model.named_modules())
     converted = [
         n for n, reason in float8_layers(model, float8 or "tensorwise").items() if reason is None
@@ -126,8 +125,8 @@ def model_shape(
     return ModelShape(
         architecture=type(model).__name__,
         params=total,
-        grad_params=grad_params,
-        trainable=trainable,
+        grad_params=counts.grad_params if counts else total,
+        trainable=counts.trainable if counts else total,
         matmul_params=matmul_parameter_count(model),
         layers=int(text.num_hidden_layers),
         hidden=hidden,
@@ -139,9 +138,10 @@ def model_shape(
         block_params=max(block_sizes, default=0),
         root_params=total - in_blocks,
         head_params=head.weight.numel() if head is not None else 0,
-        osft_reference_values=references,
-        osft_basis_values=bases,
+        osft_reference_values=counts.references if counts else 0,
+        osft_basis_values=counts.bases if counts else 0,
         osft_upcast_bytes=osft.upcast_bytes if osft is not None else 4,
+        osft_projection_flops=counts.projection_flops if counts else 0,
         moe=any((getattr(text, key, 0) or 0) > 1 for key in _MOE_KEYS),
         sinks=has_attention_sinks(model),
         float8_params=sum(modules[name].weight.numel() for name in converted),
@@ -157,11 +157,17 @@ def run_shape(config: PretrainedConfig, args: TrainingArgs) -> ModelShape:
     )  # fmt: skip
 
 
+class _OsftCounts(NamedTuple):
+    grad_params: int  # parameters with gradients
+    trainable: int  # the dimension of what can change
+    references: int  # values of the frozen copies W0
+    bases: int  # values of the bases
+    projection_flops: int  # of one projection of every projected target
+
+
 def _osft_counts(
     model: torch.nn.Module, config: PretrainedConfig, osft: OsftSettings, total: int
-) -> tuple[int, int, int, int]:
-    """(parameters with gradients, trainable dimension, values of the frozen copies W0, values of
-    the bases)."""
+) -> _OsftCounts:
     from mt_osft import default_target_patterns, match_targets, plan_subspace, trainable_rank
 
     try:
@@ -170,7 +176,7 @@ def _osft_counts(
     except ValueError as error:
         raise ConfigError([str(error)]) from error
     modules = dict(model.named_modules())
-    grad_params, trainable, references, bases = total, total, 0, 0
+    grad_params, trainable, references, bases, flops = total, total, 0, 0, 0
     for name in names:
         out, inn = modules[name].weight.shape
         plan = plan_subspace((out, inn), trainable_rank(min(out, inn), osft.ratio))
@@ -180,4 +186,5 @@ def _osft_counts(
         if plan.projected:  # the original weight, and the bases of the frozen directions
             references += out * inn
             bases += out * plan.left_cols + inn * plan.right_cols
-    return grad_params, trainable, references, bases
+            flops += plan.projection_flops
+    return _OsftCounts(grad_params, trainable, references, bases, flops)
