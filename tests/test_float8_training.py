@@ -88,7 +88,9 @@ def fp8_on_two_ranks(workspace: Path, runs, name: str, **overrides) -> tuple[lis
     return lines, result.stdout + result.stderr
 
 
-def assert_fp8_trained(lines: list[dict], first_loss_without_fp8: float, learns=True) -> None:
+def assert_fp8_trained(
+    lines: list[dict], first_loss_without_fp8: float, learns: bool = True
+) -> None:
     """FP8 computed (the loss is not the float32 one) within e4m3's rounding of it (3 mantissa
     bits: 2^-4 of each product, the bound of tests/test_osft_training.py's FP8 run), and the run
     learns (its last loss under its first)."""
