@@ -89,9 +89,10 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def _fused_split() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     # One kernel that reads x once and writes both parts, where the five of the eager split
-    # (two roundings and a difference) move about 11 passes over x: on a GPU the split's
-    # elementwise traffic is of the order of its products' time. Integer bit operations and the
-    # exact difference x - hi: the same bits as the eager split (tests/test_projection_precision.py).
+    # (two roundings and a difference) move about 11 passes over x: by a count of bytes against
+    # FLOPs (not yet timed), the eager split's traffic is of the order of the products' time at
+    # the 1B shape. Integer bit operations and the exact difference x - hi: the same bits as the
+    # eager split (packages/mt-osft/tests/test_projection_precision.py).
     return torch.compile(_split, dynamic=True)
 
 
