@@ -37,7 +37,7 @@ from transformers import AutoConfig
 
 from mt_core import args_from_dict, train
 from mt_core.plan.fit import gpu_room
-from mt_core.plan.memory import COMPUTE_BYTES, GIB, activation_bytes_per_token_layer, estimate
+from mt_core.plan.memory import GIB, estimate, kept_activation_share
 from mt_core.plan.resolve import Machine, resolve
 from mt_core.plan.shape import run_shape
 
@@ -192,18 +192,12 @@ def main() -> int:
                 print(f"{name} failed: {error!r}", flush=True)
                 rows.append({"case": name, "error": repr(error)})
                 continue
-            # the activations the measured peak implies, every other term as estimated
-            others = memory.peak - (
-                memory.activations if memory.peak_at == "start of backward"
-                else memory.activations_end
-            )  # fmt: skip
-            layers = dims.layers if memory.peak_at == "start of backward" else 1
-            per_layer = activation_bytes_per_token_layer(dims, plan.settings.liger)
-            kept = (measured * GIB - others) / (max_tokens * layers)
+            # the share of the activations the measured peak implies, every other term as
+            # estimated (None under activation checkpointing: nothing for the compiler to keep)
+            implied = kept_activation_share(dims, plan.settings, measured * GIB)
             row = {
                 "case": name,
-                "implied_budget": (kept - COMPUTE_BYTES * dims.hidden)
-                / (per_layer - COMPUTE_BYTES * dims.hidden),
+                "implied_budget": implied,
                 "measured_gib": measured,
                 "estimate_gib": memory.peak / GIB,
                 "error": memory.peak / GIB / measured - 1,
@@ -233,8 +227,9 @@ def main() -> int:
             print(f"{row['case']} | FAILED: {row['error'][:100]}")
             continue
         worst = max(worst, abs(row["error"]))
+        implied = "-" if row["implied_budget"] is None else f"{row['implied_budget']:.2f}"
         print(f"{row['case']} | {row['measured_gib']:.2f} | {row['estimate_gib']:.2f} | "
-              f"{row['error']:+.1%} | {row['peak_at']} | {row['implied_budget']:.2f}")  # fmt: skip
+              f"{row['error']:+.1%} | {row['peak_at']} | {implied}")  # fmt: skip
     print(f"largest error {worst:.1%} (goal: within {3 if options.osft else 15}%)")
     return 0
 

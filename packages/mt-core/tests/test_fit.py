@@ -406,3 +406,46 @@ def test_osft_references_wait_in_host_memory_in_the_lean_plan_or_where_only_that
     # not allowed to move W0: nothing else fits it (activation offload saves less than W0)
     fit = choose_fit(one_b, run, tight, compiled=True, budget=None, may_offload=True)
     assert not fit.osft_reference_on_host and estimate(one_b, fit.applied(run)).peak > tight
+
+
+def test_the_end_of_a_gpu_run_says_its_peak_against_the_plan(tmp_path, shape):
+    """Resolved.memory_report (the trainer's last line on a GPU) and kept_activation_share: a
+    peak equal to the estimate gives the planned budget back; 2 GiB less lowers the share by
+    2 GiB over what a unit of it holds (tokens x layers x (a - c·h)); with activation offload
+    (two layers on the GPU) and at the end of the backward pass alike; nothing to infer for
+    checkpointed blocks, nothing to say without the model's shape (no GPU)."""
+    from mt_core.plan.memory import kept_activation_share
+    from mt_core.plan.resolve import Machine, resolve
+
+    machine = Machine(gpu=True, world_size=1, liger_installed=True,
+                      attention_backends=("sdpa",), gpu_bytes=usable_bytes(H100))  # fmt: skip
+    resolved = resolve(_args(tmp_path), LLAMA_3B, machine, np.full(1000, 600), shape=shape,
+                       warn=False)  # fmt: skip
+    run = replace(resolved.settings, max_tokens=16000)
+    budget = run.activation_budget
+    assert resolved.compile_blocks and 0 < budget < 1
+    planned = estimate(shape, run).peak
+    report = resolved.memory_report(16000, planned)
+    assert report == (
+        f"memory: peak {planned / GIB:.1f} GiB allocated; mt check's estimate for the largest "
+        f"minibatch (16,000 tokens) {planned / GIB:.1f} GiB (+0.0%); the compiled blocks kept "
+        f"about {budget:.2f} of their activations beyond each block's input, where the plan "
+        f"counts {budget:.2f}"
+    )
+    unit = (
+        16000
+        * shape.layers
+        * (activation_bytes_per_token_layer(shape, True) - COMPUTE_BYTES * shape.hidden)
+    )
+    # float64 sums of about 1e11 bytes: each inversion is exact to about 1e-16 of them, and the
+    # share is a ratio of such differences (unit ~1e10): rel 1e-12 is a wide margin over that
+    lower = kept_activation_share(shape, run, planned - 2 * GIB)
+    assert lower == pytest.approx(budget - 2 * GIB / unit, rel=1e-12)
+    small = replace(run, max_tokens=64, minibatches=1)  # the peak at the end of the backward
+    for other in (replace(run, activation_offload=True), small):
+        assert kept_activation_share(shape, other, estimate(shape, other).peak) == pytest.approx(
+            budget, rel=1e-12
+        )
+    assert estimate(shape, small).peak_at == "end of backward"
+    assert kept_activation_share(shape, replace(run, checkpointing=True), planned) is None
+    assert replace(resolved, shape=None).memory_report(16000, planned) is None

@@ -274,6 +274,22 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     )
 
 
+def kept_activation_share(shape: ModelShape, run: Settings, measured_bytes: float) -> float | None:
+    """The share b of ``c·h + b·(a - c·h)`` (what each layer keeps per token, compiled blocks)
+    that a measured peak implies, every other term of :func:`estimate` taken as it is: for a peak
+    equal to the estimate, ``run.activation_budget`` itself. None where the blocks are
+    checkpointed (each keeps only its input: nothing to infer)."""
+    if run.checkpointing:
+        return None
+    memory = estimate(shape, run)
+    start = memory.peak_at == "start of backward"
+    others = memory.peak - (memory.activations if start else memory.activations_end)
+    layers = (min(shape.layers, 2) if run.activation_offload else shape.layers) if start else 1
+    kept = (measured_bytes - others) / (run.max_tokens * layers)
+    held = COMPUTE_BYTES * shape.hidden
+    return (kept - held) / (activation_bytes_per_token_layer(shape, run.liger) - held)
+
+
 def largest_fitting_tokens(shape: ModelShape, run: Settings, budget_bytes: float) -> int:
     """The largest max_tokens_per_gpu whose peak stays within ``budget_bytes`` (0 if none)."""
     if estimate(shape, replace(run, max_tokens=1)).peak > budget_bytes:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,7 +38,7 @@ import numpy as np
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.plan import fit as fitting
 from mt_core.plan.fit import Fit, most_minibatches, run_settings, syncs_every_minibatch
-from mt_core.plan.memory import GIB, ModelShape, Settings
+from mt_core.plan.memory import GIB, ModelShape, Settings, estimate, kept_activation_share
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -107,6 +107,28 @@ class Resolved:
             + (", OSFT W0 in host memory" if fit.osft_reference_on_host else "")
             + (", deterministic on" if self.deterministic else "")
         )
+
+    def memory_report(self, largest_tokens: int, measured_bytes: float) -> str | None:
+        """One line for the end of a GPU run: its peak against ``mt check``'s estimate for its
+        largest minibatch (``largest_tokens`` on one GPU), and where compiled blocks kept part
+        of their activations, the share the peak implies against the budget the plan counted
+        (data for the memory model's compiled-activation term). None without a shape (no GPU)."""
+        if self.shape is None or largest_tokens <= 0 or measured_bytes <= 0:
+            return None
+        run = replace(self.settings, max_tokens=largest_tokens)
+        planned = estimate(self.shape, run).peak
+        line = (
+            f"memory: peak {measured_bytes / GIB:.1f} GiB allocated; mt check's estimate for "
+            f"the largest minibatch ({largest_tokens:,} tokens) {planned / GIB:.1f} GiB "
+            f"({planned / measured_bytes - 1:+.1%})"
+        )
+        if self.compile_blocks and run.activation_budget < 1 and not run.checkpointing:
+            share = kept_activation_share(self.shape, run, measured_bytes)
+            line += (
+                f"; the compiled blocks kept about {share:.2f} of their activations beyond "
+                f"each block's input, where the plan counts {run.activation_budget:.2f}"
+            )
+        return line
 
 
 def resolve(

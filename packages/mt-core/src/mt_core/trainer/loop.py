@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.profiler import record_function
 
@@ -97,6 +98,7 @@ def _loop(run: Run) -> TrainResult:
     fire("on_train_begin", step=counters.step, epoch=counters.epochs_done)
     clock = StepClock()
     epoch_open = False
+    largest = 0  # tokens of this rank's largest minibatch: what its peak is planned for
     while not done:
         if not epoch_open:
             fire("on_epoch_begin", step=counters.step, epoch=counters.epochs_done)
@@ -105,6 +107,7 @@ def _loop(run: Run) -> TrainResult:
         with record_function("mt.data"):
             # an epoch sampler's new iterator starts with the next epoch once one has ended
             batch = run.data.loader.step_batch(next(iter(run.data.sampler)))
+        largest = max([largest, *(minibatch.num_tokens for minibatch in batch.minibatches)])
         outcome = train_step(run, batch, clock)
         with clock.paused():
             end = after_step(run, batch, outcome)
@@ -112,6 +115,11 @@ def _loop(run: Run) -> TrainResult:
         if end.stopped:
             break
     fire("on_train_end", step=counters.step, epoch=counters.epochs_done)
+    if run.ctx.device.type == "cuda":  # the peak against mt check's plan (rank 0 says it)
+        peak = torch.cuda.max_memory_allocated(run.ctx.device)
+        report = run.resolved.memory_report(largest, peak)
+        if report is not None:
+            logger.info(report)
     return TrainResult(
         run.output_dir, counters.step, counters.samples_seen, counters.tokens_seen,
         run.last_loss, run.exports,
