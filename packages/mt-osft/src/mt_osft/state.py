@@ -203,14 +203,20 @@ class OSFTState:
     def _project_weight(self, target: OSFTTarget, ref: torch.Tensor) -> None:
         """W <- W0 + Π(W - W0) on this rank's rows, ``ref`` being W0's on the weight's device."""
         weight = local_part(target.weight)
-        # one temporary of the matrix in the bases' dtype: W0 is upcast inside the in-place ops
-        # (exactly: bfloat16 and float32 values are all float32 and float64 values)
-        d = weight.to(local_part(target.left).dtype, copy=True).sub_(ref)
+        dtype = local_part(target.left).dtype
+        # one temporary of the matrix in the bases' dtype, made in one pass where the weight is
+        # stored in it; else the weight is upcast first and W0 inside the in-place op (exactly:
+        # bfloat16 and float32 values are all float32 and float64 values)
+        if weight.dtype == dtype:
+            d = torch.sub(weight, ref)
+        else:
+            d = weight.to(dtype, copy=True).sub_(ref)
         # float32 on CUDA: three TF32 products per product, float32's accuracy at 2-3x the IEEE
         # rate (mt_osft.products); bfloat16 and float64 bases multiply as they are
         split = d.dtype == torch.float32 and d.is_cuda
         d = self._project_local(target, d, SPLIT_TF32 if split else PLAIN)
-        weight.copy_(d.add_(ref))
+        # W0 + Π(d) in the bases' dtype, rounded once into the weight (one pass)
+        torch.add(d, ref, out=weight)
 
     def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
         local = local_part(tensor)
