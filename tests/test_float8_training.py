@@ -50,13 +50,9 @@ RUNS = pytest.mark.xdist_group("float8_training")
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, llama_folder, runs) -> Path:
     root = tmp_path_factory.mktemp("float8")
-    rows = [{"input_ids": [(5 * i + j) % 64 for j in range(6 + i % 9)]} for i in range(40)]
-    for row in rows:
-        row["labels"] = row["input_ids"]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs.write_run(
         root / "run.toml", model_name_or_path=str(llama_folder),
-        data_path=str(root / "data.jsonl"), output_dir=str(root / "unused"), batch_size=8,
+        data_path=str(runs.write_counting_data(root / "data.jsonl")), output_dir=str(root / "unused"), batch_size=8,
         max_tokens_per_gpu=48, learning_rate=2e-2, lr_scheduler="constant",
         training_mode="step", max_steps=4, attn_backend="sdpa", save_dtype="float32",
         validation_split=0.2, validation_frequency=2,
