@@ -1,79 +1,128 @@
 """What a compiled decoder block keeps for its backward pass at each activation memory budget.
 
-The memory model (mt_core.plan.memory) counts a compiled block's saved activations as
-``c·h + b·(a - c·h)`` per token at budget b. torch's partitioner does not scale that way: below 1
-it first tries two more aggressive min-cuts and keeps the first whose share is under b
-(torch/_functorch/partitioners.py, choose_saved_values_set), so the kept bytes are a step
-function of b. This measures it: one Llama decoder layer of the given width, compiled (inductor,
-as mt's compiled blocks), run forward once under saved-tensor hooks; the bytes of every distinct
-saved tensor that is not a parameter, per token, against the formula's eager ``a``.
+The memory model counts it per token and layer as
+``mt_core.plan.memory.compiled_bytes_per_token_layer``: at budget 1 what Liger's fused kernels
+keep, ``a``; below 1 ``min(c·h + b·(a - c·h), a - c·(2h + i))``, the second torch's more
+aggressive min-cut (torch/_functorch/partitioners.py, choose_saved_values_set returns it for
+every budget above its own share). This measures it: one decoder layer of a shape from
+tools/random_model.py (one layer of it), compiled with inductor as mt's blocks are, run forward
+once under saved-tensor hooks; the bytes of every distinct storage it saves that is not a
+parameter nor the rotary tables (inputs every block shares), per token, beside the model's.
 
-    uv run python tools/compiled_activations.py                      # CPU, sdpa attention
-    uv run python tools/compiled_activations.py --budgets 1,0.9,0.6,0.3 --hidden 512
+    uv run python tools/compiled_activations.py                                  # CPU, sdpa
+    uv run python tools/compiled_activations.py --shape llama-3.1-8b --budgets 1,0.9,0.54
+    python3 tools/compiled_activations.py --shape llama-3.1-8b --attention flash_attn_4 \\
+        --device cuda --tokens 16384                                             # the GPU's graph
 
-On a CPU the attention is sdpa and the norms and SwiGLU are HF's (Liger's kernels are CUDA);
-the GPU graph differs there (flash attention's op, Liger's loss), so the GPU figures come from
-tools/gpu/check_memory.py --budgets; this shows the shape of the curve and how it moves.
+``--attention sdpa`` is transformers' own (one sequence, causal): it saves what flash attention
+saves (the output and the log-sum-exp per head). Any other is mt's padding-free backend of that
+name, on a row of documents as mt packs them (flash_attn_4 is what mt picks on an H100/H200).
+packages/mt-core/tests/test_compiled_activations.py holds the model to this measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch._functorch.config as functorch_config
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the shared shapes
+from random_model import SHAPES, model_config  # noqa: E402
 
 
-def kept_bytes_per_token(layer: torch.nn.Module, x: torch.Tensor, rope, budget: float) -> float:
-    """Bytes per token of the distinct non-parameter tensors a compiled ``layer`` saves."""
-    torch._dynamo.reset()
-    parameters = {p.data_ptr() for p in layer.parameters()}
+def saved_bytes(
+    layer: torch.nn.Module, budget: float, ignore: Iterable[torch.Tensor], *args, **kwargs
+) -> int:
+    """Bytes of the distinct storages ``layer``, compiled afresh with ``budget``, saves for its
+    backward pass when called with ``args`` and ``kwargs``; its parameters and ``ignore`` not
+    counted."""
+    torch._dynamo.reset()  # a new budget is a new compilation: the cached one would be reused
+    skipped = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *ignore]}
     compiled = torch.compile(layer)
-    with functorch_config.patch(activation_memory_budget=budget):
-        compiled(x, position_embeddings=rope)  # compile outside the count
-        saved: dict[int, int] = {}
+    saved: dict[int, int] = {}
 
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            if tensor.data_ptr() not in parameters:
-                saved[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-            return tensor
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skipped:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            compiled(x, position_embeddings=rope)
-    return sum(saved.values()) / x.shape[1]
+    with (
+        functorch_config.patch(activation_memory_budget=budget),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+    ):
+        compiled(*args, **kwargs)
+    return sum(saved.values())
+
+
+def one_layer(config, tokens: int, attention: str, device: str):
+    """A decoder layer of ``config`` in bfloat16 on ``device``, and the arguments of one call
+    with ``tokens`` tokens (two documents where mt's padding-free attention is used)."""
+    from transformers import AutoModelForCausalLM
+
+    # one layer, a small vocabulary: the embeddings do not matter here
+    config = copy.deepcopy(config)
+    config.num_hidden_layers, config.vocab_size = 1, 256
+    if attention == "sdpa":
+        config._attn_implementation = "sdpa"
+    else:
+        from mt_core.model.attention import register_padding_free_attention
+
+        config._attn_implementation = register_padding_free_attention(attention)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    hidden = torch.randn(1, tokens, config.hidden_size, dtype=torch.bfloat16, device=device)
+    hidden.requires_grad_(True)
+    kwargs = {}
+    if attention == "sdpa":
+        positions = torch.arange(tokens, device=device)[None]
+    else:  # two documents in the row, as mt packs them
+        first = tokens // 3
+        positions = torch.cat([torch.arange(first), torch.arange(tokens - first)])[None]
+        positions = positions.to(device)
+        starts = torch.tensor([0, first, tokens], dtype=torch.int32, device=device)
+        longest = tokens - first
+        kwargs = dict(cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=longest,
+                      max_length_k=longest)  # fmt: skip
+    rope = model.model.rotary_emb(hidden, positions)
+    kwargs.update(attention_mask=None, position_ids=positions, position_embeddings=rope)
+    return model.model.layers[0], hidden, rope, kwargs
+
+
+def measure(config, budgets: list[float], tokens: int, attention: str, device: str) -> list[float]:
+    """Bytes per token one layer of ``config`` keeps at each budget."""
+    layer, hidden, rope, kwargs = one_layer(config, tokens, attention, device)
+    return [saved_bytes(layer, b, rope, hidden, **kwargs) / tokens for b in budgets]
 
 
 def main() -> None:
+    from mt_core.plan.memory import compiled_bytes_per_token_layer
+    from mt_core.plan.shape import model_shape
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     parser.add_argument("--budgets", default="1,0.9,0.8,0.7,0.6,0.5,0.4,0.3")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=896)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--attention", default="sdpa", help="sdpa or an mt attn_backend")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, num_hidden_layers=1,
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    layer = LlamaDecoderLayer(config, 0).to(torch.bfloat16)
-    x = torch.randn(1, args.tokens, args.hidden, dtype=torch.bfloat16, requires_grad=True)
-    rope = LlamaRotaryEmbedding(config)(x, torch.arange(args.tokens)[None])
-    h, i = args.hidden, args.intermediate
-    q = args.hidden
-    k = args.kv_heads * (args.hidden // args.heads)
-    eager = 2 * (4 * h + 2 * q + 2 * k + 3 * i)  # the memory model's a with Liger's kernels
-    print(f"Llama layer h={h} i={i} q={q} k={k}, {args.tokens} tokens; the formula's a = {eager} "
-          f"B/token, the block's input c·h = {2 * h}")  # fmt: skip
-    print("budget | kept B/token | of a | the model's c·h + b·(a - c·h)")
-    for budget in (float(b) for b in args.budgets.split(",")):
-        kept = kept_bytes_per_token(layer, x, rope, budget)
-        model = 2 * h + budget * (eager - 2 * h)
-        print(f"{budget:.2f} | {kept:.0f} | {kept / eager:.2f} | {model:.0f}", flush=True)
+    config = model_config(args.shape)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    shape = model_shape(config)
+    print(f"{args.shape}: one layer, h {shape.hidden}, i {shape.intermediate}, {shape.heads} heads "
+          f"({shape.kv_heads} key/value, dim {shape.head_dim}), {args.tokens} tokens, "
+          f"{args.attention} on {args.device}, torch {torch.__version__}")  # fmt: skip
+    print("budget | kept B/token | the model's | measured / model")
+    kept = measure(config, budgets, args.tokens, args.attention, args.device)
+    for budget, measured in zip(budgets, kept, strict=True):
+        model = compiled_bytes_per_token_layer(shape, budget)
+        print(f"{budget:.2f} | {measured:,.0f} | {model:,.0f} | {measured / model:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -123,12 +123,10 @@ def main() -> int:
             continue
         losses[ac, offload] = [line["loss"] for line in lines]
         settings = Settings(max_tokens=options.tokens, world_size=1, checkpointing=ac,
-                            activation_offload=offload, liger=liger)  # fmt: skip
+                            activation_offload=offload, liger=liger, compiled=cuda)  # fmt: skip
         if cuda:  # the activation budget and gathering the trainer chose
             usable = usable_bytes(props.total_memory)
-            settings = choose_fit(dims, settings, usable, compiled=True, budget=None).applied(
-                settings
-            )
+            settings = choose_fit(dims, settings, usable, budget=None).applied(settings)
         memory = estimate(dims, settings)
         speed = statistics.median(line["tokens_per_s"] for line in lines[2:] or lines)
         moved = max((line.get("offloaded_gib", 0.0) for line in lines), default=0.0)

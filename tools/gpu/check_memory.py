@@ -16,10 +16,10 @@ largest over the steps: from step 2 on the AdamW state exists); the estimate is
 table gives both and the error (estimate - measured) / measured; the goal is within 15% (issue #8), within 3% for OSFT (issue #27: --osft).
 
 ``--budgets``: compiled blocks at each of these activation memory budgets, full fine-tuning and
-OSFT (ratio 0.25) on each shape, 16k tokens, Liger on: the data to calibrate the memory model's
-compiled-activation term. Each row also gives the budget the measured peak implies: the share b
-of ``c·h + b·(a - c·h)`` (mt_core.plan.memory) that the compiled blocks kept, taking every
-other term of the estimate as it is.
+OSFT (ratio 0.25) on each shape, 16k tokens, Liger on: the check of the memory model's
+compiled-activation term (mt_core.plan.memory.compiled_bytes_per_token_layer). Each row also
+gives the share s of ``c·h + s·(a - c·h)`` that the compiled blocks kept by the measured peak,
+taking every other term of the estimate as it is, beside the share the model counts.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from transformers import AutoConfig
 
 from mt_core import args_from_dict, train
 from mt_core.plan.fit import gpu_room
-from mt_core.plan.memory import GIB, estimate, kept_activation_share
+from mt_core.plan.memory import GIB, compiled_share, estimate, kept_activation_share
 from mt_core.plan.resolve import Machine, resolve
 from mt_core.plan.shape import run_shape
 
@@ -195,9 +195,13 @@ def main() -> int:
             # the share of the activations the measured peak implies, every other term as
             # estimated (None under activation checkpointing: nothing for the compiler to keep)
             implied = kept_activation_share(dims, plan.settings, measured * GIB)
+            counted = plan.settings.compiled and not plan.settings.checkpointing
             row = {
                 "case": name,
-                "implied_budget": implied,
+                "implied_share": implied,
+                "counted_share": compiled_share(dims, plan.settings.activation_budget)
+                if counted
+                else None,
                 "measured_gib": measured,
                 "estimate_gib": memory.peak / GIB,
                 "error": memory.peak / GIB / measured - 1,
@@ -220,16 +224,18 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     (options.out / "check_memory.json").write_text(json.dumps(rows, indent=1))
     print("\ncase | measured peak GiB | mt check estimate GiB | error | estimate's peak at | "
-          "implied budget")  # fmt: skip
+          "share kept: implied / counted")  # fmt: skip
     worst = 0.0
     for row in rows:
         if "error" in row and isinstance(row["error"], str):
             print(f"{row['case']} | FAILED: {row['error'][:100]}")
             continue
         worst = max(worst, abs(row["error"]))
-        implied = "-" if row["implied_budget"] is None else f"{row['implied_budget']:.2f}"
+        shares = "-"
+        if row["implied_share"] is not None:
+            shares = f"{row['implied_share']:.2f} / {row['counted_share']:.2f}"
         print(f"{row['case']} | {row['measured_gib']:.2f} | {row['estimate_gib']:.2f} | "
-              f"{row['error']:+.1%} | {row['peak_at']} | {implied}")  # fmt: skip
+              f"{row['error']:+.1%} | {row['peak_at']} | {shares}")  # fmt: skip
     print(f"largest error {worst:.1%} (goal: within {3 if options.osft else 15}%)")
     return 0
 

@@ -23,6 +23,8 @@ from mt_core.plan.memory import (
     RESERVED_GIB,
     Settings,
     activation_bytes_per_token_layer,
+    compiled_bytes_per_token_layer,
+    compiled_share,
     estimate,
     fitting_activation_budget,
     usable_bytes,
@@ -46,21 +48,37 @@ def shape():
     return model_shape(LLAMA_3B)
 
 
-def test_a_budget_scales_what_the_blocks_keep_beyond_their_inputs(shape):
-    run = Settings(max_tokens=8192, world_size=1, minibatches=2)  # peak: start of backward
+def test_a_budget_keeps_the_partitioners_share_of_what_lies_beyond_the_blocks_input(shape):
+    """Compiled blocks at budget b keep c·h + b·(a - c·h) per token and layer up to the share of
+    torch's more aggressive min-cut, a - c·(2h + i) (the norms' outputs and SwiGLU's product
+    recomputed), that share for every budget above it, and a at 1; eager blocks ignore the
+    budget. (tests/test_compiled_activations.py holds the formula to the compiler itself.)"""
+    run = Settings(max_tokens=8192, world_size=1, minibatches=2, compiled=True)  # peak: start
     full = estimate(shape, run)
     per = activation_bytes_per_token_layer(shape, liger=True)
-    kept_input = COMPUTE_BYTES * shape.hidden
-    for budget in (0.0, 0.3, 0.75):
+    held = COMPUTE_BYTES * shape.hidden
+    cut = per - COMPUTE_BYTES * (2 * shape.hidden + shape.intermediate)
+    assert full.activations == 8192 * shape.layers * per
+    share = (cut - held) / (per - held)
+    assert 0.65 < share < 0.67  # the 3B block's: where the line meets the plateau
+    for budget in (0.0, 0.3, 0.6, share + 0.01, 0.75, 0.99):
         m = estimate(shape, replace(run, activation_budget=budget))
-        expected = 8192 * shape.layers * (kept_input + budget * (per - kept_input))
-        assert m.activations == expected  # estimate's own float64 operations, in its order
+        kept = min(held + budget * (per - held), cut)
+        assert compiled_bytes_per_token_layer(shape, budget) == kept
+        assert m.activations == 8192 * shape.layers * kept  # estimate's own float64 operations
         assert m.peak_at == "start of backward"
         # The other parts are whole numbers of bytes below 2^53: float64 adds them exactly. Only
         # adding the (fractional) activations and then the loss rounds, by at most u = 2^-53 of
         # the peak each, twice per peak; the two differences round by at most u·peak more each.
         gap = full.activations - m.activations
         assert full.peak - m.peak == pytest.approx(gap, rel=0, abs=6 * 2**-53 * full.peak)
+        assert compiled_share(shape, budget) == pytest.approx(min(budget, share), rel=1e-12)
+    plateau = {estimate(shape, replace(run, activation_budget=b)).peak for b in (0.7, 0.8, 0.99)}
+    assert len(plateau) == 1
+    # eager blocks: what the budget says does not reach them
+    eager = replace(run, compiled=False)
+    assert estimate(shape, replace(eager, activation_budget=0.3)) == estimate(shape, eager)
+    assert estimate(shape, eager).activations == full.activations  # Liger's kernels: the same a
     # activation checkpointing recomputes everything anyway: the budget changes nothing
     ac = replace(run, checkpointing=True)
     assert estimate(shape, replace(ac, activation_budget=0.2)) == estimate(shape, ac)
@@ -85,7 +103,7 @@ def test_the_largest_fitting_budget(shape):
     # Exact: each side rounds once, in its product by 0.92, of operands that differ by the
     # factor 2^30 (the rest is exact in binary); rounding commutes with powers of two.
     assert usable / GIB == (81559 / 1024 - 1.5) * 0.92
-    short = Settings(max_tokens=4096, world_size=1, minibatches=2)
+    short = Settings(max_tokens=4096, world_size=1, minibatches=2, compiled=True)
     assert fitting_activation_budget(shape, short, usable) == 1.0  # fits as it is
     long = replace(short, max_tokens=16384)
     budget = fitting_activation_budget(shape, long, usable)
@@ -116,7 +134,7 @@ def test_the_trainer_chooses_the_budget_for_its_gpu(tmp_path, shape, caplog):
     assert "16,384 tokens per GPU fit (estimated peak 71.6 of 71.9 GiB usable)" in fit.summary
     # one minibatch per step (the whole batch fits a row): no gradients of earlier ones
     one_row = dict(choose, lengths=np.full(1000, 200))
-    run = Settings(max_tokens=16384, world_size=1)
+    run = Settings(max_tokens=16384, world_size=1, compiled=True)
     expected = fitting_activation_budget(shape, run, usable_bytes(H100))
     fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **one_row)
     assert fit.activation_budget == expected > 0.51
@@ -149,29 +167,23 @@ def test_the_trainer_chooses_the_budget_for_its_gpu(tmp_path, shape, caplog):
 def test_one_gpu_keeps_the_blocks_gathered_where_that_fits(shape):
     one_b = model_shape(LlamaConfig(**{**LLAMA_3B.to_dict(), **LLAMA_1B}))
     usable = usable_bytes(H100)
-    run = Settings(max_tokens=16384, world_size=1, minibatches=2)
+    run = Settings(max_tokens=16384, world_size=1, minibatches=2, compiled=True)
     # 1B at 16k: every block's bf16 copy (2.0 GiB more) fits beside all activations
-    fit = choose_fit(one_b, run, usable, compiled=True, budget=None)
+    fit = choose_fit(one_b, run, usable, budget=None)
     assert fit == Fit(activation_budget=1.0, keep_gathered=True)
     kept = estimate(one_b, replace(run, gathered=True))
     extra = (one_b.layers - 2) * COMPUTE_BYTES * one_b.block_params
     assert kept.copies - estimate(one_b, run).copies == extra
     assert kept.peak <= usable
     # 3B at 16k: recomputing activations to make room for gathered blocks is not worth it
-    assert choose_fit(shape, run, usable, compiled=True, budget=None) == Fit(0.51, False)
+    assert choose_fit(shape, run, usable, budget=None) == Fit(0.51, False)
     # but at 4k rows everything fits
-    assert choose_fit(shape, replace(run, max_tokens=4096), usable, compiled=True, budget=None) == (
-        Fit(1.0, True)
-    )
+    assert choose_fit(shape, replace(run, max_tokens=4096), usable, budget=None) == (Fit(1.0, True))
     # several GPUs (gathering means the whole model on each) and CPU offload: never
-    assert not choose_fit(
-        one_b, replace(run, world_size=2), usable, compiled=True, budget=None
-    ).keep_gathered
-    assert not choose_fit(
-        one_b, replace(run, cpu_offload=True), usable, compiled=True, budget=None
-    ).keep_gathered
+    assert not choose_fit(one_b, replace(run, world_size=2), usable, budget=None).keep_gathered
+    assert not choose_fit(one_b, replace(run, cpu_offload=True), usable, budget=None).keep_gathered
     # eager blocks: the same rule, no budget
-    assert choose_fit(one_b, run, usable, compiled=False, budget=None) == Fit(1.0, True)
+    assert choose_fit(one_b, replace(run, compiled=False), usable, budget=None) == Fit(1.0, True)
 
 
 def test_the_budget_key_is_a_share(tmp_path):
@@ -186,7 +198,9 @@ def test_the_budget_key_is_a_share(tmp_path):
     "run",
     [
         Settings(max_tokens=8192, world_size=1, minibatches=2),
-        Settings(max_tokens=8192, world_size=1, minibatches=2, activation_budget=0.25),
+        Settings(
+            max_tokens=8192, world_size=1, minibatches=2, compiled=True, activation_budget=0.25
+        ),  # (within the knapsack's line: the budget's share)
         Settings(max_tokens=8192, world_size=1, minibatches=2, checkpointing=True),
         Settings(max_tokens=8192, world_size=4, cpu_offload=True),
     ],
@@ -217,14 +231,17 @@ def test_the_trainer_turns_activation_offload_on_only_where_nothing_else_fits(tm
     lengths = np.full(1000, 3000)
     choose = dict(config=LLAMA_3B, world_size=1, liger=True, lengths=lengths)
     long = _args(tmp_path, max_tokens_per_gpu=131072)
-    run = Settings(max_tokens=131072, world_size=1, minibatches=2, deferred_sync=True)
+    run = Settings(max_tokens=131072, world_size=1, minibatches=2, deferred_sync=True,
+                   compiled=True)  # fmt: skip
     usable = usable_bytes(H100)
     assert fitting_activation_budget(shape, run, usable) is None  # no budget is enough
     fit = fit_to_gpu(long, capacity_bytes=H100, compiled=True, **choose)
     offloaded = replace(run, activation_offload=True)
     assert fit.activation_offload
     # and the budget is the largest that fits with it, as without
-    assert fit.activation_budget == fitting_activation_budget(shape, offloaded, usable) == 0.83
+    # (0.99: from the aggressive cut's share on every budget keeps the same; the fit takes the
+    # largest)
+    assert fit.activation_budget == fitting_activation_budget(shape, offloaded, usable) == 0.99
     memory = estimate(shape, fit.applied(run))
     assert memory.peak <= usable
     assert fit.summary.endswith(
@@ -288,7 +305,7 @@ def test_cpu_offload_is_chosen_only_where_nothing_else_fits(tmp_path, shape):
     choose = dict(config=LLAMA_3B, world_size=1, liger=True, lengths=lengths)
     unset = dict(max_tokens_per_gpu=131072, cpu_offload=None)
     no_room = dict(unset, activation_offload=False)  # set false: cpu_offload is what is left
-    run = Settings(max_tokens=131072, world_size=1, minibatches=2)
+    run = Settings(max_tokens=131072, world_size=1, minibatches=2, compiled=True)
     usable = usable_bytes(H100)
     assert fitting_activation_budget(shape, run, usable) is None
     fit = fit_to_gpu(_args(tmp_path, **no_room), capacity_bytes=H100, compiled=True, **choose)
@@ -373,7 +390,8 @@ def test_osft_references_wait_in_host_memory_in_the_lean_plan_or_where_only_that
     from mt_core.plan.shape import OsftSettings
 
     one_b = model_shape(LlamaConfig(**{**LLAMA_3B.to_dict(), **LLAMA_1B}), osft=OsftSettings(0.25))
-    run = Settings(max_tokens=16384, world_size=1, master="bfloat16", minibatches=2)
+    run = Settings(max_tokens=16384, world_size=1, master="bfloat16", minibatches=2,
+                   compiled=True)  # fmt: skip
     references = osft_reference_bytes(one_b, "bfloat16")
     assert references == 2 * one_b.osft_reference_values > 0
     # the estimate: W0 counted on the GPU, or in host memory
@@ -387,33 +405,35 @@ def test_osft_references_wait_in_host_memory_in_the_lean_plan_or_where_only_that
     lean = replace(run, checkpointing=True)
     # the lean plan: W0 to the host, blocks not kept gathered, though everything fits
     assert estimate(one_b, lean).peak < usable / 2
-    fit = choose_fit(one_b, lean, usable, compiled=True, budget=None, may_host_reference=True)
+    fit = choose_fit(one_b, lean, usable, budget=None, may_host_reference=True)
     assert fit.osft_reference_on_host and not fit.keep_gathered
     # the run file's osft_reference_on_host = false (may_host_reference off): W0 stays
-    kept = choose_fit(one_b, lean, usable, compiled=True, budget=None)
+    kept = choose_fit(one_b, lean, usable, budget=None)
     assert not kept.osft_reference_on_host and not kept.keep_gathered
     # without checkpointing, room to spare: W0 stays on the GPU
-    assert not choose_fit(one_b, run, usable, compiled=True, budget=None,
+    assert not choose_fit(one_b, run, usable, budget=None,
                           may_host_reference=True).osft_reference_on_host  # fmt: skip
     # a GPU with room for the run only with W0 in host memory (at budget 0): it goes there, and
     # activation offload, though allowed, is not needed
     tight = estimate(one_b, replace(run, activation_budget=0.0, osft_reference_on_host=True)).peak
     assert estimate(one_b, replace(run, activation_budget=0.0)).peak > tight + references / 2
-    fit = choose_fit(one_b, run, tight, compiled=True, budget=None, may_offload=True,
+    fit = choose_fit(one_b, run, tight, budget=None, may_offload=True,
                      may_host_reference=True)  # fmt: skip
     assert fit.osft_reference_on_host and not fit.activation_offload
     assert estimate(one_b, fit.applied(run)).peak <= tight
     # not allowed to move W0: nothing else fits it (activation offload saves less than W0)
-    fit = choose_fit(one_b, run, tight, compiled=True, budget=None, may_offload=True)
+    fit = choose_fit(one_b, run, tight, budget=None, may_offload=True)
     assert not fit.osft_reference_on_host and estimate(one_b, fit.applied(run)).peak > tight
 
 
 def test_the_end_of_a_gpu_run_says_its_peak_against_the_plan(tmp_path, shape):
-    """Resolved.memory_report (the trainer's last line on a GPU) and kept_activation_share: a
-    peak equal to the estimate gives the planned budget back; 2 GiB less lowers the share by
-    2 GiB over what a unit of it holds (tokens x layers x (a - c·h)); with activation offload
-    (two layers on the GPU) and at the end of the backward pass alike; nothing to infer for
-    checkpointed blocks, nothing to say without the model's shape (no GPU)."""
+    """Resolved.memory_report (the trainer's last line on a GPU) and kept_activation_share: the
+    estimate is that of the run's worse minibatch, its largest first one of a step or its
+    largest later one (which starts its backward pass with the step's earlier gradients alive);
+    a peak equal to it gives the planned share back; 2 GiB less lowers the share by 2 GiB over
+    what a unit of it holds (tokens x layers x (a - c·h)); with activation offload (two layers
+    on the GPU) and at the end of the backward pass alike; nothing to infer for checkpointed or
+    eager blocks, nothing to say without the model's shape (no GPU)."""
     from mt_core.plan.memory import kept_activation_share
     from mt_core.plan.resolve import Machine, resolve
 
@@ -421,31 +441,44 @@ def test_the_end_of_a_gpu_run_says_its_peak_against_the_plan(tmp_path, shape):
                       attention_backends=("sdpa",), gpu_bytes=usable_bytes(H100))  # fmt: skip
     resolved = resolve(_args(tmp_path), LLAMA_3B, machine, np.full(1000, 600), shape=shape,
                        warn=False)  # fmt: skip
-    run = replace(resolved.settings, max_tokens=16000)
-    budget = run.activation_budget
-    assert resolved.compile_blocks and 0 < budget < 1
-    planned = estimate(shape, run).peak
-    report = resolved.memory_report(16000, planned)
+    assert resolved.settings.compiled and resolved.settings.minibatches == 2
+    later = replace(resolved.settings, max_tokens=12000, minibatches=2)
+    budget = later.activation_budget
+    assert resolved.compile_blocks and 0 < budget < compiled_share(shape, 0.99)
+    planned = estimate(shape, later).peak
+    # the first minibatch of a step is larger, but the later one, with the gradients, is worse
+    first = replace(later, max_tokens=13000, minibatches=1)
+    assert estimate(shape, first).peak < planned
+    report = resolved.memory_report(13000, 12000, planned)
     assert report == (
         f"memory: peak {planned / GIB:.1f} GiB allocated; mt check's estimate for the largest "
-        f"minibatch (16,000 tokens) {planned / GIB:.1f} GiB (+0.0%); the compiled blocks kept "
-        f"about {budget:.2f} of their activations beyond each block's input, where the plan "
-        f"counts {budget:.2f}"
+        f"minibatch after a step's first (12,000 tokens) {planned / GIB:.1f} GiB (+0.0%); the "
+        f"compiled blocks kept about {budget:.2f} of their activations beyond each block's "
+        f"input, where the plan counts {budget:.2f} (budget {budget:.2f})"
     )
+    # steps of one minibatch: the first ones are all there is
+    alone = resolved.memory_report(16000, 0, planned)
+    single = estimate(shape, replace(later, max_tokens=16000, minibatches=1)).peak
+    assert f"first of a step (16,000 tokens) {single / GIB:.1f} GiB" in alone
     unit = (
-        16000
+        12000
         * shape.layers
         * (activation_bytes_per_token_layer(shape, True) - COMPUTE_BYTES * shape.hidden)
     )
     # float64 sums of about 1e11 bytes: each inversion is exact to about 1e-16 of them, and the
     # share is a ratio of such differences (unit ~1e10): rel 1e-12 is a wide margin over that
-    lower = kept_activation_share(shape, run, planned - 2 * GIB)
+    lower = kept_activation_share(shape, later, planned - 2 * GIB)
     assert lower == pytest.approx(budget - 2 * GIB / unit, rel=1e-12)
-    small = replace(run, max_tokens=64, minibatches=1)  # the peak at the end of the backward
-    for other in (replace(run, activation_offload=True), small):
+    small = replace(later, max_tokens=64, minibatches=1)  # the peak at the end of the backward
+    for other in (replace(later, activation_offload=True), small):
         assert kept_activation_share(shape, other, estimate(shape, other).peak) == pytest.approx(
             budget, rel=1e-12
         )
     assert estimate(shape, small).peak_at == "end of backward"
-    assert kept_activation_share(shape, replace(run, checkpointing=True), planned) is None
-    assert replace(resolved, shape=None).memory_report(16000, planned) is None
+    # above the aggressive cut's share the plan counts that share, whatever the budget
+    high = replace(later, activation_budget=0.9)
+    share = kept_activation_share(shape, high, estimate(shape, high).peak)
+    assert share == pytest.approx(compiled_share(shape, 0.9), rel=1e-12) and share < 0.67
+    assert kept_activation_share(shape, replace(later, checkpointing=True), planned) is None
+    assert kept_activation_share(shape, replace(later, compiled=False), planned) is None
+    assert replace(resolved, shape=None).memory_report(13000, 12000, planned) is None

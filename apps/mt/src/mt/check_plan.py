@@ -74,7 +74,7 @@ def fitted(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) ->
     them unset and the trainer's rules choose them. cpu_offload is never chosen here: levers and
     suggestions say how the run fits without it."""
     return choose_fit(
-        shape, run, device.usable_gib * 2**30, compiled=args.torch_compile is not False,
-        budget=args.activation_memory_budget, may_offload=args.activation_offload is None,
+        shape, run, device.usable_gib * 2**30, budget=args.activation_memory_budget,
+        may_offload=args.activation_offload is None,
         may_host_reference=args.osft and args.osft_reference_on_host is None,
     ).applied(run)  # fmt: skip

@@ -14,6 +14,7 @@ from mt_core.plan.memory import (
     GIB,
     RESERVED_GIB,
     Settings,
+    compiled_share,
     estimate,
     largest_fitting_tokens,
     osft_step_seconds,
@@ -170,7 +171,8 @@ def _memory_lines(plan: Plan) -> list[str]:
     if run.activation_budget < 1 and not run.checkpointing:
         lines.append(
             f"  (activation_memory_budget {run.activation_budget:.2f}: so that the row fits, the "
-            "compiled blocks keep that share\n   of their activations and recompute the rest)"
+            f"compiled blocks keep about {compiled_share(s, run.activation_budget):.2f}\n   of "
+            "their activations beyond each block's input and recompute the rest)"
         )
     largest = max(step.largest for step in plan.steps)
     if largest < 0.9 * run.max_tokens:

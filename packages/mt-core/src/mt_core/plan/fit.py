@@ -32,6 +32,7 @@ from mt_core.plan.memory import (
     RESERVED_GIB,
     ModelShape,
     Settings,
+    compiled_share,
     estimate,
     fitting_activation_budget,
     usable_bytes,
@@ -147,12 +148,12 @@ def _set_budget(budget: float | None, compiled: bool, checkpointing: bool) -> fl
 
 
 def choose_fit(
-    shape: ModelShape, run: Settings, usable: float, *, compiled: bool, budget: float | None,
+    shape: ModelShape, run: Settings, usable: float, *, budget: float | None,
     may_offload: bool = False, host_room: float = math.inf, may_cpu_offload: bool = False,
     may_host_reference: bool = False,
 ) -> Fit:  # fmt: skip
     """The fit of ``run`` on a GPU that may allocate ``usable`` bytes; ``budget`` is the run
-    file's activation_memory_budget (None: the largest that fits). On one GPU the blocks stay
+    file's activation_memory_budget (None: the largest that fits, where ``run.compiled``). On one GPU the blocks stay
     gathered between forward and backward where that fits with every activation kept: FSDP then
     casts each block's weights once a minibatch instead of twice (1B, 16k and 32k rows: +1.6%).
     With ``may_offload`` (the run file leaves activation_offload unset) activation offload is
@@ -169,16 +170,16 @@ def choose_fit(
     hosted = replace(run, osft_reference_on_host=True)
     if may_host_reference and shape.osft_reference_values and run.checkpointing:
         run = hosted
-    fit = _fit_gpu(shape, run, usable, compiled, budget, may_offload, host_room)
+    fit = _fit_gpu(shape, run, usable, budget, may_offload, host_room)
     if (may_host_reference and shape.osft_reference_values and not run.osft_reference_on_host
             and estimate(shape, fit.applied(run)).peak > usable):  # fmt: skip
-        chosen = _fit_gpu(shape, hosted, usable, compiled, budget, may_offload, host_room)
+        chosen = _fit_gpu(shape, hosted, usable, budget, may_offload, host_room)
         memory = estimate(shape, chosen.applied(hosted))
         if memory.peak <= usable and memory.host <= host_room:
             fit, run = chosen, hosted
     if may_cpu_offload and not run.cpu_offload and estimate(shape, fit.applied(run)).peak > usable:
         offloaded = replace(run, cpu_offload=True)
-        chosen = _fit_gpu(shape, offloaded, usable, compiled, budget, may_offload, host_room)
+        chosen = _fit_gpu(shape, offloaded, usable, budget, may_offload, host_room)
         memory = estimate(shape, chosen.applied(offloaded))
         if memory.peak <= usable and memory.host <= host_room:
             return chosen
@@ -186,16 +187,14 @@ def choose_fit(
 
 
 def _fit_gpu(
-    shape: ModelShape, run: Settings, usable: float, compiled: bool, budget: float | None,
-    may_offload: bool, host_room: float,
+    shape: ModelShape, run: Settings, usable: float, budget: float | None, may_offload: bool,
+    host_room: float,
 ) -> Fit:  # fmt: skip
     """choose_fit without cpu_offload's choice: the budget, then activation offload."""
-    fit = _fit_budget(shape, run, usable, compiled=compiled, budget=budget)
+    fit = _fit_budget(shape, run, usable, budget=budget)
     if may_offload and estimate(shape, fit.applied(run)).peak > usable:
         offloaded = replace(run, activation_offload=True)
-        with_offload = _fit_budget(
-            shape, offloaded, usable, compiled=compiled, budget=budget, host_room=host_room
-        )
+        with_offload = _fit_budget(shape, offloaded, usable, budget=budget, host_room=host_room)
         memory = estimate(shape, with_offload.applied(offloaded))
         if memory.peak <= usable and memory.host <= host_room:
             return with_offload
@@ -203,19 +202,19 @@ def _fit_gpu(
 
 
 def _fit_budget(
-    shape: ModelShape, run: Settings, usable: float, *, compiled: bool, budget: float | None,
+    shape: ModelShape, run: Settings, usable: float, *, budget: float | None,
     host_room: float = math.inf,
 ) -> Fit:  # fmt: skip
     """The activation budget and gathering of ``run``, its activation offload as it is (and what
     that keeps in host memory within ``host_room``)."""
-    kept = _set_budget(budget, compiled, run.checkpointing)
+    kept = _set_budget(budget, run.compiled, run.checkpointing)
     # (checkpointed blocks: the lean plan, and their backward gathers them for the recomputed
     # forward anyway)
     gathered = (run.world_size == 1 and not run.cpu_offload and not run.checkpointing
                 and estimate(shape, replace(run, gathered=True, activation_budget=kept)).peak
                 <= usable)  # fmt: skip
     offloads = (run.activation_offload, run.cpu_offload, run.osft_reference_on_host)
-    if budget is not None or not compiled or run.checkpointing:
+    if budget is not None or not run.compiled or run.checkpointing:
         return Fit(kept, gathered, *offloads)
     chosen = fitting_activation_budget(shape, replace(run, gathered=gathered), usable, host_room)
     return Fit(0.0 if chosen is None else chosen, gathered, *offloads)
@@ -253,10 +252,10 @@ def most_minibatches(args: TrainingArgs, lengths: np.ndarray, world_size: int) -
 
 
 def run_settings(
-    args: TrainingArgs, world_size: int, liger: bool, minibatches: int = 1
+    args: TrainingArgs, world_size: int, liger: bool, minibatches: int = 1, compiled: bool = False
 ) -> Settings:
     """What the memory estimate needs to know of a run, from its keys and what the trainer
-    resolved (Liger on or off). cpu_offload not set counts as off (the fit may turn it on); a
+    resolved (Liger on or off, blocks compiled or not). cpu_offload not set counts as off (the fit may turn it on); a
     deferred gradient sync counts where the run file asks for one, the only case in which it
     costs memory (syncs_every_minibatch)."""
     return Settings(
@@ -265,6 +264,7 @@ def run_settings(
         master=args.train_dtype,
         state=args.optimizer_state_dtype,
         liger=liger,
+        compiled=compiled,
         checkpointing=args.activation_checkpointing,
         cpu_offload=bool(args.cpu_offload),  # not set: the fit decides
         activation_offload=bool(args.activation_offload),  # not set: the fit decides
@@ -304,10 +304,11 @@ def fit_to_gpu(
         from mt_core.plan.shape import run_shape
 
         shape = run_shape(config, args)
-    run = run_settings(args, world_size, liger, most_minibatches(args, lengths, world_size))
+    minibatches = most_minibatches(args, lengths, world_size)
+    run = run_settings(args, world_size, liger, minibatches, compiled)
     usable = usable_bytes(capacity_bytes)
     fit = choose_fit(
-        shape, run, usable, compiled=compiled, budget=budget,
+        shape, run, usable, budget=budget,
         may_offload=args.activation_offload is None, host_room=host_bytes,
         may_cpu_offload=args.cpu_offload is None,
         may_host_reference=args.osft and args.osft_reference_on_host is None,
@@ -325,7 +326,8 @@ def fit_to_gpu(
     if budget is None and fit.activation_budget < 1:
         said.append(
             f"activation_memory_budget {fit.activation_budget:.2f}: the compiled blocks keep "
-            f"that share of their activations and recompute the rest"
+            f"about {compiled_share(shape, fit.activation_budget):.2f} of their activations "
+            "beyond each block's input and recompute the rest"
         )
     if args.activation_offload is None and fit.activation_offload:
         said.append(

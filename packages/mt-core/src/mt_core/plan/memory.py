@@ -26,11 +26,15 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
   (bf16, and its float32 copy for the reduce-scatter);
 * activations of T = max_tokens_per_gpu tokens, per token and decoder layer (bytes, a Llama-like
   block: hidden h, attention width q = heads·head_dim, key/value width k, MLP width i):
-  with Liger's kernels ``a = c·(4h + 2q + 2k + 3i) + 4·heads``; without them HF's RMSNorm keeps a
-  float32 copy (+4h per norm, two norms) and SwiGLU one more tensor (+c·i). With activation
-  checkpointing each layer keeps only its input (c·h) and one layer is recomputed at a time.
-  Compiled blocks with an activation memory budget b < 1 keep at most ``c·h + b·(a - c·h)``: the
-  compiler recomputes the rest (measured on one H100 at b = 0.6 and 0.8: within this bound).
+  with Liger's kernels ``a = c·(4h + 2q + 2k + 3i) + 4·heads + 8``; without them HF's RMSNorm
+  keeps a float32 copy (+4h per norm, two norms) and SwiGLU one more tensor (+c·i). With
+  activation checkpointing each layer keeps only its input (c·h) and one layer is recomputed at
+  a time. Compiled blocks (never with Liger's in-block kernels) keep what Liger's would, ``a``,
+  at activation memory budget 1; below 1, what torch's partitioner returns
+  (:func:`compiled_bytes_per_token_layer`): ``min(c·h + b·(a - c·h), a - c·(2h + i))``, the
+  second its more aggressive min-cut, which recomputes the norms' outputs and SwiGLU's product
+  (exact to the byte for Llama blocks against torch 2.11 and 2.15's partitioner,
+  tools/compiled_activations.py).
   With activation offload what each layer keeps waits in host memory between its forward and
   backward passes (mt_core.model.activation_offload): the GPU holds that of min(L, 2) layers (the
   running one and the one in flight to or from the host; the last layer is never sent, the
@@ -142,11 +146,12 @@ class Settings:
     master: str = "float32"  # train_dtype
     state: str | None = None  # optimizer_state_dtype (None: the master's)
     liger: bool = True
+    compiled: bool = False  # compiled decoder blocks: what they keep is the partitioner's choice
     checkpointing: bool = False
     cpu_offload: bool = False
     deferred_sync: bool = False  # gradients reduced once per step (sync_gradients_every_minibatch)
     minibatches: int = 1  # the most minibatches one GPU runs in a step
-    activation_budget: float = 1.0  # compiled blocks: the share of their activations kept
+    activation_budget: float = 1.0  # compiled blocks: torch's activation_memory_budget
     gathered: bool = False  # blocks stay gathered (bf16) from their forward to their backward
     activation_offload: bool = False  # what the blocks keep for backward waits in host memory
     osft_reference_on_host: bool = False  # OSFT's frozen copies W0 wait in host memory
@@ -193,11 +198,31 @@ def activation_bytes_per_token_layer(shape: ModelShape, liger: bool) -> float:
     h, i = shape.hidden, shape.intermediate
     q, k = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     # norm input, normed x (q/k/v input), q, k, v, attention output, norm input, normed x,
-    # gate, up, SwiGLU output; plus the attention's float32 log-sum-exp per head
-    per = c * (4 * h + 2 * q + 2 * k + 3 * i) + 4 * shape.heads
+    # gate, up, SwiGLU output; plus the attention's float32 log-sum-exp per head and each
+    # norm's float32 reciprocal RMS
+    per = c * (4 * h + 2 * q + 2 * k + 3 * i) + 4 * shape.heads + 2 * 4
     if not liger:
         per += 2 * 4 * h + c * i  # HF RMSNorm's float32 copies; SwiGLU's activation output
     return per
+
+
+def compiled_bytes_per_token_layer(shape: ModelShape, budget: float) -> float:
+    """Bytes one token keeps for the backward pass in one compiled decoder layer at torch's
+    ``activation_memory_budget``. At 1 the compiler keeps what Liger's fused kernels keep (the
+    norms and SwiGLU fused into their neighbours). Below 1 torch's partitioner
+    (torch/_functorch/partitioners.py, choose_saved_values_set) first tries a more aggressive
+    min-cut, which recomputes the two norms' outputs and SwiGLU's product from what is kept
+    anyway, and returns it wherever its share is under the budget: ``a - c·(2h + i)`` for every
+    budget from about 0.66 to 0.99 (not 0.99 of ``a``). Below that share a knapsack keeps at most
+    the budget's share of what lies beyond the block's input. Exact to the byte (and the knapsack
+    within its bound) for Llama blocks of 1B to 8B widths, torch 2.11 and 2.15
+    (tools/compiled_activations.py, tools/bench/RESULTS.md); other blocks: a guide."""
+    per = activation_bytes_per_token_layer(shape, liger=True)
+    if budget >= 1:
+        return per
+    held = COMPUTE_BYTES * shape.hidden
+    aggressive_cut = per - COMPUTE_BYTES * (2 * shape.hidden + shape.intermediate)
+    return min(held + budget * (per - held), aggressive_cut)
 
 
 def loss_bytes(shape: ModelShape, tokens: int, liger: bool) -> float:
@@ -222,7 +247,9 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     copies = c * (shape.root_params + gathered * shape.block_params + shape.head_params)
     copies += (c + 4) * shape.block_params  # one block's gradient on its way to the shards
 
-    per_layer = activation_bytes_per_token_layer(shape, run.liger)
+    # a layer that runs whole (the one recomputed under checkpointing, each one without):
+    # compiled blocks fuse what Liger's kernels fuse
+    per_layer = activation_bytes_per_token_layer(shape, run.liger or run.compiled)
     t = run.max_tokens
     # the layers whose kept activations are on the GPU at the start of the backward pass
     on_gpu = min(shape.layers, 2) if run.activation_offload else shape.layers
@@ -231,8 +258,9 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
         activations = t * (on_gpu * kept + per_layer)
         activations_end = t * (kept + per_layer)
     else:
-        # the compiler keeps each block's input and at most this share of the rest
-        kept = c * shape.hidden + run.activation_budget * (per_layer - c * shape.hidden)
+        kept = per_layer
+        if run.compiled:  # what the partitioner keeps at the run's budget
+            kept = compiled_bytes_per_token_layer(shape, run.activation_budget)
         activations = t * on_gpu * kept
         activations_end = t * kept
     loss = loss_bytes(shape, t, run.liger)
@@ -274,12 +302,21 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     )
 
 
+def compiled_share(shape: ModelShape, budget: float) -> float:
+    """The share s of ``c·h + s·(a - c·h)`` that compiled blocks keep at ``budget``
+    (:func:`compiled_bytes_per_token_layer`): the budget itself below the aggressive cut's share,
+    that share above it, 1 at 1."""
+    held = COMPUTE_BYTES * shape.hidden
+    per = activation_bytes_per_token_layer(shape, liger=True)
+    return (compiled_bytes_per_token_layer(shape, budget) - held) / (per - held)
+
+
 def kept_activation_share(shape: ModelShape, run: Settings, measured_bytes: float) -> float | None:
-    """The share b of ``c·h + b·(a - c·h)`` (what each layer keeps per token, compiled blocks)
-    that a measured peak implies, every other term of :func:`estimate` taken as it is: for a peak
-    equal to the estimate, ``run.activation_budget`` itself. None where the blocks are
-    checkpointed (each keeps only its input: nothing to infer)."""
-    if run.checkpointing:
+    """The share s of ``c·h + s·(a - c·h)`` (what each compiled layer keeps per token) that a
+    measured peak implies, every other term of :func:`estimate` taken as it is: for a peak equal
+    to the estimate, :func:`compiled_share` of the run's budget. None where the blocks are not
+    compiled or are checkpointed (each keeps only its input: nothing to infer)."""
+    if run.checkpointing or not run.compiled:
         return None
     memory = estimate(shape, run)
     start = memory.peak_at == "start of backward"
@@ -287,7 +324,7 @@ def kept_activation_share(shape: ModelShape, run: Settings, measured_bytes: floa
     layers = (min(shape.layers, 2) if run.activation_offload else shape.layers) if start else 1
     kept = (measured_bytes - others) / (run.max_tokens * layers)
     held = COMPUTE_BYTES * shape.hidden
-    return (kept - held) / (activation_bytes_per_token_layer(shape, run.liger) - held)
+    return (kept - held) / (activation_bytes_per_token_layer(shape, liger=True) - held)
 
 
 def largest_fitting_tokens(shape: ModelShape, run: Settings, budget_bytes: float) -> int:

@@ -38,7 +38,14 @@ import numpy as np
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.plan import fit as fitting
 from mt_core.plan.fit import Fit, most_minibatches, run_settings, syncs_every_minibatch
-from mt_core.plan.memory import GIB, ModelShape, Settings, estimate, kept_activation_share
+from mt_core.plan.memory import (
+    GIB,
+    ModelShape,
+    Settings,
+    compiled_share,
+    estimate,
+    kept_activation_share,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -108,25 +115,38 @@ class Resolved:
             + (", deterministic on" if self.deterministic else "")
         )
 
-    def memory_report(self, largest_tokens: int, measured_bytes: float) -> str | None:
-        """One line for the end of a GPU run: its peak against ``mt check``'s estimate for its
-        largest minibatch (``largest_tokens`` on one GPU), and where compiled blocks kept part
-        of their activations, the share the peak implies against the budget the plan counted
-        (data for the memory model's compiled-activation term). None without a shape (no GPU)."""
-        if self.shape is None or largest_tokens <= 0 or measured_bytes <= 0:
+    def memory_report(
+        self, first_tokens: int, later_tokens: int, measured_bytes: float
+    ) -> str | None:
+        """One line for the end of a GPU run: its peak against ``mt check``'s estimate for the
+        minibatches it ran (on one GPU: ``first_tokens`` the largest first minibatch of a step,
+        ``later_tokens`` the largest later one, 0 where no step had two; a later one starts its
+        backward pass with the step's earlier gradients alive), and where compiled blocks kept
+        part of their activations, the share the peak implies against the share the plan
+        counts (a calibration point of the memory model's compiled-activation term). None
+        without a shape (no GPU)."""
+        if self.shape is None or max(first_tokens, later_tokens) <= 0 or measured_bytes <= 0:
             return None
-        run = replace(self.settings, max_tokens=largest_tokens)
+        runs = [
+            replace(self.settings, max_tokens=tokens, minibatches=minibatches)
+            for tokens, minibatches in ((first_tokens, 1), (later_tokens, 2))
+            if tokens > 0
+        ]
+        run = max(runs, key=lambda run: estimate(self.shape, run).peak)
         planned = estimate(self.shape, run).peak
+        which = "first of a step" if run.minibatches == 1 else "after a step's first"
         line = (
-            f"memory: peak {measured_bytes / GIB:.1f} GiB allocated; mt check's estimate for "
-            f"the largest minibatch ({largest_tokens:,} tokens) {planned / GIB:.1f} GiB "
+            f"memory: peak {measured_bytes / GIB:.1f} GiB allocated; mt check's estimate for the "
+            f"largest minibatch {which} ({run.max_tokens:,} tokens) {planned / GIB:.1f} GiB "
             f"({planned / measured_bytes - 1:+.1%})"
         )
-        if self.compile_blocks and run.activation_budget < 1 and not run.checkpointing:
-            share = kept_activation_share(self.shape, run, measured_bytes)
+        share = kept_activation_share(self.shape, run, measured_bytes)
+        if share is not None and run.activation_budget < 1:
             line += (
                 f"; the compiled blocks kept about {share:.2f} of their activations beyond "
-                f"each block's input, where the plan counts {run.activation_budget:.2f}"
+                f"each block's input, where the plan counts "
+                f"{compiled_share(self.shape, run.activation_budget):.2f} (budget "
+                f"{run.activation_budget:.2f})"
             )
         return line
 
@@ -201,9 +221,8 @@ def resolve(
         host_bytes=machine.host_bytes, world_size=machine.world_size, compiled=compiled,
         liger=liger, lengths=lengths, shape=shape, warn=warn,
     )  # fmt: skip
-    run = run_settings(
-        args, machine.world_size, liger, most_minibatches(args, lengths, machine.world_size)
-    )
+    minibatches = most_minibatches(args, lengths, machine.world_size)
+    run = run_settings(args, machine.world_size, liger, minibatches, compiled)
     return Resolved(
         liger=liger,
         compile_blocks=compiled,

@@ -98,7 +98,9 @@ def _loop(run: Run) -> TrainResult:
     fire("on_train_begin", step=counters.step, epoch=counters.epochs_done)
     clock = StepClock()
     epoch_open = False
-    largest = 0  # tokens of this rank's largest minibatch: what its peak is planned for
+    # tokens of this rank's largest first minibatch of a step and largest later one (which
+    # starts its backward pass with the step's earlier gradients alive): what its peak was
+    first, later = 0, 0
     while not done:
         if not epoch_open:
             fire("on_epoch_begin", step=counters.step, epoch=counters.epochs_done)
@@ -107,7 +109,8 @@ def _loop(run: Run) -> TrainResult:
         with record_function("mt.data"):
             # an epoch sampler's new iterator starts with the next epoch once one has ended
             batch = run.data.loader.step_batch(next(iter(run.data.sampler)))
-        largest = max([largest, *(minibatch.num_tokens for minibatch in batch.minibatches)])
+        sizes = [minibatch.num_tokens for minibatch in batch.minibatches]
+        first, later = max(first, sizes[0]), max([later, *sizes[1:]])
         outcome = train_step(run, batch, clock)
         with clock.paused():
             end = after_step(run, batch, outcome)
@@ -117,7 +120,7 @@ def _loop(run: Run) -> TrainResult:
     fire("on_train_end", step=counters.step, epoch=counters.epochs_done)
     if run.ctx.device.type == "cuda":  # the peak against mt check's plan (rank 0 says it)
         peak = torch.cuda.max_memory_allocated(run.ctx.device)
-        report = run.resolved.memory_report(largest, peak)
+        report = run.resolved.memory_report(first, later, peak)
         if report is not None:
             logger.info(report)
     return TrainResult(
