@@ -40,9 +40,6 @@ LONG = {
     # one attrs class whose fields are the run file's keys, each with its help text: splitting
     # it would scatter the reference that `mt run --help` and docs/run-file.md print from it
     "mt_core/config/args.py",
-    # OSFT's state: the split, both projections and their checkpoint state are one invariant
-    # (issue #27 reworks this module)
-    "mt_osft/state.py",
 }
 
 

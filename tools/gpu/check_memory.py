@@ -9,7 +9,9 @@ On the GPU machine (see shared/GPU.md), from the repository root:
 
 For each shape a random-init model is written (bf16, from config, in --out), then each case runs
 ``mt_core.train`` (what ``mt run`` calls) for a few steps on data of fixed-length samples, so that
-every step is exactly one minibatch of max_tokens_per_gpu tokens: the case ``mt check`` plans for.
+every step is exactly one minibatch of max_tokens_per_gpu tokens (two for the --osft cases: the
+second starts its backward pass with the first one's gradients alive): the case ``mt check``
+plans for.
 The measured peak is the trainer's own ``peak_mem_gib`` (torch.cuda.max_memory_allocated, the
 largest over the steps: from step 2 on the AdamW state exists); the estimate is
 ``mt_core.plan.memory.estimate`` for the same shape and settings, exactly what ``mt check`` prints. The
@@ -29,6 +31,7 @@ import gc
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,59 +47,74 @@ from mt_core.plan.shape import run_shape
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker
 from random_model import SHAPES, make_model  # noqa: E402
 
-# (shape, Liger, activation checkpointing, max_tokens_per_gpu, more run-file keys)
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    liger: bool
+    ac: bool  # activation checkpointing
+    max_tokens: int
+    extra: dict = field(default_factory=dict)  # more run-file keys
+    rows: int = 1  # full minibatches per step: from 2 on, later ones start with gradients alive
+
+
 CASES = (
-    ("llama-3.2-1b", True, False, 16384, {}),
-    ("llama-3.2-1b", True, True, 16384, {}),
-    ("llama-3.2-1b", False, False, 8192, {}),
-    ("llama-3.2-3b", True, True, 16384, {}),
-    ("llama-3.2-3b", True, False, 4096, {}),
-    ("tiny", False, False, 1024, {}),
-    ("tiny", False, True, 1024, {}),
-    ("tiny", False, True, 1024, {"osft": True, "osft_reference_on_host": True}),
+    Case("llama-3.2-1b", True, False, 16384),
+    Case("llama-3.2-1b", True, True, 16384),
+    Case("llama-3.2-1b", False, False, 8192),
+    Case("llama-3.2-3b", True, True, 16384),
+    Case("llama-3.2-3b", True, False, 4096),
+    Case("tiny", False, False, 1024),
+    Case("tiny", False, True, 1024),
+    Case("tiny", False, True, 1024, {"osft": True, "osft_reference_on_host": True}),
 )
-# --osft: the 8B OSFT runs of issue #27 (bfloat16 master weights and moments), the lean plan and
-# a fixed activation budget (what the fit would choose depends on the memory free at the start)
-EIGHT_B = {"train_dtype": "bfloat16", "stochastic_rounding": True,
-           "optimizer_state_dtype": "bfloat16"}  # fmt: skip
+# --osft: issue #27's runs, two full rows a step (the case its plans are made for: the second
+# row's backward pass starts with the first one's gradients alive), the fit choosing as for a
+# run: 8B with bfloat16 master weights and moments, its default plan and the lean one
+# (activation checkpointing: W0 in host memory), and 1B with the defaults
+EIGHT_B = {
+    "train_dtype": "bfloat16",
+    "stochastic_rounding": True,
+    "optimizer_state_dtype": "bfloat16",
+    "osft": True,
+    "osft_unfreeze_rank_ratio": 0.25,
+}
 OSFT_CASES = (
-    ("llama-3.1-8b", True, True, 16384, EIGHT_B),
-    ("llama-3.1-8b", True, True, 16384,
-     {**EIGHT_B, "osft": True, "osft_unfreeze_rank_ratio": 0.25, "osft_reference_on_host": True}),
-    ("llama-3.1-8b", True, False, 16384,
-     {**EIGHT_B, "osft": True, "osft_unfreeze_rank_ratio": 0.25, "activation_memory_budget": 0.5}),
-    ("llama-3.2-1b", True, False, 16384, {"osft": True, "osft_unfreeze_rank_ratio": 0.25}),
+    Case("llama-3.1-8b", True, False, 16384, EIGHT_B, rows=2),
+    Case("llama-3.1-8b", True, True, 16384, EIGHT_B, rows=2),
+    Case("llama-3.2-1b", True, False, 16384, {"osft": True, "osft_unfreeze_rank_ratio": 0.25},
+         rows=2),
 )  # fmt: skip
-SAMPLES_PER_STEP = 8
+SAMPLES_PER_ROW = 8
 
 
-def budget_cases(shapes: list[str], budgets: list[float], liger: bool) -> list[tuple]:
+def budget_cases(shapes: list[str], budgets: list[float], liger: bool) -> list[Case]:
     """--budgets: full fine-tuning and OSFT 0.25 at each activation budget, compiled blocks."""
     osft = {"osft": True, "osft_unfreeze_rank_ratio": 0.25}
-    return [(shape, liger, False, 16384, {"activation_memory_budget": budget, **extra})
+    return [Case(shape, liger, False, 16384, {"activation_memory_budget": budget, **extra})
             for shape in shapes for extra in ({}, osft) for budget in budgets]  # fmt: skip
 
 
-def make_data(path: Path, max_tokens: int, vocab: int, steps: int) -> None:
-    """Samples of max_tokens / 8 tokens: 8 of them fill one minibatch exactly."""
+def make_data(path: Path, max_tokens: int, vocab: int, samples: int) -> None:
+    """``samples`` samples of max_tokens / 8 tokens: 8 of them fill one minibatch exactly."""
     rng = np.random.default_rng(0)
-    length = max_tokens // SAMPLES_PER_STEP
+    length = max_tokens // SAMPLES_PER_ROW
     with path.open("w") as out:
-        for _ in range(SAMPLES_PER_STEP * steps):
+        for _ in range(samples):
             tokens = rng.integers(0, vocab, length).tolist()
             labels = [-100] * (length // 10) + tokens[length // 10 :]
             out.write(json.dumps({"input_ids": tokens, "labels": labels}) + "\n")
 
 
-def run_keys(folder: Path, data: Path, out: Path, liger: bool, ac: bool, max_tokens: int,
-             steps: int, device: str, extra: dict) -> dict:  # fmt: skip
-    """The run file of one case: every step one full minibatch of max_tokens tokens."""
+def run_keys(case: Case, folder: Path, data: Path, out: Path, steps: int, device: str) -> dict:
+    """The run file of one case: every step ``case.rows`` full minibatches of max_tokens."""
     return dict(
         model_name_or_path=str(folder), data_path=str(data), output_dir=str(out),
-        batch_size=SAMPLES_PER_STEP, max_tokens_per_gpu=max_tokens, learning_rate=1e-5,
-        lr_scheduler="constant", training_mode="step", max_steps=steps,
-        save_final_checkpoint=False, use_liger_kernels=liger, activation_checkpointing=ac,
-        attn_backend="auto" if device == "cuda" else "sdpa", **extra,
+        batch_size=SAMPLES_PER_ROW * case.rows, max_tokens_per_gpu=case.max_tokens,
+        learning_rate=1e-5, lr_scheduler="constant", training_mode="step", max_steps=steps,
+        save_final_checkpoint=False, use_liger_kernels=case.liger,
+        activation_checkpointing=case.ac, attn_backend="auto" if device == "cuda" else "sdpa",
+        **case.extra,
     )  # fmt: skip
 
 
@@ -112,8 +130,9 @@ def measure(keys: dict) -> float:
     lines = [
         json.loads(x) for x in (Path(args.output_dir) / "metrics.jsonl").read_text().splitlines()
     ]
-    assert all(line["tokens"] == max_tokens for line in lines), "every step should be one full row"
-    assert all(line["num_minibatches"] == 1 for line in lines)
+    rows = args.batch_size // SAMPLES_PER_ROW
+    assert all(line["tokens"] == rows * max_tokens for line in lines), "every row should be full"
+    assert all(line["num_minibatches"] == rows for line in lines)
     return max(line["peak_mem_gib"] for line in lines)
 
 
@@ -162,26 +181,30 @@ def main() -> int:
     rows = []
     for shape in shapes:
         folder = options.out / f"model-{shape}"
-        make_model(folder, shape, options.device)
+        if not (folder / "config.json").is_file():  # (one made by an earlier call is reused)
+            make_model(folder, shape, options.device)
         config = AutoConfig.from_pretrained(folder)
-        for index, (case_shape, liger, ac, max_tokens, extra) in enumerate(cases):
-            if case_shape != shape:
+        for index, case in enumerate(cases):
+            if case.shape != shape:
                 continue
-            name = f"{shape} liger={'on' if liger else 'off'} ac={'on' if ac else 'off'} T={max_tokens}"
-            name += "".join(f" {key}={value}" for key, value in extra.items())
+            name = (f"{shape} liger={'on' if case.liger else 'off'} "
+                    f"ac={'on' if case.ac else 'off'} T={case.max_tokens}"
+                    + (f" rows={case.rows}" if case.rows > 1 else ""))  # fmt: skip
+            name += "".join(f" {key}={value}" for key, value in case.extra.items())
             print(f"== {name}", flush=True)
-            data = options.out / f"data-{shape}-{max_tokens}.jsonl"
-            make_data(data, max_tokens, SHAPES[shape][1]["vocab_size"], options.steps)
+            samples = SAMPLES_PER_ROW * case.rows * options.steps
+            data = options.out / f"data-{shape}-{case.max_tokens}-{samples}.jsonl"
+            make_data(data, case.max_tokens, SHAPES[shape][1]["vocab_size"], samples)
             run_dir = options.out / f"run-{shape}-{index}"
-            keys = run_keys(folder, data, run_dir, liger, ac, max_tokens, options.steps,
-                            options.device, extra)  # fmt: skip
+            keys = run_keys(case, folder, data, run_dir, options.steps, options.device)
             # the estimate of mt check and the trainer's fit: its plan for this GPU (activation
             # budget, blocks kept gathered, W0 on the host), from the same keys and functions
             args = args_from_dict(keys)
             room = gpu_room(torch.device("cuda"), 1)[0] if options.device == "cuda" else None
-            machine = Machine(gpu=options.device == "cuda", world_size=1, liger_installed=liger,
-                              attention_backends=("sdpa",), gpu_bytes=room)  # fmt: skip
-            lengths = np.full(SAMPLES_PER_STEP * options.steps, max_tokens // SAMPLES_PER_STEP)
+            machine = Machine(gpu=options.device == "cuda", world_size=1,
+                              liger_installed=case.liger, attention_backends=("sdpa",),
+                              gpu_bytes=room)  # fmt: skip
+            lengths = np.full(samples, case.max_tokens // SAMPLES_PER_ROW)
             plan = resolve(args, config, machine, lengths, warn=False)
             dims = plan.shape or run_shape(config, args)
             memory = estimate(dims, plan.settings)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import mt_osft.apply as apply_module
 import mt_osft.state as state_module
 from mt_osft import OSFTConfig, apply_osft, residual_bound, trainable_rank
 from mt_osft.products import PLAIN, SPLIT_TF32, tf32_parts
@@ -167,7 +168,7 @@ def train_osft(
     keep bfloat16 bases and project both in bfloat16 products, as on the GPU."""
     torch.manual_seed(0)
     if float32_bases:
-        monkeypatch.setattr(state_module, "basis_dtype", lambda weight, upcast: upcast)
+        monkeypatch.setattr(apply_module, "basis_dtype", lambda weight, upcast: upcast)
     model = Net().to(dtype)
     w0 = {f"{name}.weight": getattr(model, name).weight.detach().clone() for name in TARGETS}
     state = apply_osft(model, OSFTConfig(0.25, TARGETS, project_gradients=project_gradients))

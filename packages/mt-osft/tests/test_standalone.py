@@ -14,7 +14,8 @@ import sys
 sys.modules["transformers"] = None  # any `import transformers` now raises ImportError
 import torch
 from torch import nn
-import mt_osft, mt_osft.adaptive, mt_osft.config, mt_osft.patterns, mt_osft.state, mt_osft.subspace
+import mt_osft, mt_osft.adaptive, mt_osft.apply, mt_osft.config, mt_osft.patterns, mt_osft.state
+import mt_osft.subspace
 net = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
 w0 = net[0].weight.detach().clone()
 state = mt_osft.apply_osft(net, mt_osft.OSFTConfig(0.5, ["0", "2"]))

@@ -18,6 +18,7 @@ No transformers import anywhere: targets are chosen by module-name patterns.
 """
 
 from mt_osft.adaptive import AdaptiveRatios, adaptive_ratios, interpolate_ratios, layer_importance
+from mt_osft.apply import apply_osft
 from mt_osft.config import OSFTConfig, parse_dtype
 from mt_osft.patterns import (
     DEFAULT_TARGET_PATTERNS,
@@ -25,7 +26,7 @@ from mt_osft.patterns import (
     match_targets,
     name_matches,
 )
-from mt_osft.state import OSFTState, OSFTTarget, apply_osft
+from mt_osft.state import OSFTState, OSFTTarget
 from mt_osft.subspace import (
     SubspacePlan,
     decompose,

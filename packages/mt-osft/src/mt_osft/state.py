@@ -1,4 +1,5 @@
-"""Applying OSFT to a model and keeping the invariant through training.
+"""Keeping OSFT's invariant through training: the targets' frozen data and the per-step
+projections (:mod:`mt_osft.apply` makes them: :func:`mt_osft.apply_osft`).
 
 Design: the weight stays one dense parameter; each update is projected back after the step.
 
@@ -51,7 +52,7 @@ dtype (out·in) plus the bases in their dtype (bfloat16 for bfloat16 weights, el
 ``out·min(k, t)`` or ``out·k`` and likewise for ``in``; optimizer state and gradients are those of
 full fine-tuning.
 
-Sharding (FSDP2): call :func:`apply_osft` after ``fully_shard``. A target whose weight is a DTensor
+Sharding (FSDP2): call :func:`mt_osft.apply_osft` after ``fully_shard``. A target whose weight is a DTensor
 sharded on dim 0 gets W0 and the left basis sharded the same way (each rank holds its rows) and the
 right basis sharded on its rows too; the projection works on the local rows, all-reduces the
 ``U^T D`` product (basis width x in) and all-gathers the right basis one matrix at a time. The SVDs are spread over the
@@ -68,7 +69,6 @@ torch version, but LAPACK/cuSOLVER results may differ in the last bits elsewhere
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -78,21 +78,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from mt_osft.config import OSFTConfig
-from mt_osft.patterns import default_target_patterns, match_targets
 from mt_osft.products import PLAIN, SPLIT_TF32, Products
-from mt_osft.reference import device_references, local_part, on_device, to_host
+from mt_osft.reference import device_references, local_part, on_device
 from mt_osft.subspace import (
     SubspacePlan,
-    basis_dtype,
-    decompose,
     ieee_matmul,
     matmul_precision,
-    plan_subspace,
     project,
-    trainable_rank,
 )
 
-__all__ = ["OSFTState", "OSFTTarget", "apply_osft"]
+__all__ = ["OSFTState", "OSFTTarget"]
 
 _SUFFIXES = ("osft_ref", "osft_left", "osft_right")
 
@@ -232,7 +227,7 @@ class OSFTState:
         left, right = target.left, target.right
         group = None
         if isinstance(left, DTensor):
-            group = _shard_group(left)
+            group = shard_group(left)
             if dist.get_world_size(group) == 1:
                 # one rank holds all of it: no collective (each would be a launch and a copy)
                 group, right = None, right.to_local()
@@ -349,7 +344,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _shard_group(tensor: DTensor):
+def shard_group(tensor: DTensor):
     """The process group over which ``tensor``'s rows are sharded."""
     placements = tensor.placements
     shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
@@ -359,172 +354,3 @@ def _shard_group(tensor: DTensor):
             f"OSFT supports weights sharded on dim 0 over one mesh dimension, got {placements}"
         )
     return tensor.device_mesh.get_group(shard_dims[0])
-
-
-def _resolve_ratio(name: str, default: float, ratios: Mapping[str, float], used: set[str]) -> float:
-    """The most specific entry of ``ratios`` for module ``name``: its own name, else its nearest
-    ancestor module (``model.layers.3`` covers ``model.layers.3.mlp.up_proj``), else ``default``."""
-    parts = name.split(".")
-    for end in range(len(parts), 0, -1):
-        key = ".".join(parts[:end])
-        if key in ratios:
-            used.add(key)
-            return ratios[key]
-    return default
-
-
-def apply_osft(
-    model: nn.Module,
-    config: OSFTConfig,
-    *,
-    model_type: str | None = None,
-    ratios: Mapping[str, float] | None = None,
-    decompose: bool = True,
-) -> OSFTState:
-    """Make ``model`` train under OSFT; returns the :class:`OSFTState` handle.
-
-    Targets: the modules matched by ``config.target_patterns``, else by the default patterns of
-    ``model_type`` (e.g. ``config.model_type`` of a HF model). ``ratios`` maps module names (a
-    target's module, or any ancestor such as a decoder block ``model.layers.3``; the most specific
-    wins; a target's parameter name ``....weight`` works too) to unfreeze ratios overriding
-    ``config.unfreeze_rank_ratio``; every key must cover some target.
-
-    Matrices with ratio 0 get ``requires_grad=False``. Call before building the optimizer, and
-    after ``fully_shard`` when sharding (every rank then calls it: the SVDs are spread over the
-    ranks). ``decompose=False`` skips the SVDs and allocates zero-filled state of the right shapes,
-    to be filled by :meth:`OSFTState.load_state_dict` or a distributed checkpoint load.
-    """
-    if config.target_patterns is not None:
-        patterns = list(config.target_patterns)
-    elif model_type is not None:
-        patterns = default_target_patterns(model_type)
-    else:
-        raise ValueError("osft_target_patterns: set the patterns or pass the model_type")
-    ratios = dict(ratios or {})
-    for key, value in ratios.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"osft ratios[{key!r}] must be a number in [0, 1], got {value!r}")
-    # Keys given as parameter names (".weight") are accepted and mean their module.
-    ratios = {key.removesuffix(".weight"): float(value) for key, value in ratios.items()}
-
-    modules = dict(model.named_modules())
-    used: set[str] = set()
-    targets: list[OSFTTarget] = []
-    seen: set[int] = set()
-    for module_name in match_targets(model, patterns):
-        module = modules[module_name]
-        weight = module.weight
-        if id(weight) in seen:  # one matrix shared by two modules: split it once
-            continue
-        seen.add(id(weight))
-        ratio = _resolve_ratio(module_name, config.unfreeze_rank_ratio, ratios, used)
-        shape = (int(weight.shape[0]), int(weight.shape[1]))
-        plan = plan_subspace(shape, trainable_rank(min(shape), ratio))
-        targets.append(
-            OSFTTarget(
-                name=f"{module_name}.weight" if module_name else "weight",
-                module=module,
-                ratio=ratio,
-                plan=plan,
-                dtype=weight.dtype,
-            )
-        )
-    unused = sorted(set(ratios) - used)
-    if unused:
-        raise ValueError(f"osft ratios: {unused} cover no OSFT target")
-
-    for target in targets:
-        if target.plan.n_train == 0:
-            target.weight.requires_grad_(False)
-    projected = [t for t in targets if t.plan.projected]
-    seconds = _build_state(projected, config.upcast_dtype, decompose)
-    if config.reference_on_host:
-        for target in projected:
-            target.ref = to_host(target.ref)
-    return OSFTState(config, targets, seconds)
-
-
-@torch.no_grad()
-def _build_state(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool) -> float:
-    """Fill ref / left / right of every target; returns this rank's seconds spent in SVDs."""
-    plain = [t for t in targets if not isinstance(t.weight, DTensor)]
-    sharded = [t for t in targets if isinstance(t.weight, DTensor)]
-    seconds = 0.0
-    for target in plain:
-        weight, plan = target.weight, target.plan
-        stored = basis_dtype(weight.dtype, upcast)
-        if run_svd:
-            target.ref = weight.detach().clone()
-            start = time.perf_counter()
-            target.left, target.right = decompose(weight, plan, stored)
-            seconds += _elapsed(start, weight.device)
-        else:
-            target.ref = torch.zeros_like(weight, requires_grad=False)
-            target.left = weight.new_zeros(plan.shape[0], plan.left_cols, dtype=stored)
-            target.right = weight.new_zeros(plan.shape[1], plan.right_cols, dtype=stored)
-    if sharded:
-        seconds += _build_sharded(sharded, upcast, run_svd)
-    return seconds
-
-
-def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool) -> float:
-    """The sharded case: W0 is the local shard (no communication); matrix i is gathered to and
-    decomposed by rank i mod world, in rounds of one matrix per rank, so the SVDs run in parallel
-    and no rank holds more than its shards plus one full matrix; the bases are scattered back."""
-    from torch.distributed.tensor import zeros as dtensor_zeros
-
-    for target in targets:
-        _shard_group(target.weight)  # reject layouts the projection does not support
-        if run_svd:
-            target.ref = target.weight.detach().clone()
-        else:
-            target.ref = torch.zeros_like(target.weight, requires_grad=False)
-    if not run_svd:
-        for target in targets:
-            mesh, placements = target.weight.device_mesh, target.weight.placements
-            out, inn = target.plan.shape
-            stored = basis_dtype(target.weight.dtype, upcast)
-            target.left = dtensor_zeros(
-                out, target.plan.left_cols, dtype=stored, device_mesh=mesh, placements=placements
-            )
-            target.right = dtensor_zeros(
-                inn, target.plan.right_cols, dtype=stored, device_mesh=mesh, placements=placements
-            )
-        return 0.0
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    seconds = 0.0
-    for start in range(0, len(targets), world):
-        chunk = targets[start : start + world]
-        mine = None
-        for owner, target in enumerate(chunk):
-            full = target.weight.detach().full_tensor()  # collective: every rank takes part
-            if owner == rank:
-                mine = (target, full)
-            del full
-        bases = None
-        if mine is not None:
-            target, full = mine
-            begin = time.perf_counter()
-            bases = decompose(full, target.plan, basis_dtype(full.dtype, upcast))
-            seconds += _elapsed(begin, full.device)
-            del full, mine
-        for owner, target in enumerate(chunk):
-            weight = target.weight
-            mesh, placements = weight.device_mesh, weight.placements
-            out, inn = target.plan.shape
-            if owner == rank:
-                left, right = bases
-            else:  # placeholders: distribute_tensor takes the data from the owner
-                device, stored = weight.to_local().device, basis_dtype(weight.dtype, upcast)
-                left = torch.empty(out, target.plan.left_cols, dtype=stored, device=device)
-                right = torch.empty(inn, target.plan.right_cols, dtype=stored, device=device)
-            target.left = distribute_tensor(left, mesh, placements, src_data_rank=owner)
-            target.right = distribute_tensor(right, mesh, placements, src_data_rank=owner)
-    return seconds
-
-
-def _elapsed(start: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
