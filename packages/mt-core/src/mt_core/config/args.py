@@ -583,11 +583,13 @@ class TrainingArgs:
         default=False,
     )
     activation_memory_budget: float | None = field(
-        "Compiled blocks: the share of their activations kept for the backward pass; below 1 "
-        "the compiler recomputes the cheapest of the rest (between 1, nothing recomputed, and "
-        "0, about what activation_checkpointing keeps). Not set = on a GPU the largest share "
-        "with which max_tokens_per_gpu fits its memory by mt check's estimate (1 when it fits "
-        "as it is).",
+        "Compiled blocks: the share of their activations they may keep for the backward "
+        "pass (torch's activation memory budget); below 1 the compiler recomputes the cheapest "
+        "of the rest (between 1, nothing recomputed, and 0, about what "
+        "activation_checkpointing keeps). From about 0.66 to 0.99 it keeps one set, about two "
+        "thirds of what lies beyond each block's input (the norms' outputs and SwiGLU's "
+        "product recomputed). Not set = on a GPU the largest budget with which "
+        "max_tokens_per_gpu fits its memory by mt check's estimate (1 when it fits as it is).",
         _SPEED,
         "float",
         at_least(0),
