@@ -153,9 +153,10 @@ def choose_fit(
     may_host_reference: bool = False,
 ) -> Fit:  # fmt: skip
     """The fit of ``run`` on a GPU that may allocate ``usable`` bytes; ``budget`` is the run
-    file's activation_memory_budget (None: the largest that fits, where ``run.compiled``). On one GPU the blocks stay
-    gathered between forward and backward where that fits with every activation kept: FSDP then
-    casts each block's weights once a minibatch instead of twice (1B, 16k and 32k rows: +1.6%).
+    file's activation_memory_budget (None: the largest that fits, where ``run.compiled``). On one
+    GPU the blocks stay gathered between forward and backward where that fits with every
+    activation kept: FSDP then casts each block's weights once a minibatch instead of twice (1B,
+    16k and 32k rows: +1.6%).
     With ``may_offload`` (the run file leaves activation_offload unset) activation offload is
     turned on where the run fits with it and not without. With ``may_cpu_offload`` (cpu_offload
     unset), a run that fits neither way is fitted again with cpu_offload, the slowest lever (its
@@ -255,9 +256,9 @@ def run_settings(
     args: TrainingArgs, world_size: int, liger: bool, minibatches: int = 1, compiled: bool = False
 ) -> Settings:
     """What the memory estimate needs to know of a run, from its keys and what the trainer
-    resolved (Liger on or off, blocks compiled or not). cpu_offload not set counts as off (the fit may turn it on); a
-    deferred gradient sync counts where the run file asks for one, the only case in which it
-    costs memory (syncs_every_minibatch)."""
+    resolved (Liger on or off, blocks compiled or not). cpu_offload not set counts as off (the
+    fit may turn it on); a deferred gradient sync counts where the run file asks for one, the
+    only case in which it costs memory (syncs_every_minibatch)."""
     return Settings(
         max_tokens=args.max_tokens_per_gpu,
         world_size=world_size,
