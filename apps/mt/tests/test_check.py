@@ -23,6 +23,7 @@ from mt_core.plan.memory import (
     gpu,
     largest_fitting_tokens,
     osft_state_bytes,
+    worst_minibatch,
 )
 from mt_core.plan.shape import OsftSettings, model_shape, osft_settings
 from mt_data import InfiniteSampler
@@ -96,7 +97,7 @@ def test_osft_projection_time_is_the_flop_count_at_the_measured_rates(tiny_run):
     for one projection (tools/bench/RESULTS.md: 46.4 TFLOP), and with bfloat16 weights the
     0.074 + 0.094 s the two projections took on one H200; N ranks do 1/N each. ``mt check``'s
     step time is the compute time plus that, and says so."""
-    from mt_core.plan.memory import osft_step_seconds
+    from mt_core.plan.step_time import osft_step_seconds
 
     eight_b = LlamaConfig(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -251,6 +252,10 @@ def test_the_plan_uses_the_runs_sampler_and_packer(tiny_run):
         assert step.minibatches == len(plan_of_step[0])
         loads = [int(lengths[batch][ids].sum()) for rank in plan_of_step for ids in rank]
         assert step.largest == max(loads) <= 64
+        # the fullest first minibatch of a step over the ranks, and the fullest later one
+        assert step.first == max(int(lengths[batch][rank[0]].sum()) for rank in plan_of_step)
+        later = [int(lengths[batch][ids].sum()) for rank in plan_of_step for ids in rank[1:]]
+        assert step.later == max(later, default=0)
     assert plan.fits and plan.world_size == 2
     assert (tiny_run.parent / "out" / "data_cache").is_dir()  # where mt run finds the store
 
@@ -333,6 +338,38 @@ def llama_8b(tmp_path: Path, kit) -> tuple[Path, Path]:
     return model, kit.write_jsonl(
         tmp_path / "data.jsonl", kit.token_rows(64, low=100, high=4000, seed=2)
     )
+
+
+def test_steps_that_never_fill_a_row_show_their_own_peak(tmp_path, kit, capsys):
+    """Batches whose rows never fill up peak lower than the plan's full row: mt check gives that
+    peak too, for the worse of the sampled steps' fullest first minibatch and fullest later one
+    (its backward pass starts with the first one's gradients alive), what the trainer's own last
+    line compares a GPU run's peak with; a plan whose rows fill up says nothing of it."""
+    model, _ = llama_8b(tmp_path, kit)
+    keys = dict(batch_size=24, train_dtype="bfloat16", optimizer_state_dtype="bfloat16")
+    # 24 samples of 1,000-1,399 tokens a step: two rows of 14k or so, of 20,480
+    data = kit.write_jsonl(tmp_path / "short.jsonl", kit.token_rows(96, low=1000, high=1400))
+    run = kit.run_toml(tmp_path, model, data, max_tokens_per_gpu=20480, **keys)
+    plan = make_plan(load_run_file(run), str(run), gpu_name="H200", batches=4)
+    first = max(step.first for step in plan.steps)
+    later = max(step.later for step in plan.steps)
+    assert 0 < later <= first < 0.8 * 20480  # every step: two rows, neither near full
+    worst = worst_minibatch(plan.shape, plan.settings, first, later)
+    assert worst.minibatches == 2 and worst.max_tokens == later  # the gradients tip it
+    peak = estimate(plan.shape, worst).peak
+    assert peak < 0.97 * plan.memory.peak
+    cli.main(["check", str(run), "--gpu=H200", "--batches=4"])
+    out = capsys.readouterr().out
+    assert (
+        f"(the sampled steps peak {peak / GIB:.1f} GiB, at a later minibatch of {later:,} tokens "
+        "on one GPU; the verdict\n   assumes a full 20,480 after a first, as a longer run of this "
+        "data may bring)"
+    ) in out
+    # rows that fill up (24 samples of 1,024 tokens: three full rows a step): nothing to add
+    even = kit.write_jsonl(tmp_path / "even.jsonl", kit.token_rows(96, low=1024, high=1025))
+    full = kit.run_toml(tmp_path, model, even, max_tokens_per_gpu=8192, **keys)
+    cli.main(["check", str(full), "--gpu=H200", "--batches=4"])
+    assert "the sampled steps peak" not in capsys.readouterr().out
 
 
 def test_a_run_that_does_not_fit_exits_1_and_says_what_to_change(tmp_path, kit, capsys):

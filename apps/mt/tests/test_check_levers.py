@@ -166,7 +166,7 @@ def test_fp8_in_the_plan_settings_time_and_memory(run_file, capsys):
     layers' products at twice bfloat16's rate, the memory plan is bfloat16's (and says so),
     and the lever is no longer offered."""
     from mt.check_levers import float8_lever
-    from mt_core.plan.memory import float8_time_factor
+    from mt_core.plan.step_time import float8_time_factor
 
     plain = plan_of(run_file, "H200")
     fp8 = plan_of(run_file, "H200", float8="tensorwise")

@@ -33,8 +33,10 @@ from mt_core.plan.memory import (
     Gpu,
     ModelShape,
     estimate,
-    float8_time_factor,
     gpu,
+)
+from mt_core.plan.step_time import (
+    float8_time_factor,
     osft_step_seconds,
     recompute_factor,
     step_flops,
@@ -270,9 +272,8 @@ def _sample_steps(
         contexts = _context_sums(train, batch)
         plan = pack_minibatches(lengths, args.max_tokens_per_gpu * size, world // size, rank=None)
         busiest = 0.0
-        largest = max(
-            -(-int(lengths[rows[m]].sum()) // size) for rows in plan for m in range(len(rows))
-        )
+        # tokens on one GPU of each rank's minibatches (a group's GPUs share each row)
+        loads = [[-(-int(lengths[ids].sum()) // size) for ids in rows] for rows in plan]
         for minibatch in range(len(plan[0])):
             busiest += (
                 max(
@@ -292,7 +293,8 @@ def _sample_steps(
                 tokens=int(lengths.sum()),
                 loss_tokens=int(train.loss_counts[batch].sum()),
                 minibatches=len(plan[0]),
-                largest=largest,
+                first=max(rows[0] for rows in loads),
+                later=max((load for rows in loads for load in rows[1:]), default=0),
                 time_s=busiest / rate + osft,
             )
         )

@@ -142,7 +142,7 @@ def _as_asked(plan: Plan) -> tuple[Settings, bool]:
 def _extra_compute(run: Settings, budget: float) -> float:
     """At most how much more the GPU computes for the activations it does not keep: checkpointing
     runs the forward pass again, a third of a step's FLOPs (2 of 6N a token, 4 of 12 per
-    attended position: mt_core.plan.memory.recompute_factor); compiled blocks with a budget b < 1
+    attended position: mt_core.plan.step_time.recompute_factor); compiled blocks with a budget b < 1
     recompute at most the share 1 - b of it (the cheapest first)."""
     return 1 / 3 if run.checkpointing else (1 - budget) / 3
 

@@ -21,8 +21,14 @@ class StepSample:
     tokens: int
     loss_tokens: int
     minibatches: int
-    largest: int  # tokens of the fullest minibatch on one GPU
+    first: int  # tokens on one GPU of the step's fullest first minibatch (over the ranks)
+    later: int  # ... of its fullest later one (0: one minibatch): it starts with gradients alive
     time_s: float  # at the stated MFU, the busiest rank of each minibatch setting the pace
+
+    @property
+    def largest(self) -> int:
+        """Tokens of the step's fullest minibatch on one GPU."""
+        return max(self.first, self.later)
 
 
 @dataclass

@@ -17,8 +17,9 @@ from mt_core.plan.memory import (
     compiled_share,
     estimate,
     largest_fitting_tokens,
-    osft_step_seconds,
+    worst_minibatch,
 )
+from mt_core.plan.step_time import osft_step_seconds
 
 __all__ = ["render", "suggestions"]
 
@@ -174,12 +175,18 @@ def _memory_lines(plan: Plan) -> list[str]:
             f"compiled blocks keep about {compiled_share(s, run.activation_budget):.2f}\n   of "
             "their activations beyond each block's input and recompute the rest)"
         )
-    largest = max(step.largest for step in plan.steps)
-    if largest < 0.9 * run.max_tokens:
-        seen = estimate(s, replace(run, max_tokens=largest))
+    # the sampled steps' own peak, where well under the plan's (rows that never fill up): what
+    # a short run of them would measure (the trainer's last line on a GPU says the same)
+    first = max(step.first for step in plan.steps)
+    worst = worst_minibatch(s, run, first, max(step.later for step in plan.steps))
+    seen = estimate(s, worst).peak
+    if seen < 0.97 * m.peak:
+        which = "first" if worst.minibatches == 1 else "later"
         lines.append(
-            f"  (the fullest minibatch of the sampled steps holds {_n(largest)} tokens on one GPU: "
-            f"peak {_gib(seen.peak)} GiB there; the verdict assumes a full {_n(run.max_tokens)})"
+            f"  (the sampled steps peak {_gib(seen)} GiB, at a {which} minibatch of "
+            f"{_n(worst.max_tokens)} tokens on one GPU; the verdict\n   assumes a full "
+            f"{_n(run.max_tokens)}{' after a first' if run.minibatches > 1 else ''}, as a longer "
+            "run of this data may bring)"
         )
     if run.activation_offload and plan.args.activation_offload is None:
         lines.append(

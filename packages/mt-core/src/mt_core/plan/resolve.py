@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +45,7 @@ from mt_core.plan.memory import (
     compiled_share,
     estimate,
     kept_activation_share,
+    worst_minibatch,
 )
 
 if TYPE_CHECKING:
@@ -127,12 +128,7 @@ class Resolved:
         without a shape (no GPU)."""
         if self.shape is None or max(first_tokens, later_tokens) <= 0 or measured_bytes <= 0:
             return None
-        runs = [
-            replace(self.settings, max_tokens=tokens, minibatches=minibatches)
-            for tokens, minibatches in ((first_tokens, 1), (later_tokens, 2))
-            if tokens > 0
-        ]
-        run = max(runs, key=lambda run: estimate(self.shape, run).peak)
+        run = worst_minibatch(self.shape, self.settings, first_tokens, later_tokens)
         planned = estimate(self.shape, run).peak
         which = "first of a step" if run.minibatches == 1 else "after a step's first"
         line = (
