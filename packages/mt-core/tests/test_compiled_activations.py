@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen3Config
 
 from mt_core.plan.memory import COMPUTE_BYTES, compiled_bytes_per_token_layer, compiled_share
 from mt_core.plan.shape import model_shape
@@ -29,12 +29,15 @@ def tool():
     return module
 
 
+# grouped-query attention, q and key/value widths and the MLP all different, i/h as Llama's
+WIDTHS = dict(
+    hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=48, num_hidden_layers=1, vocab_size=256,
+)  # fmt: skip
+
+
 def test_compiled_blocks_keep_what_the_memory_model_counts(tool):
-    # grouped-query attention, q and key/value widths and the MLP all different, i/h as Llama's
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=48, num_hidden_layers=1, vocab_size=256,
-    )  # fmt: skip
+    config = LlamaConfig(**WIDTHS)
     shape = model_shape(config)
     share = compiled_share(shape, 0.99)
     assert 0.6 < share < BUDGETS[2] < BUDGETS[1] < 1  # two budgets on the plateau
@@ -46,3 +49,37 @@ def test_compiled_blocks_keep_what_the_memory_model_counts(tool):
     for budget, kept, counted in zip(BUDGETS[3:], measured[3:], model[3:], strict=True):
         assert held <= kept <= counted, budget
     assert measured == sorted(measured, reverse=True)  # a lower budget never keeps more
+
+
+def test_a_block_that_normalises_queries_and_keys_keeps_them_before_their_norms(tool):
+    """Qwen3's q_norm and k_norm: each head's q and k before the norm and a reciprocal RMS per
+    head more than a Llama block of the same widths, at 1 and on the plateau alike. (Gemma2's
+    sandwich norms, one more hidden-wide tensor and two reciprocal RMS, were measured with
+    tools/compiled_activations.py and a CPU flash-attn-4 stand-in: transformers' own sdpa does
+    not run Gemma2.)"""
+    config = Qwen3Config(**WIDTHS)
+    shape = model_shape(config)
+    assert shape.qk_norms and not shape.sandwich_norms
+    llama = model_shape(LlamaConfig(**WIDTHS))
+    extra = COMPUTE_BYTES * (4 * 48 + 2 * 48) + 4 * (4 + 2)
+    budgets = [1.0, 0.9]
+    measured = tool.measure(config, budgets, tokens=96, attention="sdpa", device="cpu")
+    assert measured == [compiled_bytes_per_token_layer(shape, budget) for budget in budgets]
+    assert measured == [compiled_bytes_per_token_layer(llama, b) + extra for b in budgets]
+
+
+def test_the_shape_knows_which_norms_a_block_has_beyond_llamas():
+    """From the block's own modules (built on the meta device): q/k norms (Qwen3, Gemma3) and
+    sandwich norms (Gemma2, Gemma3); what Gemma2's add was measured with the CPU flash-attn-4
+    stand-in at two widths (tools/bench/RESULTS.md): one hidden-wide tensor, two more RMS."""
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    llama = model_shape(LlamaConfig(**WIDTHS))
+    assert not (llama.qk_norms or llama.sandwich_norms)
+    gemma2 = model_shape(Gemma2Config(**WIDTHS))
+    assert gemma2.sandwich_norms and not gemma2.qk_norms
+    gemma3 = model_shape(Gemma3TextConfig(**WIDTHS))
+    assert gemma3.sandwich_norms and gemma3.qk_norms
+    for budget in (1.0, 0.9):
+        more = compiled_bytes_per_token_layer(gemma2, budget)
+        assert more - compiled_bytes_per_token_layer(llama, budget) == COMPUTE_BYTES * 128 + 8

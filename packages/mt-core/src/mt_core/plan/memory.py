@@ -134,6 +134,8 @@ class ModelShape:
     osft_upcast_bytes: int = 4
     osft_projection_flops: int = 0  # one projection of every projected target (mt_osft)
     moe: bool = False  # mixture of experts: the activation formula is only a guide
+    qk_norms: bool = False  # each head's queries and keys normalised (Qwen3, Gemma3)
+    sandwich_norms: bool = False  # each sub-layer's output normalised too (Gemma2, Gemma3)
     sinks: bool = False  # attention sinks (GPT-OSS): only some attention backends compute them
     float8_params: int = 0  # weights of the linear layers the key float8 converts
 
@@ -202,6 +204,10 @@ def activation_bytes_per_token_layer(shape: ModelShape, liger: bool) -> float:
     # gate, up, SwiGLU output; plus the attention's float32 log-sum-exp per head and each
     # norm's float32 reciprocal RMS
     per = c * (4 * h + 2 * q + 2 * k + 3 * i) + 4 * shape.heads + 2 * 4
+    if shape.qk_norms:  # q and k before their norms, and a reciprocal RMS per head
+        per += c * (q + k) + 4 * (shape.heads + shape.kv_heads)
+    if shape.sandwich_norms:  # one more hidden-wide tensor and two more reciprocal RMS
+        per += c * h + 2 * 4
     if not liger:
         per += 2 * 4 * h + c * i  # HF RMSNorm's float32 copies; SwiGLU's activation output
     return per

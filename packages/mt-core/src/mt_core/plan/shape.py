@@ -119,6 +119,8 @@ def model_shape(
     hidden = int(text.hidden_size)
     counts = _osft_counts(model, config, osft, total) if osft is not None else None
     modules = dict(model.named_modules())
+    # norms beyond a Llama block's two, from the first block's module names
+    names = {name.rsplit(".", 1)[-1] for name, _ in blocks[0].named_modules()} if blocks else set()
     converted = [
         n for n, reason in float8_layers(model, float8 or "tensorwise").items() if reason is None
     ]
@@ -144,6 +146,8 @@ def model_shape(
         osft_projection_flops=counts.projection_flops if counts else 0,
         moe=any((getattr(text, key, 0) or 0) > 1 for key in _MOE_KEYS),
         sinks=has_attention_sinks(model),
+        qk_norms={"q_norm", "k_norm"} <= names,
+        sandwich_norms="post_feedforward_layernorm" in names,
         float8_params=sum(modules[name].weight.numel() for name in converted),
     )
 
