@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -90,7 +91,11 @@ def one_layer(config, tokens: int, attention: str, device: str):
         longest = tokens - first
         kwargs = dict(cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=longest,
                       max_length_k=longest)  # fmt: skip
-    rope = model.model.rotary_emb(hidden, positions)
+    rotary = model.model.rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # per kind of layer (Gemma3)
+        rope = rotary(hidden, positions, layer_type=model.config.layer_types[0])
+    else:
+        rope = rotary(hidden, positions)
     kwargs.update(attention_mask=None, position_ids=positions, position_embeddings=rope)
     return model.model.layers[0], hidden, rope, kwargs
 
