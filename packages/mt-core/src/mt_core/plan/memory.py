@@ -322,13 +322,17 @@ def worst_minibatch(shape: ModelShape, run: Settings, first: int, later: int) ->
     return max(runs, key=lambda candidate: estimate(shape, candidate).peak)
 
 
+def _share(shape: ModelShape, kept: float) -> float:
+    """The share s with ``kept = c·h + s·(a - c·h)`` bytes per token and compiled layer."""
+    held = COMPUTE_BYTES * shape.hidden
+    return (kept - held) / (activation_bytes_per_token_layer(shape, liger=True) - held)
+
+
 def compiled_share(shape: ModelShape, budget: float) -> float:
     """The share s of ``c·h + s·(a - c·h)`` that compiled blocks keep at ``budget``
     (:func:`compiled_bytes_per_token_layer`): the budget itself below the aggressive cut's share,
     that share above it, 1 at 1."""
-    held = COMPUTE_BYTES * shape.hidden
-    per = activation_bytes_per_token_layer(shape, liger=True)
-    return (compiled_bytes_per_token_layer(shape, budget) - held) / (per - held)
+    return _share(shape, compiled_bytes_per_token_layer(shape, budget))
 
 
 def kept_activation_share(shape: ModelShape, run: Settings, measured_bytes: float) -> float | None:
@@ -342,9 +346,7 @@ def kept_activation_share(shape: ModelShape, run: Settings, measured_bytes: floa
     start = memory.peak_at == "start of backward"
     others = memory.peak - (memory.activations if start else memory.activations_end)
     layers = (min(shape.layers, 2) if run.activation_offload else shape.layers) if start else 1
-    kept = (measured_bytes - others) / (run.max_tokens * layers)
-    held = COMPUTE_BYTES * shape.hidden
-    return (kept - held) / (activation_bytes_per_token_layer(shape, liger=True) - held)
+    return _share(shape, (measured_bytes - others) / (run.max_tokens * layers))
 
 
 def largest_fitting_tokens(shape: ModelShape, run: Settings, budget_bytes: float) -> int:
