@@ -34,6 +34,7 @@ __all__ = [
     "connect_agent_store",
     "init_distributed",
     "leave_barriers",
+    "peer_key",
     "shutdown_distributed",
 ]
 
@@ -46,6 +47,11 @@ BARRIER_TIMEOUT = timedelta(hours=2)
 # how long a rank waits for torchrun's store to accept it (it answers at once while the job runs)
 STORE_CONNECT_TIMEOUT = timedelta(seconds=30)
 _POLL_S = (0.01, 1.0)  # barrier()'s look at the store: first after 10 ms, then doubling to 1 s
+# A rank a barrier waits for whose heartbeat (peer_key) stands still this long is gone. Its
+# heartbeat thread moves it every half second whatever the rank's main thread does (file work
+# holds no lock on it), so twenty missed beats are a dead process, not a slow one; the lost-node
+# bound of docs/cluster.md (30 s) holds this, the roll call after it and the exit.
+BARRIER_QUIET_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -179,9 +185,10 @@ def barrier() -> None:
     goes with it (the store's node, where rank 0 runs: node 0 of a static rendezvous, usually
     the c10d host); the others then raise within seconds (within
     :data:`STORE_CONNECT_TIMEOUT` where the store's node went silent). A process killed
-    outright (SIGKILL, out of memory) on a node other than the store's takes the rest of its
-    node down (its torchrun agent stops them), but the ranks of the other nodes are not told:
-    they wait out :data:`BARRIER_TIMEOUT`, then raise.
+    outright (SIGKILL, out of memory) on a node other than the store's tells nobody: the ranks
+    waiting for it raise once its heartbeat (:func:`peer_key`, which mt_core's trainer moves)
+    has stood still for :data:`BARRIER_QUIET_S`. A rank without a heartbeat is waited for up to
+    :data:`BARRIER_TIMEOUT`.
 
     Without torchrun's store (one process, another launcher) it is a collective barrier, bounded
     by the process group's timeout. On NCCL it names this rank's GPU, which a group made
@@ -213,16 +220,53 @@ def _store_barrier(store: dist.TCPStore, rank: int, world_size: int) -> None:
     # noticed meanwhile
     deadline = time.monotonic() + BARRIER_TIMEOUT.total_seconds()
     pause = _POLL_S[0]
+    beats: dict[int, tuple[bytes, float]] = {}  # rank waited for: its heartbeat, seen since when
     while not store.check([done]):
         if store.check([f"{prefix}/left"]):
             gone = store.get(f"{prefix}/left").decode()
             raise RuntimeError(f"rank {gone} ended while rank {rank} waited for it at a barrier")
+        if pause == _POLL_S[1]:  # a wait of a second or more: is a rank still to come dead?
+            late = [other for other in range(world_size)
+                    if store.add(f"{prefix}/rank{other}", 0) < number]  # fmt: skip
+            dead = _stopped_beating(store, late, beats)
+            if dead is not None:
+                store.set(f"{prefix}/left", str(dead))  # the other waiters stop at once too
+                raise RuntimeError(
+                    f"rank {dead} stopped answering while rank {rank} waited for it at a barrier"
+                )
         if time.monotonic() > deadline:
             raise RuntimeError(
                 f"rank {rank} waited {BARRIER_TIMEOUT} at a barrier for the other ranks"
             )
         time.sleep(pause)
         pause = min(2 * pause, _POLL_S[1])
+
+
+def _stopped_beating(
+    store: dist.TCPStore, ranks: list[int], beats: dict[int, tuple[bytes, float]]
+) -> int | None:
+    """The first of ``ranks`` that is dead: its heartbeat says it ended, or has not moved for
+    :data:`BARRIER_QUIET_S` since ``beats`` (updated here) first saw its value. A rank with no
+    heartbeat in the store is not judged."""
+    now = time.monotonic()
+    for other in ranks:
+        key = peer_key(other)
+        if not store.check([key]):
+            continue
+        value = store.get(key)
+        seen, since = beats.get(other, (None, now))
+        if not value.isdigit() or (value == seen and now - since >= BARRIER_QUIET_S):
+            return other
+        if value != seen:
+            beats[other] = (value, now)
+    return None
+
+
+def peer_key(name: int | str) -> str:
+    """A key of the ranks' roll in torchrun's store: ``peer_key(rank)`` is that rank's heartbeat,
+    a counter its trainer moves every half second, or a word once it ended (why); other names
+    are the roll's own entries. Restarted jobs get keys of their own."""
+    return f"mt/peers/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
 
 
 def leave_barriers(timeout: timedelta = timedelta(seconds=2)) -> None:

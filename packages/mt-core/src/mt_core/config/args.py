@@ -336,7 +336,8 @@ class TrainingArgs:
         "a node building its data store: raise it where that takes longer. Waits for one "
         "process's file work are not collectives and not bounded by it: under torchrun the "
         "others wait for rank 0 writing an export (a 70B model's 141 GB: minutes) or renaming "
-        "a checkpoint in torchrun's store, for up to 2 hours.",
+        "a checkpoint in torchrun's store, for up to 2 hours while it lives (one that dies "
+        "meanwhile is noticed within 10 s: its heartbeat there stops).",
         _RESUME,
         "float",
         finite,

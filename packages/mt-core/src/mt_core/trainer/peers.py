@@ -37,7 +37,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mt_core.errors import PeerLostError, write_error
 from mt_fsdp import latest_checkpoint
-from mt_fsdp.distributed import agent_store_address, connect_agent_store, leave_barriers
+from mt_fsdp.distributed import (
+    agent_store_address,
+    connect_agent_store,
+    leave_barriers,
+    peer_key,
+)
 
 __all__ = ["BEAT_S", "QUIET_S", "SPOKEN_WAIT_S", "PeerWatch"]
 
@@ -66,7 +71,6 @@ class PeerWatch:
     def __init__(self) -> None:
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self._prefix = f"mt/peers/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self._address = agent_store_address() if self.world_size > 1 else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -75,8 +79,8 @@ class PeerWatch:
         with contextlib.suppress(Exception):  # no store: the run goes on, only unexplained
             store = self._connect()
             node = f"{os.environ.get('GROUP_RANK', '?')} {socket.gethostname()}"
-            store.set(f"{self._prefix}/node/{self.rank}", node)
-            store.add(self._key(self.rank), 1)  # registered: counted from now on
+            store.set(peer_key(f"node/{self.rank}"), node)
+            store.add(peer_key(self.rank), 1)  # registered: counted from now on
             self._thread = threading.Thread(
                 target=self._beat, args=(store,), name="mt-peer-beat", daemon=True
             )
@@ -85,15 +89,13 @@ class PeerWatch:
     def _connect(self) -> TCPStore:
         return connect_agent_store(STORE_TIMEOUT)
 
-    def _key(self, rank: int) -> str:
-        return f"{self._prefix}/{rank}"
-
     def _beat(self, store: TCPStore) -> None:
         while not self._stop.wait(BEAT_S):
-            try:
-                store.add(self._key(self.rank), 1)
-            except Exception:  # the store is gone (its node with it): nothing left to tell
-                return
+            # a beat the store did not take in time is not the last: a barrier takes a counter
+            # that stopped for good for a dead rank (where the store went with its node, the
+            # beats fail until the rank ends)
+            with contextlib.suppress(Exception):
+                store.add(peer_key(self.rank), 1)
 
     def close(self) -> None:
         """Stop beating (the run ended, or this rank is about to say why)."""
@@ -111,7 +113,7 @@ class PeerWatch:
         self.close()
         if self._address is not None:
             with contextlib.suppress(Exception):
-                self._connect().set(self._key(self.rank), reason)
+                self._connect().set(peer_key(self.rank), reason)
             leave_barriers(STORE_TIMEOUT)  # ranks waiting for this one's file work stop too
 
     def explain(self, error: BaseException, output_dir: Path, resume: str) -> PeerLostError | None:
@@ -146,13 +148,13 @@ class PeerWatch:
         if self.rank == min(survivors) or not self._wait_for_message():
             write_error(message)
             with contextlib.suppress(Exception):
-                self._connect().set(f"{self._prefix}/spoken", str(self.rank))
+                self._connect().set(peer_key("spoken"), str(self.rank))
         return PeerLostError(message)
 
     def _wait_for_message(self) -> bool:
         """Whether the rank that speaks for the run wrote its message in time."""
         try:
-            self._connect().wait([f"{self._prefix}/spoken"], timedelta(seconds=SPOKEN_WAIT_S))
+            self._connect().wait([peer_key("spoken")], timedelta(seconds=SPOKEN_WAIT_S))
             return True
         except Exception:
             return False
@@ -163,15 +165,15 @@ class PeerWatch:
         others = [rank for rank in range(self.world_size) if rank != self.rank]
         try:
             store = self._connect()
-            first = _values(store, [self._key(rank) for rank in others])
+            first = _values(store, [peer_key(rank) for rank in others])
             heard = {rank for rank, value in zip(others, first, strict=True) if _ended(value)}
             deadline = time.monotonic() + QUIET_S
             while len(heard) < len(others) and time.monotonic() < deadline:
                 time.sleep(BEAT_S / 2)
-                now = _values(store, [self._key(rank) for rank in others])
+                now = _values(store, [peer_key(rank) for rank in others])
                 heard |= {r for r, a, b in zip(others, first, now, strict=True) if a != b}
-            last = _values(store, [self._key(rank) for rank in others])
-            nodes = _values(store, [f"{self._prefix}/node/{r}" for r in range(self.world_size)])
+            last = _values(store, [peer_key(rank) for rank in others])
+            nodes = _values(store, [peer_key(f"node/{r}") for r in range(self.world_size)])
         except Exception:
             return None
         return _Roll(
