@@ -371,9 +371,16 @@ def test_the_fit_plans_for_what_the_process_may_use_of_its_gpu(tmp_path, monkeyp
     assert both == (H100 * 0.5, "its per-process memory fraction 0.5")  # the cap is lower
     # what the trainer reads (torch.cuda, stubbed here: no GPU in the tests) is what it plans for
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (H100 - other - context, H100))
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def fraction(device):  # torch's own raises for a device without an index ("cuda")
+        assert device == 0
+        return 1.0
+
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction)
     assert gpu_room(torch.device("cuda", 0), world_size=1) == (room, why)
+    assert gpu_room(torch.device("cuda"), world_size=1) == (room, why)  # the current GPU
     lengths = np.full(1000, 600)
     choose = dict(config=LLAMA_3B, world_size=1, liger=True, lengths=lengths, compiled=True)
     whole = fit_to_gpu(_args(tmp_path), capacity_bytes=H100, **choose)

@@ -3,13 +3,12 @@ whether the blocks stay gathered between their forward and backward passes, and,
 else makes the run fit, activation offloading.
 
 A compiled block may keep fewer of its activations for the backward pass and recompute the rest
-(PyTorch's partitioner picks the cheapest to recompute first: pointwise ops before matmuls). Left
-unset, mt chooses the largest share with which ``max_tokens_per_gpu`` fits the GPU by the memory
-estimate of ``mt check`` (measured within 4% of the real peak, tools/bench/RESULTS.md), so a model
-whose float32 weights, gradients and AdamW state fill most of the GPU still trains on long rows:
-on one H100 the 3B shape runs 16k-token rows instead of 8k. Where even a budget of 0 (or
-activation checkpointing) leaves the run too large and activation_offload is not set, the blocks'
-saved activations wait in host memory if that makes it fit: slower, but it runs.
+(PyTorch's partitioner picks the cheapest first). Left unset, mt chooses the largest share with
+which ``max_tokens_per_gpu`` fits the GPU by ``mt check``'s memory estimate (within 4% of the
+measured peak, tools/bench/RESULTS.md): a model whose float32 weights, gradients and AdamW state
+fill most of the GPU still trains on long rows (one H100: the 3B shape on 16k-token rows, not 8k).
+Where even a budget of 0 (or activation checkpointing) leaves the run too large and
+activation_offload is not set, the saved activations wait in host memory if that makes it fit.
 """
 
 from __future__ import annotations
@@ -106,13 +105,14 @@ def gpu_room_bytes(
 def gpu_room(device: torch.device, world_size: int) -> tuple[float, str]:
     """:func:`gpu_room_bytes` of this process's CUDA ``device``, as torch and the driver report
     it, and the smallest over the run's ``world_size`` ranks (every rank must choose the same
-    offloads); the reason is this rank's own."""
+    offloads); the reason is this rank's own. "cuda" is the current GPU (an index is needed)."""
     import torch
 
-    free, total = torch.cuda.mem_get_info(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    free, total = torch.cuda.mem_get_info(index)
     room, why = gpu_room_bytes(
-        total, fraction=torch.cuda.get_per_process_memory_fraction(device), free_bytes=free,
-        own_bytes=torch.cuda.memory_reserved(device),
+        total, fraction=torch.cuda.get_per_process_memory_fraction(index), free_bytes=free,
+        own_bytes=torch.cuda.memory_reserved(index),
     )  # fmt: skip
     if world_size > 1:
         smallest = torch.tensor([room], dtype=torch.float64, device=device)
