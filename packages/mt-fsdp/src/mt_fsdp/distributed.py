@@ -36,6 +36,7 @@ __all__ = [
     "leave_barriers",
     "peer_key",
     "shutdown_distributed",
+    "store_values",
 ]
 
 # How long barrier() waits in torchrun's store for the last rank. Its waits are for one rank's
@@ -226,8 +227,8 @@ def _store_barrier(store: dist.TCPStore, rank: int, world_size: int) -> None:
             gone = store.get(f"{prefix}/left").decode()
             raise RuntimeError(f"rank {gone} ended while rank {rank} waited for it at a barrier")
         if pause == _POLL_S[1]:  # a wait of a second or more: is a rank still to come dead?
-            late = [other for other in range(world_size)
-                    if store.add(f"{prefix}/rank{other}", 0) < number]  # fmt: skip
+            counts = store_values(store, [f"{prefix}/rank{other}" for other in range(world_size)])
+            late = [other for other, count in enumerate(counts) if int(count or 0) < number]
             dead = _stopped_beating(store, late, beats)
             if dead is not None:
                 store.set(f"{prefix}/left", str(dead))  # the other waiters stop at once too
@@ -249,17 +250,23 @@ def _stopped_beating(
     :data:`BARRIER_QUIET_S` since ``beats`` (updated here) first saw its value. A rank with no
     heartbeat in the store is not judged."""
     now = time.monotonic()
-    for other in ranks:
-        key = peer_key(other)
-        if not store.check([key]):
+    for other, value in zip(ranks, store_values(store, [peer_key(r) for r in ranks]), strict=True):
+        if value is None:
             continue
-        value = store.get(key)
         seen, since = beats.get(other, (None, now))
         if not value.isdigit() or (value == seen and now - since >= BARRIER_QUIET_S):
             return other
         if value != seen:
             beats[other] = (value, now)
     return None
+
+
+def store_values(store: dist.TCPStore, keys: list[str]) -> list[bytes | None]:
+    """The values of ``keys`` in one request where all exist (every poll of every waiting rank
+    asks the one store: hundreds of ranks); None for a key never written."""
+    if store.check(keys):
+        return store.multi_get(keys)
+    return [store.get(key) if store.check([key]) else None for key in keys]
 
 
 def peer_key(name: int | str) -> str:

@@ -42,6 +42,7 @@ from mt_fsdp.distributed import (
     connect_agent_store,
     leave_barriers,
     peer_key,
+    store_values,
 )
 
 __all__ = ["BEAT_S", "QUIET_S", "SPOKEN_WAIT_S", "PeerWatch"]
@@ -165,15 +166,15 @@ class PeerWatch:
         others = [rank for rank in range(self.world_size) if rank != self.rank]
         try:
             store = self._connect()
-            first = _values(store, [peer_key(rank) for rank in others])
+            first = store_values(store, [peer_key(rank) for rank in others])
             heard = {rank for rank, value in zip(others, first, strict=True) if _ended(value)}
             deadline = time.monotonic() + QUIET_S
             while len(heard) < len(others) and time.monotonic() < deadline:
                 time.sleep(BEAT_S / 2)
-                now = _values(store, [peer_key(rank) for rank in others])
+                now = store_values(store, [peer_key(rank) for rank in others])
                 heard |= {r for r, a, b in zip(others, first, now, strict=True) if a != b}
-            last = _values(store, [peer_key(rank) for rank in others])
-            nodes = _values(store, [peer_key(f"node/{r}") for r in range(self.world_size)])
+            last = store_values(store, [peer_key(rank) for rank in others])
+            nodes = store_values(store, [peer_key(f"node/{r}") for r in range(self.world_size)])
         except Exception:
             return None
         return _Roll(
@@ -194,14 +195,6 @@ def _sigterm_held() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _values(store: TCPStore, keys: list[str]) -> list[bytes | None]:
-    """The values of ``keys`` in one request; None for a key never written (a rank that was
-    gone before it registered)."""
-    if store.check(keys):
-        return store.multi_get(keys)
-    return [store.get(key) if store.check([key]) else None for key in keys]
 
 
 def _ended(value: bytes | None) -> bool:
