@@ -227,8 +227,12 @@ def _store_barrier(store: dist.TCPStore, rank: int, world_size: int) -> None:
             gone = store.get(f"{prefix}/left").decode()
             raise RuntimeError(f"rank {gone} ended while rank {rank} waited for it at a barrier")
         if pause == _POLL_S[1]:  # a wait of a second or more: is a rank still to come dead?
-            counts = store_values(store, [f"{prefix}/rank{other}" for other in range(world_size)])
-            late = [other for other, count in enumerate(counts) if int(count or 0) < number]
+            counts = [f"{prefix}/rank{other}" for other in range(world_size)]
+            if not store.check(counts):  # a rank not at any barrier yet counts 0: its key made
+                for key in counts:  # now lets each later poll ask for all in one request
+                    store.add(key, 0)
+            late = [other for other, count in enumerate(store.multi_get(counts))
+                    if int(count) < number]  # fmt: skip
             dead = _stopped_beating(store, late, beats)
             if dead is not None:
                 store.set(f"{prefix}/left", str(dead))  # the other waiters stop at once too
