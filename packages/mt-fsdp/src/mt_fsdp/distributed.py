@@ -34,6 +34,7 @@ __all__ = [
     "connect_agent_store",
     "init_distributed",
     "leave_barriers",
+    "peer_ended",
     "peer_key",
     "shutdown_distributed",
     "store_values",
@@ -258,7 +259,7 @@ def _stopped_beating(
         if value is None:
             continue
         seen, since = beats.get(other, (None, now))
-        if not value.isdigit() or (value == seen and now - since >= BARRIER_QUIET_S):
+        if peer_ended(value) or (value == seen and now - since >= BARRIER_QUIET_S):
             return other
         if value != seen:
             beats[other] = (value, now)
@@ -278,6 +279,11 @@ def peer_key(name: int | str) -> str:
     a counter its trainer moves every half second, or a word once it ended (why); other names
     are the roll's own entries. Restarted jobs get keys of their own."""
     return f"mt/peers/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
+def peer_ended(value: bytes | None) -> bool:
+    """Whether a heartbeat's value (:func:`peer_key`) says its rank ended: a word, not a count."""
+    return value is not None and not value.isdigit()
 
 
 def leave_barriers(timeout: timedelta = timedelta(seconds=2)) -> None:

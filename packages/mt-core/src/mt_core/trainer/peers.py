@@ -41,6 +41,7 @@ from mt_fsdp.distributed import (
     agent_store_address,
     connect_agent_store,
     leave_barriers,
+    peer_ended,
     peer_key,
     store_values,
 )
@@ -167,7 +168,7 @@ class PeerWatch:
         try:
             store = self._connect()
             first = store_values(store, [peer_key(rank) for rank in others])
-            heard = {rank for rank, value in zip(others, first, strict=True) if _ended(value)}
+            heard = {rank for rank, value in zip(others, first, strict=True) if peer_ended(value)}
             deadline = time.monotonic() + QUIET_S
             while len(heard) < len(others) and time.monotonic() < deadline:
                 time.sleep(BEAT_S / 2)
@@ -195,10 +196,6 @@ def _sigterm_held() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _ended(value: bytes | None) -> bool:
-    return value is not None and not value.isdigit()
 
 
 def _cause(error: BaseException) -> str:
