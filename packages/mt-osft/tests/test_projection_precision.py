@@ -335,3 +335,37 @@ def test_float32_weights_projected_in_split_tf32_products_stay_within_the_bound(
         w, k = target.weight.detach(), target.plan.n_frozen
         assert float((w - w0[name]).norm() / w0[name].norm()) > 0.1, name
         assert frozen_residual(w0[name], w, k) < residual_bound(w0[name], w, k, torch.float32)
+
+
+def test_the_compiled_weight_projection_gives_the_eager_ones_bits_and_compiles_once_per_sides():
+    """Float32 weights on one GPU are projected by one compiled call per target
+    (mt_osft.state._compiled_weight_projection, with the split TF32 products traced into it): the
+    same bits as the eager projection for each combination of stored sides (complement or
+    frozen basis on the left and on the right), and a second shape of the same sides reuses the
+    graph (shapes are dynamic, so per-layer ratios do not recompile)."""
+    from torch._dynamo.utils import counters
+
+    from mt_osft.products import matmul_precision
+    from mt_osft.subspace import decompose, plan_subspace
+
+    generator = torch.Generator().manual_seed(0)
+    compiled = state_module._compiled_weight_projection()
+    cases = [((48, 48), 12), ((36, 36), 9), ((24, 40), 6), ((96, 32), 8), ((40, 48), 30)]
+    graphs = []
+    for shape, n_train in cases:
+        w0 = torch.randn(*shape, generator=generator)
+        plan = plan_subspace(shape, n_train)
+        left, right = decompose(w0, plan)
+        moved = w0 + 0.01 * torch.randn(*shape, generator=generator)
+        eager, fused = moved.clone(), moved.clone()
+        args = (w0, left, plan.left_keep, right, plan.right_keep, None, SPLIT_TF32)
+        state_module._weight_projection(eager, *args)
+        before = counters["stats"]["unique_graphs"]
+        with matmul_precision("tf32"):
+            compiled(fused, *args)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        assert not torch.equal(eager, moved), shape  # it projected something
+        assert torch.equal(fused.view(torch.int32), eager.view(torch.int32)), shape
+    sides = [(plan_subspace(s, n).left_keep, plan_subspace(s, n).right_keep) for s, n in cases]
+    assert sides[0] == sides[1] and len(set(sides)) == 4  # every combination, one twice
+    assert graphs[1] == 0 and graphs[2] == 1  # same sides: no new graph; new sides: one

@@ -15,6 +15,7 @@ tests train with.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,8 +99,14 @@ def _fused_split() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 
 def tf32_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo), TF32 numbers with x = hi + lo + r, |r| <= 2^-22 |x| elementwise (on CUDA by
-    one compiled kernel)."""
-    return (_fused_split() if x.is_cuda else _split)(x)
+    one compiled kernel; inside a compiled projection, traced into it)."""
+    return (_fused_split() if x.is_cuda and not torch.compiler.is_compiling() else _split)(x)
+
+
+def _tf32() -> contextlib.AbstractContextManager[None]:
+    """TF32 products inside; in a compiled projection, whose caller sets TF32 around the whole
+    call (switching a backend flag cannot be traced), nothing."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else matmul_precision("tf32")
 
 
 def transposed(x: Operand) -> Operand:
@@ -132,7 +139,7 @@ class Products:
         if not self.split:
             return torch.matmul(a, b, out=out)
         (a_hi, a_lo), (b_hi, b_lo) = self._parts(a), self._parts(b)
-        with matmul_precision("tf32"):
+        with _tf32():
             result = torch.matmul(a_hi, b_hi, out=out)
             return result.addmm_(a_hi, b_lo).addmm_(a_lo, b_hi)
 
@@ -141,7 +148,7 @@ class Products:
         if not self.split:
             return x.addmm_(a, b, alpha=-1.0)
         (a_hi, a_lo), (b_hi, b_lo) = self._parts(a), self._parts(b)
-        with matmul_precision("tf32"):
+        with _tf32():
             x.addmm_(a_hi, b_hi, alpha=-1.0).addmm_(a_hi, b_lo, alpha=-1.0)
             return x.addmm_(a_lo, b_hi, alpha=-1.0)
 

@@ -69,6 +69,7 @@ torch version, but LAPACK/cuSOLVER results may differ in the last bits elsewhere
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -198,38 +199,41 @@ class OSFTState:
     def _project_weight(self, target: OSFTTarget, ref: torch.Tensor) -> None:
         """W <- W0 + Π(W - W0) on this rank's rows, ``ref`` being W0's on the weight's device."""
         weight = local_part(target.weight)
-        dtype = local_part(target.left).dtype
-        # one temporary of the matrix in the bases' dtype, made in one pass where the weight is
-        # stored in it; else the weight is upcast first and W0 inside the in-place op (exactly:
-        # bfloat16 and float32 values are all float32 and float64 values)
-        if weight.dtype == dtype:
-            d = torch.sub(weight, ref)
-        else:
-            d = weight.to(dtype, copy=True).sub_(ref)
+        left, right, group = self._local_bases(target)
+        plan = target.plan
+        args = (weight, ref, left, plan.left_keep, right, plan.right_keep, group)
         # float32 on CUDA: three TF32 products per product, float32's accuracy at 2-3x the IEEE
         # rate (mt_osft.products); bfloat16 and float64 bases multiply as they are
-        split = d.dtype == torch.float32 and d.is_cuda
-        d = self._project_local(target, d, SPLIT_TF32 if split else PLAIN)
-        # W0 + Π(d) in the bases' dtype, rounded once into the weight (one pass)
-        torch.add(d, ref, out=weight)
+        if not (left.dtype == torch.float32 and weight.is_cuda):
+            _weight_projection(*args, PLAIN)
+        elif group is not None:  # collectives between the products: eager
+            _weight_projection(*args, SPLIT_TF32)
+        else:
+            with matmul_precision("tf32"):  # for the whole call: a compiled graph cannot switch
+                _compiled_weight_projection()(*args, SPLIT_TF32)
 
     def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
         local = local_part(tensor)
+        left, right, group = self._local_bases(target)
+        plan = target.plan
         # in place where the tensor is already in the bases' dtype (bfloat16 gradients)
-        projected = self._project_local(target, local.to(local_part(target.left).dtype))
+        projected = project(
+            local.to(left.dtype), left, plan.left_keep, right, plan.right_keep, group
+        )
         if projected is not local:
             local.copy_(projected)
 
-    def _project_local(
-        self, target: OSFTTarget, d: torch.Tensor, products: Products = PLAIN
-    ) -> torch.Tensor:
-        plan = target.plan
-        left, right = target.left, target.right
-        group = None
+    def _local_bases(
+        self, target: OSFTTarget
+    ) -> tuple[torch.Tensor, torch.Tensor, dist.ProcessGroup | None]:
+        """(left, right, group) as :func:`mt_osft.subspace.project` takes them on this rank: this
+        rank's rows of the left basis, the whole right one, and the group that shares the rows
+        (None where one rank holds all of them: no collective, each would be a launch and a
+        copy)."""
+        left, right, group = target.left, target.right, None
         if isinstance(left, DTensor):
             group = shard_group(left)
             if dist.get_world_size(group) == 1:
-                # one rank holds all of it: no collective (each would be a launch and a copy)
                 group, right = None, right.to_local()
             else:
                 right = right.full_tensor()
@@ -239,7 +243,7 @@ class OSFTState:
                 f"{target.name} is sharded but its OSFT state is not: call apply_osft after "
                 f"fully_shard, not before"
             )
-        return project(d, left, plan.left_keep, right, plan.right_keep, group, products)
+        return left, right, group
 
     # ---- measuring ------------------------------------------------------------------------
 
@@ -338,6 +342,41 @@ class OSFTState:
                 )
             # (shard by shard: W0 may wait in host memory while its mesh is on the GPUs)
             tensor.to_local().copy_(source.to_local())
+
+
+def _weight_projection(
+    weight: torch.Tensor,
+    ref: torch.Tensor,
+    left: torch.Tensor,
+    left_keep: bool,
+    right: torch.Tensor,
+    right_keep: bool,
+    group: dist.ProcessGroup | None,
+    products: Products,
+) -> None:
+    """weight <- ref + Π(weight - ref), the products in the bases' dtype."""
+    # one temporary of the matrix in the bases' dtype, made in one pass where the weight is
+    # stored in it; else the weight is upcast first and W0 inside the in-place op (exactly:
+    # bfloat16 and float32 values are all float32 and float64 values)
+    if weight.dtype == left.dtype:
+        d = torch.sub(weight, ref)
+    else:
+        d = weight.to(left.dtype, copy=True).sub_(ref)
+    d = project(d, left, left_keep, right, right_keep, group, products)
+    # W0 + Π(d) in the bases' dtype, rounded once into the weight (one pass)
+    torch.add(d, ref, out=weight)
+
+
+@functools.cache
+def _compiled_weight_projection():
+    # Float32 weights on one GPU: the whole projection of a target as one compiled call. Eager,
+    # each target costs ~6 compiled TF32 splits, 12 products and their precision switches on the
+    # host, ~0.8 ms, more than the GPU needs for them at the 1B shape: a profile of its OSFT step
+    # on an H100 showed the GPU idle 86 ms a step longer than in full fine-tuning, mostly in
+    # those calls (tools/bench/RESULTS.md). Compiled, it is one call, and the splits fuse with
+    # the subtraction of W0 and the add back. Shapes are dynamic: one graph serves every target
+    # of a side combination, whatever the ratios.
+    return torch.compile(_weight_projection, dynamic=True, fullgraph=True)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
