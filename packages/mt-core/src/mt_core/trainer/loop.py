@@ -24,11 +24,18 @@ from mt_core.trainer.after_step import after_step
 from mt_core.trainer.counters import finished
 from mt_core.trainer.library_noise import quiet_libraries
 from mt_core.trainer.lifecycle import OutputDir
+from mt_core.trainer.out_of_memory import gpu_memory, out_of_memory_message
 from mt_core.trainer.peers import PeerWatch
 from mt_core.trainer.setup import Run, setup_run
 from mt_core.trainer.step import StepClock, train_step
 from mt_data import DataError
-from mt_fsdp import CheckpointError, DistContext, init_distributed, shutdown_distributed
+from mt_fsdp import (
+    CheckpointError,
+    DistContext,
+    init_distributed,
+    latest_checkpoint,
+    shutdown_distributed,
+)
 
 __all__ = ["TrainResult", "train"]
 
@@ -111,9 +118,24 @@ def _loop(run: Run) -> TrainResult:
             batch = run.data.loader.step_batch(next(iter(run.data.sampler)))
         sizes = [minibatch.num_tokens for minibatch in batch.minibatches]
         first, later = max(first, sizes[0]), max([later, *sizes[1:]])
-        outcome = train_step(run, batch, clock)
-        with clock.paused():
-            end = after_step(run, batch, outcome)
+        step = counters.step + 1
+        try:
+            outcome = train_step(run, batch, clock)
+            with clock.paused():
+                end = after_step(run, batch, outcome)
+        except torch.OutOfMemoryError as error:  # why, and what to change: not a traceback
+            raise RunError(
+                out_of_memory_message(
+                    error,
+                    step=step,
+                    rank=run.ctx.rank,
+                    tokens=max(sizes),
+                    memory=gpu_memory(run.ctx.device),
+                    resolved=run.resolved,
+                    max_tokens_per_gpu=run.args.max_tokens_per_gpu,
+                    checkpoint=latest_checkpoint(run.checkpoints),
+                )  # fmt: skip
+            ) from error
         done, epoch_open = end.done, epoch_open and not end.epoch_closed
         if end.stopped:
             break
