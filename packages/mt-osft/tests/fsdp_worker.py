@@ -107,8 +107,10 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
         torch.equal(a, b)
         for a, b in zip(dense.values(), hosted.dense_state_dict(hosted_model).values(), strict=True)
     )
+    compiled = compiled_projection_gaps(mesh.get_group(), rank, world)
     if rank == 0:
-        torch.save({"dense": dense, "residuals": residuals, "sharded": sharded, "same": same}, out)
+        torch.save({"dense": dense, "residuals": residuals, "sharded": sharded, "same": same,
+                    "compiled": compiled}, out)  # fmt: skip
     dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
     # Skip interpreter teardown: gloo's threads occasionally abort there ("terminate called
@@ -116,6 +118,38 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def compiled_projection_gaps(group, rank: int, world: int) -> dict[str, tuple[bool, float]]:
+    """Float32 weights on GPUs are projected by one compiled call per target, its collectives
+    traced into the graph (mt_osft.state._compiled_weight_projection with the split TF32
+    products): here on this rank's rows of a tall, a wide and a square float32 matrix (one per
+    way project() talks to the other ranks), whether it gives the eager sharded projection's
+    bits, and its largest gap to one process projecting the whole matrix (other sums)."""
+    import mt_osft.state as state_module
+    from mt_osft.products import SPLIT_TF32, matmul_precision
+    from mt_osft.subspace import decompose, plan_subspace
+
+    found = {}
+    for shape, n_train in (((37, 24), 6), ((24, 37), 6), ((36, 36), 9)):
+        generator = torch.Generator().manual_seed(shape[0])  # the same matrices on every rank
+        w0 = torch.randn(*shape, generator=generator)
+        moved = w0 + 0.01 * torch.randn(*shape, generator=generator)
+        plan = plan_subspace(shape, n_train)
+        left, right = decompose(w0, plan)
+        rows = torch.arange(shape[0]).tensor_split(world)[rank]
+        sides = (plan.left_keep, right, plan.right_keep)
+        whole = moved.clone()
+        state_module._weight_projection(whole, w0, left, *sides, None, SPLIT_TF32)
+        eager, fused = moved[rows].clone(), moved[rows].clone()
+        state_module._weight_projection(eager, w0[rows], left[rows], *sides, group, SPLIT_TF32)
+        with matmul_precision("tf32"):
+            state_module._compiled_weight_projection()(
+                fused, w0[rows], left[rows].contiguous(), *sides, group, SPLIT_TF32
+            )
+        same = torch.equal(fused.view(torch.int32), eager.view(torch.int32))
+        found[f"{shape[0]}x{shape[1]}"] = (same, float((fused - whole[rows]).abs().max()))
+    return found
 
 
 def build_sharded_twin(mesh) -> nn.Module:

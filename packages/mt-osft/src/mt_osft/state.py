@@ -34,7 +34,8 @@ because Adam divides each element by its own second moment.
 
 Which projection must be exact: only the weight projection, which keeps float32's accuracy (or
 float64's) whatever the trainer's matmul setting: IEEE products, or on CUDA each float32 product
-as three TF32 ones (:mod:`mt_osft.products`: within a dozen float32 roundoffs more), except for
+as three TF32 ones (:mod:`mt_osft.products`: within a dozen float32 roundoffs more; the whole
+projection of a target one compiled call there, the same bits as eager), except for
 bfloat16 weights, whose own storage
 rounding (2^-9) dominates: their bases are stored in bfloat16 and the products run on bfloat16
 tensor cores with float32 sums (:func:`mt_osft.subspace.basis_dtype` derives why the bound of the
@@ -204,13 +205,11 @@ class OSFTState:
         args = (weight, ref, left, plan.left_keep, right, plan.right_keep, group)
         # float32 on CUDA: three TF32 products per product, float32's accuracy at 2-3x the IEEE
         # rate (mt_osft.products); bfloat16 and float64 bases multiply as they are
-        if not (left.dtype == torch.float32 and weight.is_cuda):
-            _weight_projection(*args, PLAIN)
-        elif group is not None:  # collectives between the products: eager
-            _weight_projection(*args, SPLIT_TF32)
-        else:
+        if left.dtype == torch.float32 and weight.is_cuda:
             with matmul_precision("tf32"):  # for the whole call: a compiled graph cannot switch
                 _compiled_weight_projection()(*args, SPLIT_TF32)
+        else:
+            _weight_projection(*args, PLAIN)
 
     def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
         local = local_part(tensor)
@@ -369,13 +368,14 @@ def _weight_projection(
 
 @functools.cache
 def _compiled_weight_projection():
-    # Float32 weights on one GPU: the whole projection of a target as one compiled call. Eager,
+    # Float32 weights on GPUs: the whole projection of a target as one compiled call. Eager,
     # each target costs ~6 compiled TF32 splits, 12 products and their precision switches on the
     # host, ~0.8 ms, more than the GPU needs for them at the 1B shape: a profile of its OSFT step
     # on an H100 showed the GPU idle 86 ms a step longer than in full fine-tuning, mostly in
-    # those calls (tools/bench/RESULTS.md). Compiled, it is one call, and the splits fuse with
-    # the subtraction of W0 and the add back. Shapes are dynamic: one graph serves every target
-    # of a side combination, whatever the ratios.
+    # those calls (tools/bench/RESULTS.md); on N ranks the same host work meets 1/N of the GPU
+    # work. Compiled, it is one call (the collectives traced into it as functional ones), and
+    # the splits fuse with the subtraction of W0 and the add back. Shapes are dynamic: one graph
+    # serves every target of a side combination, whatever the ratios.
     return torch.compile(_weight_projection, dynamic=True, fullgraph=True)
 
 
