@@ -61,9 +61,10 @@ def saved_bytes(
     return sum(saved.values())
 
 
-def one_layer(config, tokens: int, attention: str, device: str):
-    """A decoder layer of ``config`` in bfloat16 on ``device``, and the arguments of one call
-    with ``tokens`` tokens (two documents where mt's padding-free attention is used)."""
+def one_layer(config, tokens: int, attention: str, device: str, float8: str | None = None):
+    """A decoder layer of ``config`` in bfloat16 on ``device`` (its large linear layers in FP8
+    where ``float8`` names a recipe, as mt converts them), and the arguments of one call with
+    ``tokens`` tokens (two documents where mt's padding-free attention is used)."""
     from transformers import AutoModelForCausalLM
 
     # one layer, a small vocabulary: the embeddings do not matter here
@@ -78,6 +79,10 @@ def one_layer(config, tokens: int, attention: str, device: str):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if float8 is not None:
+        from mt_core.model.float8 import convert_to_float8
+
+        convert_to_float8(model, float8, shard_ranks=1)
     hidden = torch.randn(1, tokens, config.hidden_size, dtype=torch.bfloat16, device=device)
     hidden.requires_grad_(True)
     kwargs = {}
@@ -100,9 +105,12 @@ def one_layer(config, tokens: int, attention: str, device: str):
     return model.model.layers[0], hidden, rope, kwargs
 
 
-def measure(config, budgets: list[float], tokens: int, attention: str, device: str) -> list[float]:
+def measure(
+    config, budgets: list[float], tokens: int, attention: str, device: str,
+    float8: str | None = None,
+) -> list[float]:  # fmt: skip
     """Bytes per token one layer of ``config`` keeps at each budget."""
-    layer, hidden, rope, kwargs = one_layer(config, tokens, attention, device)
+    layer, hidden, rope, kwargs = one_layer(config, tokens, attention, device, float8)
     return [saved_bytes(layer, b, rope, hidden, **kwargs) / tokens for b in budgets]
 
 
@@ -116,15 +124,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--attention", default="sdpa", help="sdpa or an mt attn_backend")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--float8", help="an FP8 recipe (tensorwise, rowwise): mt's FP8 layers")
     args = parser.parse_args()
     config = model_config(args.shape)
     budgets = [float(b) for b in args.budgets.split(",")]
     shape = model_shape(config)
     print(f"{args.shape}: one layer, h {shape.hidden}, i {shape.intermediate}, {shape.heads} heads "
           f"({shape.kv_heads} key/value, dim {shape.head_dim}), {args.tokens} tokens, "
-          f"{args.attention} on {args.device}, torch {torch.__version__}")  # fmt: skip
+          f"{args.attention} on {args.device}, FP8 {args.float8 or 'off'}, "
+          f"torch {torch.__version__}")  # fmt: skip
     print("budget | kept B/token | the model's | measured / model")
-    kept = measure(config, budgets, args.tokens, args.attention, args.device)
+    kept = measure(config, budgets, args.tokens, args.attention, args.device, args.float8)
     for budget, measured in zip(budgets, kept, strict=True):
         model = compiled_bytes_per_token_layer(shape, budget)
         print(f"{budget:.2f} | {measured:,.0f} | {model:,.0f} | {measured / model:.4f}", flush=True)
