@@ -140,7 +140,7 @@ def test_fp8_is_a_speed_lever_only_on_gpus_with_fp8_tensor_cores(run_file, tmp_p
 
     hopper = plan_of(run_file, "H200")
     assert hopper.shape.float8_params == 32 * (2 * 4096**2 + 3 * 4096 * 14336)
-    lever = "float8 = 'tensorwise': peak about the same (speed, not memory: 89% of the matmul"
+    lever = "float8 = 'tensorwise': peak no higher (speed, not memory: 89% of the matmul"
     assert float8_lever(hopper).startswith(lever)
     cli.main(["check", str(run_file), "--gpu=H200"])
     assert f"          - {lever}" in capsys.readouterr().out

@@ -119,7 +119,7 @@ def float8_lever(plan: Plan) -> str | None:
     if not shape.float8_params:
         return None
     return (
-        f"float8 = 'tensorwise': peak about the same (speed, not memory: "
+        f"float8 = 'tensorwise': peak no higher (speed, not memory: "
         f"{shape.float8_params / shape.matmul_params:.0%} of the matmul weights compute in FP8, "
         "their products up to twice as fast; measured: tools/bench/RESULTS.md)"
     )

@@ -16,6 +16,7 @@ from mt_core.plan.memory import (
     Settings,
     compiled_share,
     estimate,
+    float8_kept_saving,
     largest_fitting_tokens,
     worst_minibatch,
 )
@@ -174,6 +175,13 @@ def _memory_lines(plan: Plan) -> list[str]:
             f"  (activation_memory_budget {run.activation_budget:.2f}: so that the row fits, the "
             f"compiled blocks keep about {compiled_share(s, run.activation_budget):.2f}\n   of "
             "their activations beyond each block's input and recompute the rest)"
+        )
+    saving = float8_kept_saving(s, plan.args.float8)
+    if saving and run.compiled and run.activation_budget >= 1 and not run.checkpointing:
+        lines.append(
+            f"  (float8 = {plan.args.float8!r}: the compiled blocks keep {saving:,} B less per "
+            f"token and layer, {_gib(saving * s.layers * run.max_tokens)} GiB at this row;\n   "
+            "not counted above, which plans FP8 as bfloat16: an upper bound)"
         )
     # the sampled steps' own peak, where well under the plan's (rows that never fill up): what
     # a short run of them would measure (the trainer's last line on a GPU says the same)
