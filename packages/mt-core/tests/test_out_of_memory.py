@@ -5,6 +5,7 @@ keys that make the run need less, and the newest checkpoint."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -102,3 +103,10 @@ def test_a_plan_too_large_is_not_called_fragmentation_and_the_plan_is_shown(tmp_
         lines[3],
     )
     assert lines[4] == "nothing of this step was saved; there is no checkpoint yet"
+    # at budget 0 the blocks already recompute everything: that lever is not offered
+    spent = replace(resolved, fit=replace(resolved.fit, activation_budget=0.0))
+    message = out_of_memory_message(
+        torch.OutOfMemoryError(TORCH_SAYS), step=1, rank=0, tokens=16000, memory=memory,
+        resolved=spent, max_tokens_per_gpu=16384, checkpoint=None,
+    )  # fmt: skip
+    assert "activation_memory_budget" not in message and "max_tokens_per_gpu = 8192" in message

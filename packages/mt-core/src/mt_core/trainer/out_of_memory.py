@@ -81,8 +81,9 @@ def out_of_memory_message(
             "passes it to every rank), which maps memory to the blocks as they grow instead"
         )
     budget = resolved.fit.activation_budget
+    # halving the budget recomputes more; at 0 (or with eager blocks) there is nothing to lower
     lower_budget = f"activation_memory_budget = {budget / 2:.2f} (now {budget:.2f}), " * (
-        resolved.compile_blocks
+        resolved.compile_blocks and budget > 0
     )
     lines.append(
         f"to need less: {lower_budget}max_tokens_per_gpu = {max_tokens_per_gpu // 2} (now "
