@@ -312,17 +312,16 @@ def test_split_products_are_within_a_dozen_float32_roundoffs_where_one_tf32_prod
 
 
 def test_the_compiled_split_a_gpu_runs_gives_the_eager_split_bit_for_bit():
-    """On CUDA tf32_parts is one compiled kernel (mt_osft.products._fused_split): the same bits as
-    the eager split for every float32 (normal, subnormal, both signs, zero), and on operands of
+    """On CUDA tf32_parts runs compiled, traced into the weight projection
+    (mt_osft.state._compiled_weight_projection): compiled with dynamic shapes, it gives the same
+    bits as eager for every float32 (normal, subnormal, both signs, zero), and on operands of
     other shapes and transposed views without recompiling into something else."""
-    from mt_osft import products
-
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(37, 53, generator=generator) * torch.logspace(-40, 38, 53)
     values[0, :4] = torch.tensor([0.0, -0.0, 1e-45, -3e-39])  # zeros and subnormals
-    fused = products._fused_split()
+    fused = torch.compile(tf32_parts, dynamic=True)
     for x in (values, values.T, values[:, :7], torch.randn(300, 2, generator=generator)):
-        for got, want in zip(fused(x), products._split(x), strict=True):
+        for got, want in zip(fused(x), tf32_parts(x), strict=True):
             assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 

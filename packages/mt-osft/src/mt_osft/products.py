@@ -16,8 +16,7 @@ tests train with.
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -82,25 +81,13 @@ def _to_tf32(x: torch.Tensor) -> torch.Tensor:
     return ((bits + _HALF) & ~_DROPPED).view(torch.float32)
 
 
-def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tf32_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo), TF32 numbers with x = hi + lo + r, |r| <= 2^-22 |x| elementwise. Integer bit
+    operations and the exact difference x - hi, so compiled code gives the same bits; on CUDA it
+    runs traced into the compiled weight projection (mt_osft.state), fused with its
+    neighbours."""
     hi = _to_tf32(x)
     return hi, _to_tf32(x - hi)
-
-
-@functools.cache
-def _fused_split() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    # One kernel that reads x once and writes both parts, where the five of the eager split
-    # (two roundings and a difference) move about 11 passes over x: by a count of bytes against
-    # FLOPs (not yet timed), the eager split's traffic is of the order of the products' time at
-    # the 1B shape. Integer bit operations and the exact difference x - hi: the same bits as the
-    # eager split (packages/mt-osft/tests/test_projection_precision.py).
-    return torch.compile(_split, dynamic=True)
-
-
-def tf32_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo), TF32 numbers with x = hi + lo + r, |r| <= 2^-22 |x| elementwise (on CUDA by
-    one compiled kernel; inside a compiled projection, traced into it)."""
-    return (_fused_split() if x.is_cuda and not torch.compiler.is_compiling() else _split)(x)
 
 
 def _tf32() -> contextlib.AbstractContextManager[None]:
