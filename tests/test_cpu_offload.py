@@ -47,13 +47,13 @@ def test_too_little_host_memory_is_one_clear_error_before_any_weight(runs, tmp_p
     with one message naming the sizes and the fix. build_model would fail the test."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import mt_core.plan.fit as fit
+    import mt_core.plan.room as room
     import mt_core.trainer.setup as trainer_setup
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(EXAMPLE / "model"))
     needed = 16 * sum(p.numel() for p in model.parameters())  # a tied weight counts once
     monkeypatch.setattr(trainer_setup, "build_model", lambda *args, **kwargs: pytest.fail("loaded"))
-    monkeypatch.setattr(fit, "available_host_bytes", lambda: needed - 1.0)
+    monkeypatch.setattr(room, "available_host_bytes", lambda: needed - 1.0)
     with pytest.raises(ConfigError) as error:
         runs.train_here(tmp_path / "out", **example_keys(cpu_offload=True))
     (message,) = error.value.problems
@@ -61,7 +61,7 @@ def test_too_little_host_memory_is_one_clear_error_before_any_weight(runs, tmp_p
     assert f"but only {(needed - 1) / 2**20:.1f} MiB is available" in message
     assert "optimizer_state_dtype = 'bfloat16'" in message
     # exactly enough is enough: the run goes on to build the model
-    monkeypatch.setattr(fit, "available_host_bytes", lambda: float(needed))
+    monkeypatch.setattr(room, "available_host_bytes", lambda: float(needed))
     with pytest.raises(pytest.fail.Exception, match="loaded"):
         runs.train_here(tmp_path / "enough", **example_keys(cpu_offload=True))
 

@@ -39,9 +39,9 @@ import torch
 from transformers import AutoConfig
 
 from mt_core import args_from_dict, train
-from mt_core.plan.fit import gpu_room
 from mt_core.plan.memory import GIB, compiled_share, estimate, kept_activation_share
 from mt_core.plan.resolve import Machine, resolve
+from mt_core.plan.room import gpu_room
 from mt_core.plan.shape import run_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/: the shared model maker

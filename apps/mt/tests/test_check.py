@@ -586,12 +586,12 @@ def test_mt_check_turns_cpu_offload_on_as_the_trainer_would(tmp_path, kit, capsy
     assert "verdict DOES NOT FIT" in capsys.readouterr().out
 
 
-def test_fp8_at_budget_1_says_what_the_blocks_keep_less_without_counting_it(tmp_path, kit, capsys):
-    """A 1B run with float8 = 'tensorwise' on an H200 fits with every activation kept: mt check
-    says that FP8 keeps h + 2i bytes less per token and layer (mt_core.plan.memory
-    .float8_kept_saving, measured against the compiler) and how much that is at the row, and
-    that the plan above is bfloat16's; the peak is the same number as without the key. With
-    activation checkpointing, or without the key, nothing is said."""
+def test_fp8_at_budget_1_counts_what_the_blocks_keep_less(tmp_path, kit, capsys):
+    """A 1B run with float8 = 'tensorwise' on an H200 fits with every activation kept: the plan
+    counts h + 2i bytes less per token and layer (mt_core.plan.memory.float8_kept_saving,
+    measured against the compiler) than the same run without the key, exactly that many GiB at
+    the row, and mt check says so under its table. With activation checkpointing, or without
+    the key, nothing is said."""
     from mt_core.plan.memory import float8_kept_saving
 
     assert float8_kept_saving(ONE_B, "tensorwise") == 2048 + 2 * 8192
@@ -604,14 +604,15 @@ def test_fp8_at_budget_1_says_what_the_blocks_keep_less_without_counting_it(tmp_
     plan = make_plan(load_run_file(run), str(run), gpu_name="H200", batches=2)
     assert plan.settings.compiled and plan.settings.activation_budget == 1
     plain = make_plan(load_run_file(run, {"float8": None}), str(run), gpu_name="H200", batches=2)
-    assert plan.memory.peak == plain.memory.peak  # planned as bfloat16
+    assert plain.settings.activation_budget == 1 and plan.memory.peak_at == "start of backward"
     saving = (2048 + 2 * 8192) * 16 * 16384
+    assert plain.memory.activations - plan.memory.activations == saving
+    assert plain.memory.peak - plan.memory.peak == saving
     cli.main(["check", str(run), "--gpu=H200"])
     out = capsys.readouterr().out
     assert (
-        f"  (float8 = 'tensorwise': the compiled blocks keep 18,432 B less per token and layer, "
-        f"{saving / GIB:.2f} GiB at this row;\n   not counted above, which plans FP8 as "
-        "bfloat16: an upper bound)"
+        "  (float8 = 'tensorwise': counted above: the compiled blocks keep 18,432 B less per "
+        f"token and layer,\n   {saving / GIB:.2f} GiB at this row)"
     ) in out
     cli.main(["check", str(run), "--gpu=H200", "--activation_checkpointing=true"])
     assert "keep 18,432 B less" not in capsys.readouterr().out

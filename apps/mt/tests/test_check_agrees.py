@@ -28,14 +28,14 @@ def _trainer_on_a_simulated_gpu(monkeypatch, run_file, device_name: str, world_s
     on GPUs like ``device_name``: the room the GPU leaves it is the whole GPU, as for ``mt
     check``; host memory is not the limit (``mt check`` cannot know the training machine's)."""
     import mt_core.model.build as build
-    import mt_core.plan.fit as fit
+    import mt_core.plan.room as room
     from mt_core.model.build import load_config
     from mt_core.plan.resolve import resolve_this_process
     from mt_core.trainer.data import build_data
 
     device = gpu(device_name)
-    monkeypatch.setattr(fit, "gpu_room", lambda *args: (device.memory_gib * GIB, ""))
-    monkeypatch.setattr(fit, "host_room_bytes", lambda *args: math.inf)
+    monkeypatch.setattr(room, "gpu_room", lambda *args: (device.memory_gib * GIB, ""))
+    monkeypatch.setattr(room, "host_room_bytes", lambda *args: math.inf)
     monkeypatch.setattr(build, "liger_available", lambda: True)  # mt's GPU install has it
     # the GPU's compute capability, asked where a setting depends on it (float8)
     capability = {"H100": (9, 0), "H200": (9, 0), "A100": (8, 0), "A100-40": (8, 0)}[device_name]

@@ -140,10 +140,14 @@ def test_fp8_is_a_speed_lever_only_on_gpus_with_fp8_tensor_cores(run_file, tmp_p
 
     hopper = plan_of(run_file, "H200")
     assert hopper.shape.float8_params == 32 * (2 * 4096**2 + 3 * 4096 * 14336)
-    lever = "float8 = 'tensorwise': peak no higher (speed, not memory: 89% of the matmul"
-    assert float8_lever(hopper).startswith(lever)
+    lever = float8_lever(hopper)
+    assert lever.changes == dict(float8="tensorwise")
+    assert lever.cost.startswith("speed: 89% of the matmul weights compute in FP8")
     cli.main(["check", str(run_file), "--gpu=H200"])
-    assert f"          - {lever}" in capsys.readouterr().out
+    peak = fitted_peak(hopper, float8="tensorwise")  # listed with its fitted peak as the others
+    line = f"          - float8 = 'tensorwise': peak {peak / GIB:.1f} GiB, "
+    assert any(x.startswith(line) and x.endswith(f"({lever.cost})")
+               for x in capsys.readouterr().out.splitlines())  # fmt: skip
     assert float8_lever(plan_of(run_file, "A100")) is None
     with pytest.raises(SystemExit):
         cli.main(["check", str(run_file), "--gpu=A100"])
@@ -172,7 +176,8 @@ def test_fp8_in_the_plan_settings_time_and_memory(run_file, capsys):
     fp8 = plan_of(run_file, "H200", float8="tensorwise")
     assert "compute bfloat16 (large linear layers FP8 tensorwise)" in fp8.resolved.describe()
     assert fp8.memory == plain.memory
-    assert any(note.startswith("float8: memory is planned as for bfloat16") for note in fp8.notes)
+    assert any(note.startswith("float8: weights, gradients and optimizer state are as without")
+               for note in fp8.notes)  # fmt: skip
     assert float8_lever(fp8) is None
     for slow, fast in zip(plain.steps, fp8.steps, strict=True):
         # about 5.5 of the 8B's 6N + attention FLOPs a token are in the FP8 layers' products

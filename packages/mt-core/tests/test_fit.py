@@ -13,8 +13,6 @@ from mt_core.plan.fit import (
     Fit,
     choose_fit,
     fit_to_gpu,
-    gpu_room,
-    gpu_room_bytes,
     syncs_every_minibatch,
 )
 from mt_core.plan.memory import (
@@ -29,6 +27,7 @@ from mt_core.plan.memory import (
     fitting_activation_budget,
     usable_bytes,
 )
+from mt_core.plan.room import gpu_room, gpu_room_bytes
 from mt_core.plan.shape import model_shape
 
 # Llama-3.2-3B as config.json has it: float32 weights, gradients and AdamW state are 48 GiB
@@ -489,3 +488,38 @@ def test_the_end_of_a_gpu_run_says_its_peak_against_the_plan(tmp_path, shape):
     assert kept_activation_share(shape, replace(later, checkpointing=True), planned) is None
     assert kept_activation_share(shape, replace(later, compiled=False), planned) is None
     assert replace(resolved, shape=None).memory_report(13000, 12000, planned) is None
+
+
+LLAMA_8B = LlamaConfig(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, vocab_size=128256,
+)  # fmt: skip
+H200 = 143771 * 2**20  # what torch.cuda reports as the H200's total memory
+
+
+def test_fp8_blocks_keep_less_at_budget_1_so_the_fit_may_keep_every_activation(tmp_path):
+    """Issue #29's 8B run on one H200 (bfloat16 weights with stochastic rounding, bfloat16
+    moments, 16k rows): in bfloat16 every activation does not fit, and the fit recomputes at
+    budget 0.99. With FP8 tensorwise the blocks keep h + 2i = 32,768 B less per token and layer
+    at budget 1 (17.2 GB at this row), which fits: the run keeps every activation. Below budget
+    1 the two are planned alike (FP8 keeps no more: an upper bound). On an H100 neither
+    reaches budget 1, and both get the same budget."""
+    keys = dict(train_dtype="bfloat16", stochastic_rounding=True,
+                optimizer_state_dtype="bfloat16", batch_size=32)  # fmt: skip
+    choose = dict(config=LLAMA_8B, world_size=1, liger=True, lengths=np.full(1000, 600),
+                  compiled=True)  # fmt: skip
+    plain, fp8 = _args(tmp_path, **keys), _args(tmp_path, **keys, float8="tensorwise")
+    assert fit_to_gpu(plain, capacity_bytes=H200, **choose).activation_budget == 0.99
+    assert fit_to_gpu(fp8, capacity_bytes=H200, **choose).activation_budget == 1.0
+    shape = model_shape(LLAMA_8B)
+    run = Settings(max_tokens=16384, world_size=1, master="bfloat16", state="bfloat16",
+                   compiled=True, minibatches=2)  # fmt: skip
+    as_fp8 = replace(run, float8="tensorwise")
+    saving = (4096 + 2 * 14336) * 32 * 16384
+    assert estimate(shape, run).peak - estimate(shape, as_fp8).peak == saving
+    assert estimate(shape, as_fp8).peak <= usable_bytes(H200) < estimate(shape, run).peak
+    for budget in (0.99, 0.5, 0.03):
+        below = replace(run, activation_budget=budget)
+        assert estimate(shape, below) == estimate(shape, replace(below, float8="tensorwise"))
+    on_h100 = [fit_to_gpu(a, capacity_bytes=H100, **choose).activation_budget for a in (plain, fp8)]
+    assert on_h100[0] == on_h100[1] < 1

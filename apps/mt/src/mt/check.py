@@ -154,8 +154,9 @@ def make_plan(
         # torchtitan, Llama-3.1-8B on 8 H100: peak 47.3 GiB with tensorwise FP8 against 47.7 in
         # bfloat16 (pytorch/torchtitan commit 7a04053); mt's own: tools/bench/RESULTS.md
         notes.append(
-            "float8: memory is planned as for bfloat16 compute (FP8 changes it little: the "
-            "weights, gradients and optimizer state stay as they are)"
+            "float8: weights, gradients and optimizer state are as without it; the compiled "
+            "blocks keep FP8's measured saving less at activation budget 1, and below it are "
+            "counted as bfloat16's (an upper bound: FP8 keeps no more)"
         )
     if shape.moe:
         notes.append(

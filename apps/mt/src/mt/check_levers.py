@@ -108,9 +108,11 @@ def levers(run: Settings, osft: bool = False) -> list[Lever]:
     return found
 
 
-def float8_lever(plan: Plan) -> str | None:
-    """FP8 compute (the key ``float8``), a lever of speed, not memory: offered where the planned
-    GPU has FP8 tensor cores, the run does not use it and the model has layers it converts."""
+def float8_lever(plan: Plan) -> Lever | None:
+    """FP8 compute (the key ``float8``), a lever of speed more than memory: offered where the
+    planned GPU has FP8 tensor cores, the run does not use it and the model has layers it
+    converts. Its peak is the fit's: at activation budget 1 the blocks keep less
+    (mt_core.plan.memory.float8_kept_saving), which the fit may spend on a higher budget."""
     from mt_core.model.float8 import FP8_CAPABILITY
 
     capability, shape = plan.gpu_capability, plan.shape
@@ -118,10 +120,11 @@ def float8_lever(plan: Plan) -> str | None:
         return None
     if not shape.float8_params:
         return None
-    return (
-        f"float8 = 'tensorwise': peak no higher (speed, not memory: "
-        f"{shape.float8_params / shape.matmul_params:.0%} of the matmul weights compute in FP8, "
-        "their products up to twice as fast; measured: tools/bench/RESULTS.md)"
+    return Lever(
+        "float8 = 'tensorwise'",
+        dict(float8="tensorwise"),
+        f"speed: {shape.float8_params / shape.matmul_params:.0%} of the matmul weights compute "
+        "in FP8, their products up to twice as fast; measured: tools/bench/RESULTS.md",
     )
 
 
@@ -177,9 +180,9 @@ def lever_lines(plan: Plan) -> list[str]:
     """The ``levers`` section: each lever alone with its peak, and, when the run does not fit
     (or fits only by the cpu_offload the fit chose), the cheapest combination that does."""
     (run, offload_chosen), usable = _as_asked(plan), plan.gpu.usable_gib * GIB
-    found = levers(run, osft=plan.shape.osft_reference_values > 0)
     speed = float8_lever(plan)
-    if not found and speed is None:
+    found = levers(run, osft=plan.shape.osft_reference_values > 0) + ([speed] if speed else [])
+    if not found:
         return []
     lines = ["levers  each alone, as the trainer would fit it (its cost in brackets):"]
     for lever in found:
@@ -188,8 +191,6 @@ def lever_lines(plan: Plan) -> list[str]:
         if budget < 1:
             word += f", activation budget {budget:.2f}"
         lines.append(f"          - {lever.keys}: peak {peak / GIB:.1f} GiB, {word} ({lever.cost})")
-    if speed is not None:
-        lines.append(f"          - {speed}")
     if not plan.fits or offload_chosen:
         best = cheapest_fit(plan)
         if best is None:

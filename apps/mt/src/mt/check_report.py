@@ -176,13 +176,19 @@ def _memory_lines(plan: Plan) -> list[str]:
             f"compiled blocks keep about {compiled_share(s, run.activation_budget):.2f}\n   of "
             "their activations beyond each block's input and recompute the rest)"
         )
-    saving = float8_kept_saving(s, plan.args.float8)
-    if saving and run.compiled and run.activation_budget >= 1 and not run.checkpointing:
-        lines.append(
-            f"  (float8 = {plan.args.float8!r}: the compiled blocks keep {saving:,} B less per "
-            f"token and layer, {_gib(saving * s.layers * run.max_tokens)} GiB at this row;\n   "
-            "not counted above, which plans FP8 as bfloat16: an upper bound)"
-        )
+    saving = float8_kept_saving(s, run.float8)
+    if saving and run.compiled and not run.checkpointing:
+        if run.activation_budget >= 1:
+            said = (
+                f"counted above: the compiled blocks keep {saving:,} B less per token and "
+                f"layer,\n   {_gib(saving * s.layers * run.max_tokens)} GiB at this row"
+            )
+        else:
+            said = (
+                "below budget 1 the compiled blocks are counted as bfloat16's, an upper "
+                "bound:\n   FP8 keeps no more"
+            )
+        lines.append(f"  (float8 = {run.float8!r}: {said})")
     # the sampled steps' own peak, where well under the plan's (rows that never fill up): what
     # a short run of them would measure (the trainer's last line on a GPU says the same)
     first = max(step.first for step in plan.steps)

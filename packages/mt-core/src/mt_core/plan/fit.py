@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +26,6 @@ from mt_core.config import TrainingArgs
 from mt_core.plan.memory import (
     GIB,
     MASTER_BYTES,
-    RESERVED_GIB,
     ModelShape,
     Settings,
     compiled_share,
@@ -36,89 +33,24 @@ from mt_core.plan.memory import (
     fitting_activation_budget,
     usable_bytes,
 )
+from mt_core.plan.room import readable_size
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PretrainedConfig
 
 
 __all__ = [
     "Fit",
     "activation_budget_scope",
-    "available_host_bytes",
     "choose_fit",
     "fit_to_gpu",
-    "gpu_room",
-    "gpu_room_bytes",
     "host_memory_problem",
-    "host_room_bytes",
     "most_minibatches",
     "run_settings",
     "syncs_every_minibatch",
 ]
 
 logger = logging.getLogger(__name__)
-
-# Of a host's memory, the share that the fit may fill on its own with what it offloads (pinned,
-# so never swapped out): the rest is for the processes themselves, the memory-mapped data, the
-# page cache. What a run file asks for is refused only where it cannot fit at all
-# (host_memory_problem).
-HOST_SHARE = 0.5
-
-
-def host_room_bytes(available_bytes: float | None, local_processes: int) -> float:
-    """The host memory one GPU process of this machine may fill with what the fit chooses to
-    offload (activations, or with cpu_offload its shard of weights, gradients and optimizer
-    state): :data:`HOST_SHARE` of the machine's memory, and no more than ``available_bytes``
-    (MemAvailable, :func:`available_host_bytes`; None: unknown), shared by the node's
-    ``local_processes``."""
-    room = HOST_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if available_bytes is not None:
-        room = min(room, available_bytes)
-    return room / local_processes
-
-
-def gpu_room_bytes(
-    total_bytes: float, *, fraction: float = 1.0, free_bytes: float | None = None,
-    own_bytes: float = 0.0,
-) -> tuple[float, str]:  # fmt: skip
-    """The GPU memory this process's fit plans for, and why it is less than the GPU's
-    ``total_bytes`` ("" where it is not): no more than its allocator may take (the per-process
-    ``fraction`` of torch.cuda.set_per_process_memory_fraction), and no more than other
-    processes leave it: the ``free_bytes`` the driver reports, what this process's allocator
-    already holds (``own_bytes``), and the headroom :func:`usable_bytes` keeps for this process's
-    own CUDA context (which the driver no longer counts as free). Alone on its GPU, a process
-    so plans for the whole GPU, as before."""
-    room, why = total_bytes, []
-    if fraction < 1:
-        room = total_bytes * fraction
-        why.append(f"its per-process memory fraction {fraction:g}")
-    if free_bytes is not None:
-        left = free_bytes + own_bytes + RESERVED_GIB * GIB
-        if left < room:
-            room = left
-            held = total_bytes - free_bytes - own_bytes
-            why.append(f"other processes and this one's CUDA context hold {_size(held)}")
-    return room, " and ".join(why)
-
-
-def gpu_room(device: torch.device, world_size: int) -> tuple[float, str]:
-    """:func:`gpu_room_bytes` of this process's CUDA ``device``, as torch and the driver report
-    it, and the smallest over the run's ``world_size`` ranks (every rank must choose the same
-    offloads); the reason is this rank's own. "cuda" is the current GPU (an index is needed)."""
-    import torch
-
-    index = torch.cuda.current_device() if device.index is None else device.index
-    free, total = torch.cuda.mem_get_info(index)
-    room, why = gpu_room_bytes(
-        total, fraction=torch.cuda.get_per_process_memory_fraction(index), free_bytes=free,
-        own_bytes=torch.cuda.memory_reserved(index),
-    )  # fmt: skip
-    if world_size > 1:
-        smallest = torch.tensor([room], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
-        room = smallest.item()
-    return room, why
 
 
 @dataclass(frozen=True)
@@ -272,6 +204,7 @@ def run_settings(
         osft_reference_on_host=bool(args.osft_reference_on_host),  # not set: the fit decides
         deferred_sync=args.sync_gradients_every_minibatch is False,
         minibatches=minibatches,
+        float8=args.float8,
     )
 
 
@@ -290,7 +223,7 @@ def fit_to_gpu(
 ) -> Fit:
     """The fit of a run, by the memory estimate, for a GPU of ``capacity_bytes`` (None: not a
     GPU; then only a budget set in the run file applies) whose process may keep up to
-    ``host_bytes`` in host memory where the fit turns an offload on (:func:`host_room_bytes`).
+    ``host_bytes`` in host memory where the fit turns an offload on (:func:`mt_core.plan.room.host_room_bytes`).
     ``shape``: the model's, where already built; ``warn``: log a warning where nothing makes the
     run fit (``mt check`` says so in its own report)."""
     budget = args.activation_memory_budget
@@ -359,23 +292,6 @@ def fit_to_gpu(
     return replace(fit, summary="; ".join(said))
 
 
-def _size(nbytes: float) -> str:
-    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
-
-
-def available_host_bytes() -> float | None:
-    """What the kernel says a new allocation can still get without swapping (MemAvailable of
-    /proc/meminfo), or None where there is no such file (not Linux)."""
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            return float(line.split()[1]) * 1024  # reported in kB
-    return None
-
-
 def host_memory_problem(
     args: TrainingArgs,
     config: PretrainedConfig,
@@ -398,9 +314,9 @@ def host_memory_problem(
     if needed <= available_bytes:
         return None
     return (
-        f"cpu_offload = true keeps {_size(per_process)} per process in host memory (weights, "
-        f"gradients and AdamW state of its shard; {_size(needed)} for the {local_processes} "
-        f"process(es) of this node), but only {_size(available_bytes)} is available "
+        f"cpu_offload = true keeps {readable_size(per_process)} per process in host memory (weights, "
+        f"gradients and AdamW state of its shard; {readable_size(needed)} for the {local_processes} "
+        f"process(es) of this node), but only {readable_size(available_bytes)} is available "
         "(MemAvailable, /proc/meminfo). Lower it with optimizer_state_dtype = "
         "'bfloat16' (or train_dtype = 'bfloat16' with stochastic_rounding = true), or spread "
         "the run over more nodes"

@@ -35,7 +35,9 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
   (:func:`compiled_bytes_per_token_layer`): ``min(c·h + b·(a - c·h), a - c·(2h + i))``, the
   second its more aggressive min-cut, which recomputes the norms' outputs and SwiGLU's product
   (exact to the byte for Llama blocks against torch 2.11 and 2.15's partitioner,
-  tools/compiled_activations.py).
+  tools/compiled_activations.py). Where FP8 computes the large linear layers (key float8), the
+  blocks keep h + 2i bytes less at budget 1 (:func:`float8_kept_saving`) and, below 1, no more
+  than bfloat16 blocks do, which the estimate counts.
   With activation offload what each layer keeps waits in host memory between its forward and
   backward passes (mt_core.model.activation_offload): the GPU holds that of min(L, 2) layers (the
   running one and the one in flight to or from the host; the last layer is never sent, the
@@ -158,6 +160,7 @@ class Settings:
     gathered: bool = False  # blocks stay gathered (bf16) from their forward to their backward
     activation_offload: bool = False  # what the blocks keep for backward waits in host memory
     osft_reference_on_host: bool = False  # OSFT's frozen copies W0 wait in host memory
+    float8: str | None = None  # the FP8 recipe of the blocks' large linear layers (key float8)
 
 
 @dataclass(frozen=True)
@@ -213,20 +216,28 @@ def activation_bytes_per_token_layer(shape: ModelShape, liger: bool) -> float:
     return per
 
 
-def compiled_bytes_per_token_layer(shape: ModelShape, budget: float) -> float:
+def compiled_bytes_per_token_layer(
+    shape: ModelShape, budget: float, float8: str | None = None
+) -> float:
     """Bytes one token keeps for the backward pass in one compiled decoder layer at torch's
     ``activation_memory_budget``. At 1 the compiler keeps what Liger's fused kernels keep (the
-    norms and SwiGLU fused into their neighbours). Below 1 torch's partitioner
+    norms and SwiGLU fused into their neighbours), less :func:`float8_kept_saving` where the
+    ``float8`` recipe computes the large linear layers. Below 1 torch's partitioner
     (torch/_functorch/partitioners.py, choose_saved_values_set) first tries a more aggressive
     min-cut, which recomputes the two norms' outputs and SwiGLU's product from what is kept
     anyway, and returns it wherever its share is under the budget: ``a - c·(2h + i)`` for every
     budget from about 0.66 to 0.99 (not 0.99 of ``a``). Below that share a knapsack keeps at most
     the budget's share of what lies beyond the block's input. Exact to the byte (and the knapsack
     within its bound) for Llama blocks of 1B to 8B widths, torch 2.11 and 2.15
-    (tools/compiled_activations.py, tools/bench/RESULTS.md); other blocks: a guide."""
+    (tools/compiled_activations.py, tools/bench/RESULTS.md); other blocks: a guide.
+
+    FP8 blocks below budget 1 are counted as bfloat16 ones: they kept no more at any budget
+    measured (0.03 to 0.99, three widths), by amounts that follow no one rule yet (none at the
+    aggressive cut's plateau, up to 8 B per hidden unit elsewhere), so this is an upper bound
+    there."""
     per = activation_bytes_per_token_layer(shape, liger=True)
     if budget >= 1:
-        return per
+        return per - float8_kept_saving(shape, float8)
     held = COMPUTE_BYTES * shape.hidden
     aggressive_cut = per - COMPUTE_BYTES * (2 * shape.hidden + shape.intermediate)
     return min(held + budget * (per - held), aggressive_cut)
@@ -234,12 +245,11 @@ def compiled_bytes_per_token_layer(shape: ModelShape, budget: float) -> float:
 
 def float8_kept_saving(shape: ModelShape, recipe: str | None) -> int:
     """Bytes per token and layer that compiled blocks keep less at activation budget 1 when
-    ``recipe`` computes their q, o and MLP projections in FP8: h + 2i for tensorwise, measured
+    ``recipe`` computes their q, o and MLP projections in FP8: h + 2i for tensorwise (the
+    inputs of the q, gate/up and down products kept in FP8 rather than bfloat16), measured
     exactly on the 1B, 3B and 8B Llama shapes (tools/compiled_activations.py --float8; the 1B run
     on an H100 peaked 4.1 GiB lower, as this says). 0 where not measured (rowwise, another set
-    of converted layers, experts, extra norms) or where nothing converts. Not part of
-    :func:`estimate`, which plans FP8 runs as bfloat16 ones (an upper bound): below budget 1
-    the partitioner's choice with FP8 is not modelled yet."""
+    of converted layers, experts, extra norms) or where nothing converts."""
     if recipe != "tensorwise" or shape.moe or shape.qk_norms or shape.sandwich_norms:
         return 0
     attention = 2 * shape.hidden * shape.heads * shape.head_dim  # q and o
@@ -282,7 +292,7 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     else:
         kept = per_layer
         if run.compiled:  # what the partitioner keeps at the run's budget
-            kept = compiled_bytes_per_token_layer(shape, run.activation_budget)
+            kept = compiled_bytes_per_token_layer(shape, run.activation_budget, run.float8)
         activations = t * on_gpu * kept
         activations_end = t * kept
     loss = loss_bytes(shape, t, run.liger)

@@ -37,6 +37,7 @@ import numpy as np
 
 from mt_core.config import ConfigError, TrainingArgs
 from mt_core.plan import fit as fitting
+from mt_core.plan import room as rooms
 from mt_core.plan.fit import Fit, most_minibatches, run_settings, syncs_every_minibatch
 from mt_core.plan.memory import (
     GIB,
@@ -239,18 +240,18 @@ def resolve_this_process(
     args: TrainingArgs, config: PretrainedConfig, ctx: DistContext, lengths: np.ndarray
 ) -> Resolved:
     """:func:`resolve` on this process's machine: its GPU's room
-    (:func:`mt_core.plan.fit.gpu_room`, said when less than the whole GPU) and its share of the
+    (:func:`mt_core.plan.room.gpu_room`, said when less than the whole GPU) and its share of the
     node's host memory; the main rank prints what the fit chose. A run file whose cpu_offload
     the node's memory cannot hold is a ConfigError."""
     on_gpu = ctx.device.type == "cuda"
-    capacity, smaller = fitting.gpu_room(ctx.device, ctx.world_size) if on_gpu else (None, "")
+    capacity, smaller = rooms.gpu_room(ctx.device, ctx.world_size) if on_gpu else (None, "")
     if smaller:
         print(f"rank {ctx.rank}: planning for {capacity / GIB:.1f} GiB of GPU memory: {smaller}",
               flush=True)  # fmt: skip
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    available = fitting.available_host_bytes()
+    available = rooms.available_host_bytes()
     machine = this_machine(
-        ctx, gpu_bytes=capacity, host_bytes=fitting.host_room_bytes(available, local_processes),
+        ctx, gpu_bytes=capacity, host_bytes=rooms.host_room_bytes(available, local_processes),
         float8=args.float8 is not None,
     )  # fmt: skip
     resolved = resolve(args, config, machine, lengths)
@@ -271,8 +272,8 @@ def this_machine(
     ctx: DistContext, *, gpu_bytes: float | None, host_bytes: float, float8: bool = False
 ) -> Machine:
     """The machine this process trains on: its device, the kernels installed, and the GPU and
-    host memory its fit may plan for (:func:`mt_core.plan.fit.gpu_room`,
-    :func:`mt_core.plan.fit.host_room_bytes`); ``float8``: the run asks for FP8 compute, whose
+    host memory its fit may plan for (:func:`mt_core.plan.room.gpu_room`,
+    :func:`mt_core.plan.room.host_room_bytes`); ``float8``: the run asks for FP8 compute, whose
     tensor cores its GPU's compute capability says."""
     import torch
 
