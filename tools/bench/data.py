@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data_store import bench_build, bench_open_1m, generate_jsonl  # noqa: E402
+from packing import cpu_model  # noqa: E402
 
 from mt_data import InfiniteSampler, SampleDataset, StepLoader, open_token_store  # noqa: E402
 
@@ -96,7 +97,7 @@ def main() -> None:
                 )
             )
     print(
-        f"\nmt-data benchmark - {_cpu_model()}, {os.cpu_count()} CPUs, "
+        f"\nmt-data benchmark - {cpu_model()}, {os.cpu_count()} CPUs, "
         f"python {platform.python_version()}, numpy {np.__version__}, numba {numba.__version__}"
     )
     widths = [max(len(str(row[i])) for row in rows + [HEADER]) for i in range(4)]
@@ -105,17 +106,6 @@ def main() -> None:
 
 
 HEADER = ("what", "case", "measured", "target")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
