@@ -245,8 +245,7 @@ def compiled_bytes_per_token_layer(
 
 def float8_kept_saving(shape: ModelShape, recipe: str | None) -> int:
     """Bytes per token and layer that compiled blocks keep less at activation budget 1 when
-    ``recipe`` computes their q, o and MLP projections in FP8: h + 2i for tensorwise (the
-    inputs of the q, gate/up and down products kept in FP8 rather than bfloat16), measured
+    ``recipe`` computes their q, o and MLP projections in FP8: h + 2i for tensorwise, measured
     exactly on the 1B, 3B and 8B Llama shapes (tools/compiled_activations.py --float8; the 1B run
     on an H100 peaked 4.1 GiB lower, as this says). 0 where not measured (rowwise, another set
     of converted layers, experts, extra norms) or where nothing converts."""
