@@ -433,16 +433,19 @@ def test_a_lost_node_ends_the_others_with_one_message_and_the_checkpoint_intact(
 ):
     run = mt_run_then_lost_node
     node0 = run.nodes[0]
-    assert run.code == 1
-    assert run.stop_s < LOST_NODE_STOP_S
-    assert alive(run.survivors) == []  # node 0's agent and both its workers
+    # each failure shows node 0's stderr: the one time this test failed (once in five full-suite
+    # runs, under load) it could not say why
+    tail = node0.err[-3000:]
+    assert run.code == 1, tail
+    assert run.stop_s < LOST_NODE_STOP_S, (run.stop_s, tail)
+    assert alive(run.survivors) == [], tail  # node 0's agent and both its workers
     said = [line for line in node0.err.splitlines() if line.startswith("mt: error:")]
-    assert len(said) == len(LOST_MESSAGE), node0.err[-3000:]  # one message, from one rank
+    assert len(said) == len(LOST_MESSAGE), tail  # one message, from one rank
     for line, pattern in zip(said, LOST_MESSAGE, strict=True):
         assert re.fullmatch(pattern, line), line
-    assert "Traceback" not in workers_output(node0.err)
+    assert "Traceback" not in workers_output(node0.err), tail
     named = Path(re.fullmatch(LOST_MESSAGE[1], said[1]).group(1))
-    assert named == latest(run.out)
+    assert named == latest(run.out), (named, sorted((run.out / "checkpoints").iterdir()))
     state = json.loads((named / "trainer_state.json").read_text())
     assert state["step"] == int(named.name.removeprefix("step_")) >= STEPS
     assert len(metric_lines(run.out)) >= state["step"]
