@@ -209,7 +209,7 @@ def test_bfloat16_weights_with_bfloat16_bases_stay_within_the_bound_and_near_flo
     """bfloat16 weights projected with their bfloat16 bases: against an exact SVD, within
     residual_bound, which for bfloat16 storage is what it was with float32 bases; after one step
     from the same gradients the stored weights are those of float32 bases and IEEE products up to
-    bfloat16's unit roundoff of their norm, 2^-9 |W| (one more rounding of every element; a few
+    bfloat16's unit roundoff of their norm, 2^-8 |W| (one more rounding of every element; a few
     elements differ by a spacing)."""
     state, w0 = train_osft(monkeypatch, torch.bfloat16, 30)
     for name, target in state.targets.items():
@@ -227,15 +227,16 @@ def test_bfloat16_weights_with_bfloat16_bases_stay_within_the_bound_and_near_flo
         b = f32_state.targets[name]
         assert b.left.dtype == torch.float32
         a, b = target.weight.detach().float(), b.weight.detach().float()
-        assert (a - b).norm() <= 2.0**-9 * b.norm(), name
+        assert (a - b).norm() <= 2.0**-8 * b.norm(), name
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (48, 64), (40, 40), (96, 24)])
 def test_bfloat16_bases_leak_at_most_the_derived_bound_and_coarser_ones_would_not(shape):
     """The bound mt_osft.subspace.basis_dtype derives for one projection with bfloat16 bases:
     the computed Π(D) has at most (4 sqrt(k) + 4) u |D| along the frozen directions of the exact
-    (float64) SVD, u = 2^-9. Bases of a slightly different matrix (as from a stale SVD: W0 plus 20%
-    noise) leave it: the measure sees a leaking subspace."""
+    (float64) SVD, u = 2^-8 (bfloat16's unit roundoff, half its eps). Bases of a different
+    matrix (as from a stale SVD: W0 plus 50% noise; with 20% some leak less than this loose
+    bound) leave it: the measure sees a leaking subspace."""
     from mt_osft.subspace import decompose, plan_subspace
 
     generator = torch.Generator().manual_seed(sum(shape))
@@ -251,10 +252,10 @@ def test_bfloat16_bases_leak_at_most_the_derived_bound_and_coarser_ones_would_no
         worst = max((frozen_left.T @ out).norm(), (out @ frozen_right).norm())
         return float(worst / d.double().norm())
 
-    bound = (4 * k**0.5 + 4) * 2.0**-9
+    bound = (4 * k**0.5 + 4) * torch.finfo(torch.bfloat16).eps / 2
     left, right = decompose(w0, plan, torch.bfloat16)
     assert leak(left, right) <= bound
-    noise = torch.randn(shape, generator=generator) * 0.2
+    noise = torch.randn(shape, generator=generator) * 0.5
     assert leak(*decompose(w0.float() + noise, plan, torch.bfloat16)) > bound
 
 

@@ -37,7 +37,7 @@ float64's) whatever the trainer's matmul setting: IEEE products, or on CUDA each
 as three TF32 ones (:mod:`mt_osft.products`: within a dozen float32 roundoffs more; the whole
 projection of a target one compiled call there, the same bits as eager), except for
 bfloat16 weights, whose own storage
-rounding (2^-9) dominates: their bases are stored in bfloat16 and the products run on bfloat16
+rounding (2^-8) dominates: their bases are stored in bfloat16 and the products run on bfloat16
 tensor cores with float32 sums (:func:`mt_osft.subspace.basis_dtype` derives why the bound of the
 invariant stays the same). The gradient projection runs in ``OSFTConfig.gradient_precision`` (TF32
 on CUDA by default, about 5x the IEEE rate on an H200) or in the bfloat16 bases: what its rounding

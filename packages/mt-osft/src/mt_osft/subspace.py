@@ -132,7 +132,7 @@ def basis_dtype(weight_dtype: torch.dtype, upcast_dtype: torch.dtype) -> torch.d
     for weights stored in ``weight_dtype``: bfloat16 for bfloat16 weights, else ``upcast_dtype``.
 
     Why bfloat16 keeps the invariant's bound. Storing W0 + Π(W - W0) in bfloat16 rounds each
-    element by up to u = 2^-9 of its size, and :func:`residual_bound` allows (m + n) u (|W| + |ΔW|)
+    element by up to u = 2^-8 of its size, and :func:`residual_bound` allows (m + n) u (|W| + |ΔW|)
     along the frozen directions (Frobenius norms). With bases Ũ = U + E rounded to bfloat16 after
     their float64 orthonormalisation (|E| <= u |U|_F = u sqrt(k), k the basis width), one side
     leaves U^T (D - Ũ Ũ^T D) = -(E^T + U^T E U^T) D along the frozen directions, at most
@@ -142,7 +142,7 @@ def basis_dtype(weight_dtype: torch.dtype, upcast_dtype: torch.dtype) -> torch.d
     m + n >= 18 (k <= (m + n) / 2), i.e. for every real weight. Against float32 bases the stored
     weights differ by about one bfloat16 rounding (tests/test_projection_precision.py). It halves
     the bases' memory and runs the products on bfloat16 tensor cores, twice the TF32 rate.
-    Weights stored in float32 (or float16, whose roundoff 2^-11 is finer than the bases' 2^-9)
+    Weights stored in float32 (or float16, whose roundoff 2^-11 is finer than the bases' 2^-8)
     keep ``upcast_dtype`` bases and IEEE products."""
     return torch.bfloat16 if weight_dtype == torch.bfloat16 else upcast_dtype
 
