@@ -1,13 +1,17 @@
 """Compiled decoder blocks: the sizes that change between minibatches (the tokens of a row, the
-number of its documents) are dynamic from the first call, so no later minibatch recompiles.
-Counted with dynamo's own frame counter, the graphs left eager: the compiler's guards are what
-is tested, not its kernels."""
+number of its documents, the longest document) are dynamic from the first call, so no later
+minibatch recompiles. The blocks run as in training: sharded by FSDP2 (one gloo rank), whose
+hooks hand them views of their inputs, with gradients on. Counted with dynamo's own frame
+counter, the graphs left eager: the compiler's guards are what is tested, not its kernels."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch._dynamo.testing import CompileCounter
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from transformers import AttentionInterface, LlamaConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -25,8 +29,19 @@ def _reads_segments(module, query, key, value, attention_mask, **kwargs):
 
 AttentionInterface.register("test_reads_segments", _reads_segments)
 
-# (tokens, documents): the length changes every minibatch, the document count only at the third
+# (tokens, documents): the length (and with it the longest document) changes every minibatch,
+# the document count only at the fourth
 ROWS = ((12, 3), (17, 3), (23, 3), (23, 5), (9, 2))
+
+
+@pytest.fixture
+def one_rank_group():
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if started:
+        dist.destroy_process_group()
 
 
 def _frames_compiled(marked: bool) -> int:
@@ -43,20 +58,24 @@ def _frames_compiled(marked: bool) -> int:
     else:  # the negative control: torch.compile's automatic dynamic shapes alone
         for block in blocks:
             block.compile(backend=counter)
+    mesh = init_device_mesh("cpu", (1,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
     for tokens, documents in ROWS:
-        hidden = torch.randn(1, tokens, 32)
+        hidden = torch.randn(1, tokens, 32, requires_grad=True)
         positions = torch.arange(tokens)[None]
         starts = torch.linspace(0, tokens, documents + 1).to(torch.int32)
+        longest = int((starts[1:] - starts[:-1]).max())
         kwargs = dict(position_ids=positions, position_embeddings=rope(hidden, positions),
-                      cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=tokens,
-                      max_length_k=tokens)  # fmt: skip
-        with torch.no_grad():
-            for block in blocks:
-                hidden = block(hidden, **kwargs)
+                      cu_seq_lens_q=starts, cu_seq_lens_k=starts, max_length_q=longest,
+                      max_length_k=longest)  # fmt: skip
+        for block in blocks:
+            hidden = block(hidden, **kwargs)
+        hidden.sum().backward()
     return counter.frame_count
 
 
-def test_no_minibatch_after_the_first_recompiles_a_block():
+def test_no_minibatch_after_the_first_recompiles_a_block(one_rank_group):
     # two blocks of one class share one graph; every later row passes its guards
     assert _frames_compiled(marked=True) == 1
     # left to automatic dynamic shapes: the first new length recompiles, and so does the first

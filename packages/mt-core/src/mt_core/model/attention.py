@@ -20,7 +20,8 @@ Backends, all matching the model run on each document alone (the varlen kernels'
   compiled block keeps them in its graph;
 * ``flash_attn``: flash-attn 2's ``flash_attn.flash_attn_varlen_func`` (installed separately);
 * ``torch_varlen``: PyTorch's built-in ``torch.nn.attention.varlen.varlen_attn`` (CUDA);
-* ``sdpa``: ``scaled_dot_product_attention`` once per document; runs anywhere (CPU tests).
+* ``sdpa``: ``scaled_dot_product_attention`` once per document; runs anywhere (CPU tests), as
+  one torch op inside compiled blocks (:mod:`mt_core.model.attention_sdpa`).
 
 Attention sinks (GPT-OSS's ``s_aux``: one more logit per head in each softmax, attending to
 nothing) and logit softcapping (Gemma 2's) are computed by ``flash_attn_4`` in its kernel and by
@@ -38,19 +39,17 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
 from mt_core.model.attention_kernels import (
     AttentionOutput,
-    check_call,
     flash_attn_4_varlen,
     flash_attn_varlen,
     torch_varlen_function,
 )
+from mt_core.model.attention_sdpa import sdpa_per_document
 from mt_core.model.recurrent import run_recurrent_layers_per_document
 
 __all__ = [
@@ -322,83 +321,10 @@ def use_padding_free_attention(model: PreTrainedModel, backend: str) -> str:
     return name
 
 
-def _sdpa_per_document(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    s_aux: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> AttentionOutput:
-    """Causal SDPA on each document of the row in turn: exact, slow, runs on any device. With
-    attention sinks (``s_aux``) or softcapping, plain tensor ops on the materialised scores."""
-    cu_q, cu_k, _, _ = check_call(module, query, key, attention_mask, dropout, kwargs)
-    plain = s_aux is None and softcap is None
-    bounds = cu_q.tolist()
-    if cu_k is not cu_q and cu_k.tolist() != bounds:
-        raise ValueError("the sdpa backend needs the same documents for queries and keys")
-    if bounds[0] != 0 or bounds[-1] != query.shape[2]:
-        raise ValueError(
-            f"cu_seq_lens_q covers tokens {bounds[0]}..{bounds[-1]}, the row has {query.shape[2]}"
-        )
-    outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        length = end - start
-        mask = None
-        if (sliding_window is not None and length > sliding_window) or not plain:
-            # transformers' sliding window: query i sees keys i - sliding_window < j <= i.
-            i = torch.arange(length, device=query.device)[:, None]
-            j = torch.arange(length, device=query.device)[None, :]
-            mask = (j <= i) & (j > i - (sliding_window or length))
-        q, k, v = (t[:, :, start:end] for t in (query, key, value))
-        if plain:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling,
-                enable_gqa=key.shape[1] != query.shape[1],
-            )  # fmt: skip
-        else:
-            out = _materialised(q, k, v, mask, scaling, softcap, s_aux)
-        outputs.append(out)
-    # HF attention functions return (batch, tokens, heads, head_dim)
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def _materialised(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor,
-    scaling: float | None,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-) -> torch.Tensor:
-    """Attention of one document with what SDPA has no place for, on the document's materialised
-    (heads, tokens, tokens) scores: logit softcapping (``softcap * tanh(scores / softcap)`` of
-    the scaled scores, as Gemma 2) and sinks, one more logit per head in the softmax that
-    attends to nothing (so a query may give little weight to every key)."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = query @ key.transpose(-1, -2) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    if sinks is None:
-        return torch.softmax(scores, dim=-1).to(value.dtype) @ value
-    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-    weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    return weights.to(value.dtype) @ value
-
-
 # the attention function of each backend, made when it is registered
 _BACKEND_FUNCTIONS: dict[str, Callable[[], Callable[..., AttentionOutput]]] = {
     "flash_attn_4": lambda: flash_attn_4_varlen,
     "flash_attn": lambda: flash_attn_varlen,
     "torch_varlen": torch_varlen_function,
-    "sdpa": lambda: _sdpa_per_document,
+    "sdpa": lambda: sdpa_per_document,
 }

@@ -10,6 +10,14 @@ compiler sees them: the token dimension (dim 1 in transformers' (batch, tokens, 
 every tensor as long as the hidden states, and ``cu_seq_lens_q`` / ``cu_seq_lens_k``. The
 other dimensions stay static: marking every dimension dynamic from the start, as
 ``dynamic=True`` does (the hidden size too), measured 12% slower (tools/bench/RESULTS.md).
+
+The marks go on the tensors the compiled frame receives, in a forward pre-hook that runs after
+FSDP2's: FSDP2's own pre-forward hook hands the block views of its inputs (the autograd function
+that registers its post-backward hook), and a mark on the tensor it was given does not carry to
+the view (the block compiled for the first row's length, then again at the second). The longest
+document's length (``max_length_q`` / ``max_length_k``, ints the kernels take) changes too; an
+int cannot be marked, so its source is named dynamic while the block is called
+(``torch.compiler.config.dynamic_sources``, scoped to the call).
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ from torch import nn
 
 from mt_core.model.block_calls import call_around
 
-__all__ = ["compile_blocks", "mark_varying_sizes"]
+__all__ = ["compile_blocks"]
 
 TOKEN_DIM = 1  # transformers' (batch, tokens, ...) layout
 _SEGMENT_STARTS = ("cu_seq_lens_q", "cu_seq_lens_k")
+# dynamo's names for the block's keyword arguments max_length_q and max_length_k
+_LONGEST_DOCUMENT = "L['kwargs']['max_length_q'],L['kwargs']['max_length_k']"
 
 
 def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
@@ -36,9 +46,10 @@ def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
-def mark_varying_sizes(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Mark what changes between minibatches dynamic (see the module docstring), then ``call``.
-    A size the compiler must specialize anyway (0 or 1) stays static: the marks only advise."""
+@torch.compiler.disable  # the marks advise the compiler: they are made before it traces
+def _mark_varying_sizes(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Mark what changes between minibatches dynamic (see the module docstring). A size the
+    compiler must specialize anyway (0 or 1) stays static: the marks only advise."""
     hidden = args[0] if args else kwargs.get("hidden_states")
     if isinstance(hidden, torch.Tensor) and hidden.dim() > TOKEN_DIM:
         tokens = hidden.size(TOKEN_DIM)
@@ -48,12 +59,18 @@ def mark_varying_sizes(call: Callable[..., Any], *args: Any, **kwargs: Any) -> A
     for name in _SEGMENT_STARTS:
         if isinstance(kwargs.get(name), torch.Tensor):
             torch._dynamo.maybe_mark_dynamic(kwargs[name], 0)
-    return call(*args, **kwargs)
+
+
+def _longest_document_dynamic(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with torch.compiler.config.patch(dynamic_sources=_LONGEST_DOCUMENT):
+        return call(*args, **kwargs)
 
 
 def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor") -> None:
     """Compile each block (the same code for every layer, so one graph is reused), its
-    changing sizes dynamic from the first call; FSDP2's hooks stay outside the graphs."""
+    changing sizes dynamic from the first call; FSDP2's hooks stay outside the graphs. The
+    marking hook is appended: FSDP2 prepends its own, so it runs first whenever it is added."""
     for block in blocks:
-        call_around(block, "varying sizes", mark_varying_sizes)
+        block.register_forward_pre_hook(_mark_varying_sizes, with_kwargs=True)
+        call_around(block, "longest document dynamic", _longest_document_dynamic)
         block.compile(backend=backend)

@@ -108,6 +108,10 @@ def _tokens_to_heads(x: torch.Tensor, size: int, group: dist.ProcessGroup) -> to
     # block j of dim 0 (heads j*h/size ...) goes to rank j; block i received is rank i's tokens
     sent = x.reshape(size, heads // size, part, dim).contiguous()
     received = funcol.all_to_all_single_autograd(sent, None, None, group)
+    # waited for here, not at the kernel's first read: eagerly the exchange returns a tensor
+    # subclass that waits on first use, which the kernels need not expect (the sdpa backend's
+    # backward takes its gradients with torch.func, which cannot look inside one)
+    received = funcol.wait_tensor(received)
     return received.transpose(0, 1).reshape(1, heads // size, size * part, dim)
 
 
