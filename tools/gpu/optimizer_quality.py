@@ -9,7 +9,8 @@ A random-init model of --shape learns a sorting task (a prompt of 24 random symb
 the same symbols in ascending order; only the answer is trained), so the loss falls far: from
 ln(vocab) to well under a nat. Every setting trains the same model on the same samples in the
 same order (same seed) with ``mt run`` in a fresh process; --parallel of them share the GPU at a
-time (only the losses are compared here: speed is tools/bench/throughput.py's job). One more,
+time, each started once the others have taken their memory (only the losses are compared here:
+speed is tools/bench/throughput.py's job). One more,
 "float32 seed 43", is the reference with its samples in another order: how far the final loss
 moves with no change of arithmetic, the scale against which the settings' gaps read. The table
 gives each setting's final loss (mean of the last 20 steps), how far it lies from the float32
@@ -109,6 +110,11 @@ def folder_of(root: Path, name: str) -> Path:
     return root / "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
+def steps_logged(out: Path) -> int:
+    metrics = out / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
 def losses(out: Path) -> tuple[np.ndarray, float]:
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return np.array([line["loss"] for line in lines]), max(
@@ -150,7 +156,15 @@ def main() -> int:
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     failed = []
     while waiting or running:
-        while waiting and len(running) < options.parallel:
+        # each run plans for the GPU memory the others leave it (mt_core.plan.room.gpu_room):
+        # the next starts once the ones running have passed their second step, their memory
+        # taken (three started at once each planned for the whole of an 80 GB card, and the
+        # last one's step ran out of it)
+        while (
+            waiting
+            and len(running) < options.parallel
+            and all(steps_logged(folder_of(options.out, name)) >= 2 for name in running)
+        ):
             name = waiting.pop(0)
             folder = folder_of(options.out, name)
             keys = run_file(folder.with_suffix(".toml"), options, model, data, folder,
