@@ -93,3 +93,17 @@ def test_documents_that_do_not_cover_the_row_are_refused() -> None:
     with pytest.raises(ValueError, match=r"covers tokens 0\.\.12, the row has 14"):
         sdpa_per_document(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=short,
                           cu_seq_lens_k=short, max_length_q=7, max_length_k=7)  # fmt: skip
+
+
+def test_the_backward_pass_keeps_the_inputs_not_the_scores() -> None:
+    """What autograd keeps of a call for the backward pass: the inputs (query, key, value, the
+    bounds, the sinks) and nothing of the (heads, tokens, tokens) scores, which the backward
+    pass computes again: the memory of a long document's scores is one layer's at a time."""
+    tensors, options = _inputs(CASES["sinks"])  # the materialised path: scores as tensors
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        _call(sdpa_per_document, tensors, options)
+    inputs = {t.data_ptr() for t in (*tensors, CU)}
+    assert {t.data_ptr() for t in kept} == inputs
+    # CU twice: as the queries' and as the keys' bounds
+    assert sum(t.numel() for t in kept) == sum(t.numel() for t in (*tensors, CU, CU))
