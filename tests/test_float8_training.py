@@ -115,7 +115,8 @@ def test_fp8_on_two_ranks_with_sequence_parallelism_and_compiled_blocks(
     """The two ranks as one sequence-parallel group (each holds half of every row, so each
     rank's part, not only the row, must suit FP8's products: a multiple of 16 tokens), the
     blocks compiled with an activation budget. One step: the compiler's time on a CPU is most of
-    this test's (a second step compiles once more, for dynamic shapes)."""
+    this test's (a second step would compile once more: it validates, and a block run without
+    gradients is another graph)."""
     lines, log = fp8_on_two_ranks(
         workspace, runs, "sequence parallel", max_steps=1, sequence_parallel_size=2,
         torch_compile=True, activation_memory_budget=0.5,
