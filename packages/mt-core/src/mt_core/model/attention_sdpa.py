@@ -7,8 +7,9 @@ and have the code after the break specialised on each row's count of documents (
 compilation for each new count: most of the CPU tests' compile time). So it runs as one torch op,
 ``mt::sdpa_per_document``, with a shape function and a backward: a compiled block keeps one graph
 around it, as it does around flash-attn-4's ops on a GPU. The backward recomputes the attention
-of each document and takes its gradients by autograd: the same operations as differentiating
-the forward directly (torch.func.vjp), so the same gradients, for one more forward pass of a slow backend.
+of each document and differentiates it with ``torch.func.vjp`` (inside an op ``torch.autograd``
+records nothing): the same operations as differentiating the forward directly, so the same
+gradients, for one more forward pass of a slow backend; autograd keeps only the op's inputs.
 """
 
 from __future__ import annotations
