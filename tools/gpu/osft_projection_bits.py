@@ -6,7 +6,7 @@ projection's bits; this script checks the same on CUDA, for the target shapes of
 ratio 0.25: for each, the largest difference in float32 units in the last place (ulps) between
 the two results, the residual each leaves in the frozen subspace (float64, relative to the
 weight's change) against ``mt_osft.residual_bound``, and the milliseconds per call of each
-(median of --repeat, synchronised).
+(median of --repeat, synchronised: osft_step_cost.timed).
 
     python3 tools/gpu/osft_projection_bits.py                      # Llama-3.2-1B's four shapes
     uv run python tools/gpu/osft_projection_bits.py --device cpu   # a dry run, small shapes
@@ -15,12 +15,10 @@ weight's change) against ``mt_osft.residual_bound``, and the milliseconds per ca
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
+from osft_step_cost import timed  # tools/gpu, the script's own folder
 
 from mt_osft import state
 from mt_osft.products import SPLIT_TF32, ieee_matmul, matmul_precision
@@ -33,13 +31,10 @@ SHAPES = {  # (out, in) of q/o, k/v, gate/up and down
 
 
 def frozen_residual(weight, w0, left, right, plan) -> float:
-    """How much of the weight's change lies in the frozen subspace, relative to the change
-    (float64; left/right hold the frozen or the trainable side's basis, as ``plan`` says)."""
+    """How much of the weight's change lies in the frozen subspace, relative to the change, on
+    the worse side (float64, as ``OSFTState.residuals`` measures it)."""
     change, left, right = (t.double() for t in (weight - w0, left, right))
-    outside_left = left.T @ change if not plan.left_keep else change - left @ (left.T @ change)
-    outside_right = change @ right if not plan.right_keep else change - (change @ right) @ right.T
-    size = change.norm()
-    return max(float(outside_left.norm() / size), float(outside_right.norm() / size))
+    return max(state.frozen_residuals(change, left, plan.left_keep, right, plan.right_keep))
 
 
 def project(weight, args, compiled=None, copy: bool = False) -> torch.Tensor:
@@ -53,23 +48,6 @@ def project(weight, args, compiled=None, copy: bool = False) -> torch.Tensor:
         with matmul_precision("tf32"):
             compiled(weight, *args)
     return weight
-
-
-def milliseconds(call: Callable[[], None], device: str, repeat: int) -> float:
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(3):  # compile and warm up
-        call()
-    times = []
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -96,8 +74,10 @@ def main() -> None:
         a, b = (project(moved.clone(), args, variant) for variant in (None, compiled))
         ulps = (a.view(torch.int32).long() - b.view(torch.int32).long()).abs().max().item()
         bound = residual_bound(w0, b, plan.n_frozen, None)
-        times = [milliseconds(partial(project, moved, args, variant, copy=True), device,
-                              options.repeat) for variant in (None, compiled)]  # fmt: skip
+        # the compiled variant compiled above; timed() warms each up once more
+        times = [1e3 * timed(partial(project, moved, args, variant, copy=True),
+                             torch.device(device), options.repeat)[0]
+                 for variant in (None, compiled)]  # fmt: skip
         print(f"| {shape[0]}x{shape[1]} | {plan.left_keep}, {plan.right_keep} | {ulps} | "
               f"{frozen_residual(a, w0, left, right, plan):.2e} | "
               f"{frozen_residual(b, w0, left, right, plan):.2e} | {bound:.2e} | "

@@ -263,18 +263,8 @@ class OSFTState:
             delta = weight - w0.to(weight.device, torch.float64)
             left = _full(target.left).to(torch.float64)
             right = _full(target.right).to(torch.float64)
-            norm = float(delta.norm())
-            if norm == 0.0:
-                results[name] = (0.0, 0.0)
-                continue
-            left_part = left.T @ delta
-            right_part = delta @ right
-            # With a complement basis, |U_hi^T D| = |D - U_lo U_lo^T D| (U_hi, U_lo span R^out).
-            if target.plan.left_keep:
-                left_part = delta - left @ left_part
-            if target.plan.right_keep:
-                right_part = delta - right_part @ right.T
-            results[name] = (float(left_part.norm()) / norm, float(right_part.norm()) / norm)
+            results[name] = frozen_residuals(delta, left, target.plan.left_keep, right,
+                                             target.plan.right_keep)  # fmt: skip
         return results
 
     # ---- saving and resuming --------------------------------------------------------------
@@ -341,6 +331,25 @@ class OSFTState:
                 )
             # (shard by shard: W0 may wait in host memory while its mesh is on the GPUs)
             tensor.to_local().copy_(source.to_local())
+
+
+def frozen_residuals(
+    delta: torch.Tensor, left: torch.Tensor, left_keep: bool, right: torch.Tensor, right_keep: bool
+) -> tuple[float, float]:
+    """``(|U_hi^T D|_F, |D V_hi|_F) / |D|_F`` for a weight's change D (0.0 when D = 0), in the
+    dtype given; ``left``/``right`` hold the frozen side's basis, or with ``*_keep`` the
+    trainable side's (the complement), as a target stores them."""
+    norm = float(delta.norm())
+    if norm == 0.0:
+        return 0.0, 0.0
+    left_part = left.T @ delta
+    right_part = delta @ right
+    # With a complement basis, |U_hi^T D| = |D - U_lo U_lo^T D| (U_hi, U_lo span R^out).
+    if left_keep:
+        left_part = delta - left @ left_part
+    if right_keep:
+        right_part = delta - right_part @ right.T
+    return float(left_part.norm()) / norm, float(right_part.norm()) / norm
 
 
 def _weight_projection(
