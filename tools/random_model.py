@@ -47,21 +47,32 @@ SHAPES: dict[str, tuple[str, dict]] = {
 }  # fmt: skip
 
 
-def model_config(shape: str):
-    """The transformers config of ``shape`` (bf16, as the published checkpoints are)."""
+def model_config(shape: str, layers: int | None = None):
+    """The transformers config of ``shape`` (bf16, as the published checkpoints are), with
+    ``layers`` decoder blocks where given (a shape's blocks on a GPU too small for all of
+    them: the step's time per block is the same)."""
     from transformers import AutoConfig
 
     model_type, fields = SHAPES[shape]
+    if layers is not None:
+        fields = {**fields, "num_hidden_layers": layers}
     return AutoConfig.for_model(model_type, dtype="bfloat16", **fields)
 
 
-def make_model(folder: Path, shape: str, device: str = "cpu", config_only: bool = False) -> Path:
-    """A random-init bf16 model folder (config.json + safetensors) of ``shape``; with
-    ``config_only`` just config.json, which is all ``mt check`` reads."""
+def make_model(
+    folder: Path,
+    shape: str,
+    device: str = "cpu",
+    config_only: bool = False,
+    layers: int | None = None,
+) -> Path:
+    """A random-init bf16 model folder (config.json + safetensors) of ``shape`` (with
+    ``layers`` decoder blocks where given); with ``config_only`` just config.json, which is all
+    ``mt check`` reads."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = model_config(shape)
+    config = model_config(shape, layers)
     if config_only:
         config.save_pretrained(folder)
         return folder

@@ -5,14 +5,23 @@ be run again.
 
 * ``compile_kwargs``: other ``torch.compile`` arguments for mt's compiled blocks, e.g.
   ``{"dynamic": true}`` or ``{"options": {"guard_filter_fn": NAME}}`` (NAME a ``torch.compiler``
-  function);
+  function), or inductor settings: ``{"options": {"coordinate_descent_tuning": true}}``;
 * ``functorch_config``: settings of the compiler's forward/backward partitioner, e.g.
   ``{"activation_memory_budget": 0.6}``;
 * ``reshard_after_forward``: every decoder block resharded after its forward (true), or none;
-* ``keep_gradients``: gradients zeroed between steps, never freed.
+* ``reduce_dtype``: the dtype FSDP2 reduces gradients in, on any rank count (mt: float32 over
+  several ranks, the weights' own dtype on one), e.g. ``"float32"``;
+* ``keep_gradients``: gradients zeroed between steps, never freed;
+* ``float8_config``: fields of torchao's ``Float8LinearConfig`` changed from the recipe's, a
+  dict for a nested config, e.g. ``{"gemm_config_grad_input": {"use_fast_accum": true}}``;
+* ``float8_min_dimension``: the smallest side of a layer FP8 converts, for the run's recipe
+  (``mt_core.model.float8.MIN_DIMENSION``), e.g. 1024 to convert the 8B shape's key/value
+  projections.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -26,15 +35,50 @@ def apply_experiments(keys: dict) -> dict:
         setattr(torch._functorch.config, name, value)
     reshard = keys.pop("reshard_after_forward", None)
     if reshard is not None:
-        import mt_fsdp.shard
-
-        shard = mt_fsdp.shard.fully_shard
-        mt_fsdp.shard.fully_shard = lambda module, **options: shard(
-            module, **{**options, "reshard_after_forward": reshard})  # fmt: skip
+        _shard_with(lambda options: {**options, "reshard_after_forward": reshard})
+    reduce_dtype = keys.pop("reduce_dtype", None)
+    if reduce_dtype is not None:
+        dtype = getattr(torch, reduce_dtype)
+        _shard_with(lambda options: {**options, "mp_policy": dataclasses.replace(
+            options["mp_policy"], reduce_dtype=dtype)})  # fmt: skip
     if keys.pop("keep_gradients", False):
         zero_grad = torch.optim.Optimizer.zero_grad
         torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, False)
+    changes = keys.pop("float8_config", None)
+    if changes:
+        _float8_config_with(changes)
+    bound = keys.pop("float8_min_dimension", None)
+    if bound is not None:
+        from mt_core.model import float8
+
+        float8.MIN_DIMENSION[keys.get("float8") or "tensorwise"] = bound
     return keys
+
+
+def _shard_with(change) -> None:
+    """Make mt's ``fully_shard`` calls take ``change(options)`` instead of their options."""
+    import mt_fsdp.shard
+
+    shard = mt_fsdp.shard.fully_shard
+    mt_fsdp.shard.fully_shard = lambda module, **options: shard(module, **change(options))
+
+
+def _float8_config_with(changes: dict) -> None:
+    """Make torchao's recipes (what mt builds its FP8 layers from) carry ``changes``."""
+    from torchao.float8 import Float8LinearConfig
+
+    recipe = Float8LinearConfig.from_recipe_name
+
+    def changed(name):
+        config = recipe(name)
+        fields = {
+            key: dataclasses.replace(getattr(config, key), **value) if isinstance(value, dict)
+            else value
+            for key, value in changes.items()
+        }  # fmt: skip
+        return dataclasses.replace(config, **fields)
+
+    Float8LinearConfig.from_recipe_name = staticmethod(changed)
 
 
 def _compile_blocks_with(kwargs: dict) -> None:

@@ -342,6 +342,11 @@ def summarise(name: str, result: dict, lengths: list[np.ndarray], config, peak: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    parser.add_argument(
+        "--layers", type=int,
+        help="the shape with this many decoder blocks (all: default); the model folder in --out "
+        "is made once, so give each count its own --out",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, help="folder for the model, data and logs (required)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per contestant")
@@ -383,12 +388,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     folder, data = out / "model", out / "data.jsonl"
     if not (folder / "config.json").is_file():
-        make_model(folder, options.shape, options.device)
+        make_model(folder, options.shape, options.device, layers=options.layers)
     vocab = SHAPES[options.shape][1]["vocab_size"]
     if not data.is_file():
         make_sft_data(data, options.batch_size * (options.steps + 2), vocab, MAX_LEN,
                       fixed_len=options.fixed_len)  # fmt: skip
     config = AutoConfig.from_pretrained(folder)
+    if options.layers and config.num_hidden_layers != options.layers:
+        parser.error(f"{folder} holds {config.num_hidden_layers} decoder blocks, not --layers "
+                     f"{options.layers}: give this count its own --out")  # fmt: skip
     sft = batches(data, options.batch_size, options.steps, 1, out / "cache")
     # the dense reference trains about as many tokens per step, in full rows
     dense_blocks = max(1, int(sum(int(b.sum()) for b in sft) / len(sft) / MAX_LEN))

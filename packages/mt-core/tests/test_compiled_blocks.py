@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from mt_core.model.block_calls import call_around
-from mt_core.model.compiled_blocks import compile_blocks
+from mt_core.model.compiled_blocks import TUNED, compile_blocks
 
 
 def _reads_segments(module, query, key, value, attention_mask, **kwargs):
@@ -81,6 +81,23 @@ def test_no_minibatch_after_the_first_recompiles_a_block(one_rank_group):
     # left to automatic dynamic shapes: the first new length recompiles, and so does the first
     # new document count, however late it comes (step 4 of an 8B run on an H200)
     assert _frames_compiled(marked=False) == 3
+
+
+def test_tuned_blocks_hand_the_compiler_the_tuning_options():
+    """What the compiler is given, by the backend's own keywords (the graphs left eager): the
+    tuning options only where asked for (FP8 runs, mt_core.model.build)."""
+    given = []
+
+    def backend(graph, example_inputs, **keywords):
+        given.append(keywords.get("options"))
+        return graph.forward
+
+    for tune in (False, True):
+        torch._dynamo.reset()
+        block = torch.nn.Linear(4, 4)
+        compile_blocks([block], backend=backend, tune_kernels=tune)
+        block(torch.randn(1, 3, 4))
+    assert given == [None, {"coordinate_descent_tuning": True}] and given[1] == TUNED
 
 
 def test_code_around_a_block_runs_outside_in_the_order_installed():

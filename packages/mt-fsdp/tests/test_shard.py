@@ -3,6 +3,7 @@ gradients and leave every weight in its shard once the backward pass is done."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
@@ -46,3 +47,46 @@ def test_blocks_kept_gathered_give_the_same_gradients(dist_ctx, tiny_config):
     assert during == {False: False, True: True}
     for name, grad in grads[False].items():  # the same arithmetic, only the gathers differ
         torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "master, compute", [(torch.float32, torch.bfloat16), (torch.bfloat16, None)]
+)
+def test_one_rank_reduces_in_the_weights_dtype_and_keeps_the_gradients(
+    dist_ctx, tiny_config, master, compute
+):
+    """On one rank FSDP2's reduction only copies, so it runs in the weights' own dtype (not
+    float32 for bfloat16 weights); the gradients must still be, bit for bit, those of the
+    unsharded model computing in bfloat16, cast to the weights' dtype, and two minibatches
+    left unreduced (gradient sync off, as on one GPU with float32 weights) must add up in the
+    weights' dtype: float32 sums of the bfloat16 gradients."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = reference.state_dict()
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=master)
+    shard_model(model, dist_ctx.mesh, param_dtype=compute)  # reduce_dtype: float32
+    materialize(model, dist_ctx.device, lambda m: None)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.to_local().copy_(state[name])
+    policies = {m._get_fsdp_state()._mp_policy for m in model.modules() if hasattr(m, "reshard")}
+    assert {p.reduce_dtype for p in policies} == {master}
+
+    buffers = {name: buffer.clone() for name, buffer in reference.named_buffers()}
+    reference.to(torch.bfloat16)  # FSDP2 casts the parameters alone: the buffers stay float32
+    for name, buffer in buffers.items():
+        reference.get_buffer(name).data = buffer
+    minibatches = [torch.randint(0, config.vocab_size, (1, 24)) for _ in range(2)]
+    expected = {name: torch.zeros_like(param, dtype=master) for name, param in state.items()}
+    for index, tokens in enumerate(minibatches):
+        model.set_requires_gradient_sync(index == len(minibatches) - 1)
+        model(tokens, labels=tokens).loss.backward()
+        reference.zero_grad()
+        reference(tokens, labels=tokens).loss.backward()
+        for name, total in expected.items():
+            total += reference.get_parameter(name).grad.to(master)
+    for name, param in model.named_parameters():
+        assert param.grad.dtype == master, name
+        torch.testing.assert_close(param.grad.to_local(), expected[name], rtol=0, atol=0, msg=name)

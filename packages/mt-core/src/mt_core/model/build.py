@@ -179,7 +179,8 @@ def build_model(
         # recomputed in the backward pass, and it composes with FSDP2's hooks.
         checkpoint_blocks(model)
     if compile_blocks:
-        compile_decoder_blocks(decoder_blocks(model))  # regional, the changing sizes dynamic
+        # regional, the changing sizes dynamic; FP8's scaling kernels tuned, where they pay
+        compile_decoder_blocks(decoder_blocks(model), tune_kernels=float8 is not None)
     if activation_offload is not None:
         # around each block's whole call: its checkpoint, compiled code and FSDP2's hooks
         activation_offload.install(decoder_blocks(model))

@@ -36,6 +36,13 @@ TOKEN_DIM = 1  # transformers' (batch, tokens, ...) layout
 _SEGMENT_STARTS = ("cu_seq_lens_q", "cu_seq_lens_k")
 # dynamo's names for the block's keyword arguments max_length_q and max_length_k
 _LONGEST_DOCUMENT = "L['kwargs']['max_length_q'],L['kwargs']['max_length_k']"
+# Inductor's coordinate descent: each generated GPU kernel's block sizes and warps are tuned by
+# timing their neighbours, once, when the kernel is compiled. It pays for FP8's scaling kernels
+# (the absolute maximum, then the cast, of each product's inputs and output gradients, all
+# memory-bound): Llama-3.1-8B shape with 8 blocks on one H100, FP8 tokens/s +1.9%; bfloat16's
+# kernels gained nothing to measure (+0.2%) for 15 s more compilation (tools/bench/RESULTS.md,
+# issue #29). A CPU's kernels are not tuned.
+TUNED = {"coordinate_descent_tuning": True}
 
 
 def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
@@ -66,11 +73,15 @@ def _longest_document_dynamic(call: Callable[..., Any], *args: Any, **kwargs: An
         return call(*args, **kwargs)
 
 
-def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor") -> None:
+def compile_blocks(
+    blocks: Iterable[nn.Module], backend: str = "inductor", tune_kernels: bool = False
+) -> None:
     """Compile each block (the same code for every layer, so one graph is reused), its
     changing sizes dynamic from the first call; FSDP2's hooks stay outside the graphs. The
-    marking hook is appended: FSDP2 prepends its own, so it runs first whenever it is added."""
+    marking hook is appended: FSDP2 prepends its own, so it runs first whenever it is added.
+    ``tune_kernels``: inductor times each generated kernel's launch settings (:data:`TUNED`)."""
+    options = {"options": TUNED} if tune_kernels else {}
     for block in blocks:
         block.register_forward_pre_hook(_mark_varying_sizes, with_kwargs=True)
         call_around(block, "longest document dynamic", _longest_document_dynamic)
-        block.compile(backend=backend)
+        block.compile(backend=backend, **options)
