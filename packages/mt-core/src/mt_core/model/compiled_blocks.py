@@ -79,8 +79,12 @@ def compile_blocks(
     """Compile each block (the same code for every layer, so one graph is reused), its
     changing sizes dynamic from the first call; FSDP2's hooks stay outside the graphs. The
     marking hook is appended: FSDP2 prepends its own, so it runs first whenever it is added.
-    ``tune_kernels``: inductor times each generated kernel's launch settings (:data:`TUNED`)."""
-    options = {"options": TUNED} if tune_kernels else {}
+    ``tune_kernels``: inductor times each generated kernel's launch settings (:data:`TUNED`),
+    except in its deterministic mode (the key ``deterministic``), where the winner of a timing
+    could sum a reduction in another order from one run to the next."""
+    import torch._inductor.config as inductor_config
+
+    options = {"options": TUNED} if tune_kernels and not inductor_config.deterministic else {}
     for block in blocks:
         block.register_forward_pre_hook(_mark_varying_sizes, with_kwargs=True)
         call_around(block, "longest document dynamic", _longest_document_dynamic)
