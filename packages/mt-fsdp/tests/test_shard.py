@@ -50,43 +50,50 @@ def test_blocks_kept_gathered_give_the_same_gradients(dist_ctx, tiny_config):
 
 
 @pytest.mark.parametrize(
-    "master, compute", [(torch.float32, torch.bfloat16), (torch.bfloat16, None)]
+    "master, compute, deferred, reduced_in",
+    [
+        (torch.float32, torch.bfloat16, True, torch.float32),  # one GPU's float32 default
+        (torch.bfloat16, None, False, torch.bfloat16),  # bfloat16 weights' default
+        (torch.bfloat16, None, True, torch.float32),  # ... with sync_gradients_every_minibatch off
+    ],
 )
-def test_one_rank_reduces_in_the_weights_dtype_and_keeps_the_gradients(
-    dist_ctx, tiny_config, master, compute
+def test_one_rank_reduces_in_the_weights_dtype_unless_minibatches_add_up_unreduced(
+    dist_ctx, tiny_config, master, compute, deferred, reduced_in
 ):
     """On one rank FSDP2's reduction only copies, so it runs in the weights' own dtype (not
-    float32 for bfloat16 weights); the gradients must still be, bit for bit, those of the
-    unsharded model computing in bfloat16, cast to the weights' dtype, and two minibatches
-    left unreduced (gradient sync off, as on one GPU with float32 weights) must add up in the
-    weights' dtype: float32 sums of the bfloat16 gradients."""
+    float32 for bfloat16 weights), except where minibatches add up unreduced until the step's
+    last (a deferred sync), which FSDP2 sums in float32. The gradients of three minibatches must
+    be, bit for bit, those of the unsharded model computing in bfloat16: each minibatch's cast
+    to the weights' dtype and summed there, or summed in float32 and cast once (deferred)."""
     torch.manual_seed(0)
     config = tiny_config()
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = reference.state_dict()
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=master)
-    shard_model(model, dist_ctx.mesh, param_dtype=compute)  # reduce_dtype: float32
+    shard_model(model, dist_ctx.mesh, param_dtype=compute, deferred_sync=deferred)
     materialize(model, dist_ctx.device, lambda m: None)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.to_local().copy_(state[name])
     policies = {m._get_fsdp_state()._mp_policy for m in model.modules() if hasattr(m, "reshard")}
-    assert {p.reduce_dtype for p in policies} == {master}
+    assert {p.reduce_dtype for p in policies} == {reduced_in}
 
     buffers = {name: buffer.clone() for name, buffer in reference.named_buffers()}
     reference.to(torch.bfloat16)  # FSDP2 casts the parameters alone: the buffers stay float32
     for name, buffer in buffers.items():
         reference.get_buffer(name).data = buffer
-    minibatches = [torch.randint(0, config.vocab_size, (1, 24)) for _ in range(2)]
-    expected = {name: torch.zeros_like(param, dtype=master) for name, param in state.items()}
+    minibatches = [torch.randint(0, config.vocab_size, (1, 24)) for _ in range(3)]
+    summed_in = reduced_in if deferred else master
+    expected = {name: torch.zeros_like(param, dtype=summed_in) for name, param in state.items()}
     for index, tokens in enumerate(minibatches):
-        model.set_requires_gradient_sync(index == len(minibatches) - 1)
+        model.set_requires_gradient_sync(not deferred or index == len(minibatches) - 1)
         model(tokens, labels=tokens).loss.backward()
         reference.zero_grad()
         reference(tokens, labels=tokens).loss.backward()
         for name, total in expected.items():
-            total += reference.get_parameter(name).grad.to(master)
+            total += reference.get_parameter(name).grad.to(summed_in)
     for name, param in model.named_parameters():
         assert param.grad.dtype == master, name
-        torch.testing.assert_close(param.grad.to_local(), expected[name], rtol=0, atol=0, msg=name)
+        expect = expected[name].to(master)
+        torch.testing.assert_close(param.grad.to_local(), expect, rtol=0, atol=0, msg=name)

@@ -37,27 +37,27 @@ def shard_model(
     reduce_dtype: torch.dtype | None = torch.float32,
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
+    deferred_sync: bool = False,
 ) -> nn.Module:
     """Apply ``fully_shard`` to every decoder block, then to the root; gradients are summed.
 
     The parameters stay in their own dtype (the fp32 master weights); ``param_dtype`` is the
     compute dtype FSDP casts them to when it gathers them (None: no cast), and gradients are
-    reduced in ``reduce_dtype`` over several ranks (on one, in the parameters' own dtype). The
-    model may live on the meta device: sharding first and materialising after means no rank
-    ever holds the whole model. ``reshard_after_forward=False``
+    reduced in ``reduce_dtype`` over several ranks, and on one where minibatches add up
+    unreduced until the step's last (``deferred_sync``: FSDP2 sums them in that dtype); else one
+    rank reduces in the parameters' own dtype. The model may live on the meta device: sharding
+    first and materialising after means no rank ever holds the whole model. ``reshard_after_forward=False``
     keeps every block gathered from its forward to its backward pass: one gather (and cast) per
     block and minibatch instead of two, for the memory of all blocks' compute copies.
     """
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
-    if mesh.size() == 1 and len(trained) == 1:
-        # One rank sums nothing: its "reduction" copies each gradient into reduce_dtype and on
-        # into the parameter's dtype, exactly. Done in the parameters' own dtype it gives the
-        # same gradients, also where minibatches accumulate unreduced (sync_gradients_every_
-        # minibatch off: they add up in this dtype, float32 for float32 weights), and costs
-        # least with bfloat16 weights: 8 bytes a parameter against float32's 20 (cast up,
-        # FSDP2's copy, cast back). The 8B shape with 8 blocks on one H100: 5% faster, 6.9 GiB
-        # less reserved (tools/bench/RESULTS.md). Named, not None: torch < 2.15 reads None as
-        # the compute dtype.
+    if mesh.size() == 1 and len(trained) == 1 and not deferred_sync:
+        # One rank sums nothing: its "reduction" copies each minibatch's gradients into
+        # reduce_dtype and on into the parameters' dtype, exactly. Done in the parameters' own
+        # dtype it gives the same gradients and costs least with bfloat16 weights: 8 bytes a
+        # parameter against float32's 20 (cast up, FSDP2's copy, cast back). The 8B shape with 8
+        # blocks on one H100: 5% faster, 6.9 GiB less reserved (tools/bench/RESULTS.md). Named,
+        # not None: torch < 2.15 reads None as the compute dtype.
         (reduce_dtype,) = trained
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     options: dict = {"mesh": mesh, "mp_policy": policy}

@@ -155,13 +155,15 @@ def build_model(
     keep_gathered: bool = False,
     trust_remote_code: bool = False,
     float8: str | None = None,
+    deferred_sync: bool = False,
 ) -> tuple[PreTrainedModel, str]:
     """The sharded model of ``config``, its weights loaded from ``folder`` into ``master_dtype``
     (what the optimizer updates); and the attention backend used. Forward and backward compute
     in ``compute_dtype`` (FSDP mixed precision casts each gathered block). ``activation_offload``
     (None: off) is given the decoder blocks, whose saved activations it then moves. ``float8``
     (a recipe of :data:`mt_core.model.float8.RECIPES`; None: off) computes the blocks' large
-    linear layers in FP8."""
+    linear layers in FP8. ``deferred_sync``: gradients reduced once a step, not after every
+    minibatch (:func:`mt_fsdp.shard_model`)."""
     with parameters_on_meta():
         model = new_model(config, master_dtype, trust_remote_code)
     freeze_untrained(model)
@@ -188,7 +190,7 @@ def build_model(
     param_dtype = None if compute_dtype == master_dtype else compute_dtype
     shard_model(
         model, ctx.mesh, param_dtype=param_dtype, cpu_offload=cpu_offload,
-        reshard_after_forward=not keep_gathered,
+        reshard_after_forward=not keep_gathered, deferred_sync=deferred_sync,
     )  # fmt: skip
     materialize(model, torch.device("cpu") if cpu_offload else ctx.device, lambda m: None)
     load_weights(model, folder)

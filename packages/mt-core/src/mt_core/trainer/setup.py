@@ -141,6 +141,7 @@ def setup_run(args: TrainingArgs, ctx: DistContext, output_dir: Path):
         keep_gathered=fit.keep_gathered,
         trust_remote_code=args.trust_remote_code,
         float8=resolved.float8,
+        deferred_sync=not resolved.sync_each_minibatch,
     )
 
     # 3. OSFT (after sharding, before the optimizer), then the optimizer and schedule.
