@@ -46,9 +46,10 @@ def shard_model(
     reduced in ``reduce_dtype`` over several ranks, and on one where minibatches add up
     unreduced until the step's last (``deferred_sync``: FSDP2 sums them in that dtype); else one
     rank reduces in the parameters' own dtype. The model may live on the meta device: sharding
-    first and materialising after means no rank ever holds the whole model. ``reshard_after_forward=False``
-    keeps every block gathered from its forward to its backward pass: one gather (and cast) per
-    block and minibatch instead of two, for the memory of all blocks' compute copies.
+    first and materialising after means no rank ever holds the whole model.
+    ``reshard_after_forward=False`` keeps every block gathered from its forward to its backward
+    pass: one gather (and cast) per block and minibatch instead of two, for the memory of all
+    blocks' compute copies.
     """
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     if mesh.size() == 1 and len(trained) == 1 and not deferred_sync:
