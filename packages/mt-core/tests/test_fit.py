@@ -13,6 +13,7 @@ from mt_core.plan.fit import (
     Fit,
     choose_fit,
     fit_to_gpu,
+    run_settings,
     syncs_every_minibatch,
 )
 from mt_core.plan.memory import (
@@ -25,6 +26,7 @@ from mt_core.plan.memory import (
     compiled_share,
     estimate,
     fitting_activation_budget,
+    reduce_bytes,
     usable_bytes,
 )
 from mt_core.plan.room import gpu_room, gpu_room_bytes
@@ -293,6 +295,48 @@ def test_when_gradients_are_reduced_every_minibatch(
     keys, world_size, offloaded, expected, tmp_path
 ):
     assert syncs_every_minibatch(_args(tmp_path, **keys), world_size, offloaded) is expected
+
+
+@pytest.mark.parametrize(
+    ("keys", "world_size", "reduced_bytes"),
+    [
+        ({}, 1, 4),  # float32 weights, deferred sync (one GPU's default): float32
+        ({"train_dtype": "bfloat16"}, 1, 2),  # synced every minibatch: the weights' bfloat16
+        ({"train_dtype": "bfloat16", "sync_gradients_every_minibatch": False}, 1, 4),
+        ({"train_dtype": "bfloat16"}, 8, 4),  # several GPUs sum in float32
+    ],
+)
+def test_the_estimate_reduces_in_the_dtype_the_sharding_chooses(
+    keys, world_size, reduced_bytes, tmp_path, shape
+):
+    """The memory estimate counts one block's gradient in transit as its bfloat16 value and its
+    copy in FSDP2's reduction dtype: on one GPU that is what :func:`mt_fsdp.shard_model` picks
+    for the run's weights and sync, read here from the policy it applies to a tiny model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mt_fsdp import init_distributed, parameters_on_meta, shard_model, shutdown_distributed
+
+    args = _args(tmp_path, **keys)
+    run = run_settings(args, world_size, liger=True)
+    assert reduce_bytes(run) == reduced_bytes
+    base = estimate(shape, replace(run, master="float32"))
+    # the rest of the compute copies does not depend on the reduction: the difference is exact
+    assert estimate(shape, run).copies - base.copies == (reduced_bytes - 4) * shape.block_params
+    if world_size > 1:
+        return  # several ranks: gloo on one process has one; mt-fsdp's tests cover the rule
+    ctx = init_distributed("cpu")
+    try:
+        tiny = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=64)  # fmt: skip
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(tiny, dtype=getattr(torch, args.train_dtype))
+        deferred = not syncs_every_minibatch(args, world_size, cpu_offload=False)
+        shard_model(model, ctx.mesh, param_dtype=torch.bfloat16, deferred_sync=deferred)
+        policy = model._get_fsdp_state()._mp_policy
+        assert policy.reduce_dtype.itemsize == reduced_bytes
+    finally:
+        shutdown_distributed()
 
 
 def test_cpu_offload_is_chosen_only_where_nothing_else_fits(tmp_path, shape):

@@ -154,13 +154,14 @@ def cheapest_fit(plan: Plan) -> tuple[list[Lever], float] | None:
     """The cheapest combination of levers with which the run fits (with its peak), or None when
     none does. Combinations: at most one precision change, with or without activation
     checkpointing, with or without CPU offload (activation offload is listed, not combined:
-    its cost is PCIe traffic, not yet measured against recomputation). Cheapest: no CPU offload if any fits without,
-    then the least recomputation (in hundredths of a step), then the mildest precision change."""
+    its cost is PCIe traffic, not yet measured against recomputation). Cheapest: no CPU offload
+    if any fits without, then the mildest change among those within a hundredth of a step of
+    the least recomputation (a precision change that saves less is not worth its accuracy)."""
     (run, _), usable = _as_asked(plan), plan.gpu.usable_gib * GIB
     precision = [[]] + [[lever] for lever in _precision_levers(run)]
     checkpointing = [[]] + [[lever] for lever in levers(run) if "checkpointing" in lever.changes]
     offload = [[]] + [[lever] for lever in levers(run) if "cpu_offload" in lever.changes]
-    fitting = []
+    fitting = []  # (offloaded, recomputed share of a step, mildness rank, levers, peak)
     for rank, (one, two, three) in enumerate(product(precision, checkpointing, offload)):
         chosen = one + two + three
         if not chosen:
@@ -168,11 +169,15 @@ def cheapest_fit(plan: Plan) -> tuple[list[Lever], float] | None:
         changed = replace(run, **{k: v for lever in chosen for k, v in lever.changes.items()})
         peak, budget = _fitted(plan, changed)
         if peak <= usable:
-            cost = (changed.cpu_offload, round(_extra_compute(changed, budget), 2), rank)
-            fitting.append((cost, chosen, peak))
+            recomputed = _extra_compute(changed, budget)
+            fitting.append((changed.cpu_offload, recomputed, rank, chosen, peak))
     if not fitting:
         return None
-    _, chosen, peak = min(fitting, key=lambda found: found[0])
+    offloaded = min(found[0] for found in fitting)
+    fitting = [found for found in fitting if found[0] == offloaded]
+    least = min(found[1] for found in fitting)
+    *_, chosen, peak = min((found for found in fitting if found[1] <= least + 0.01),
+                           key=lambda found: found[2])  # fmt: skip
     return chosen, peak
 
 

@@ -24,7 +24,8 @@ Per GPU, with P parameters (P_g of them with gradients), world size W, master by
   two gathered decoder blocks (the running one and the prefetched one; all of them when they
   stay gathered from forward to backward), the LM head's bf16
   gradient (it exists from the start of the backward pass) and one block's gradient in transit
-  (bf16, and its float32 copy for the reduce-scatter);
+  (bf16, and its copy in FSDP2's reduction dtype for the reduce-scatter: float32, but m bytes
+  on one GPU that reduces every minibatch, :func:`reduce_bytes`);
 * activations of T = max_tokens_per_gpu tokens, per token and decoder layer (bytes, a Llama-like
   block: hidden h, attention width q = heads·head_dim, key/value width k, MLP width i):
   with Liger's kernels ``a = c·(4h + 2q + 2k + 3i) + 4·heads + 8``; without them HF's RMSNorm
@@ -265,6 +266,14 @@ def loss_bytes(shape: ModelShape, tokens: int, liger: bool) -> float:
     return 12 * tokens * shape.vocab + (4 + 2 * COMPUTE_BYTES) * tokens * shape.hidden
 
 
+def reduce_bytes(run: Settings) -> int:
+    """Bytes of a gradient value in FSDP2's reduction dtype, as :func:`mt_fsdp.shard_model`
+    chooses it: the master weights' own on one GPU where every minibatch is reduced (the
+    "reduction" only copies there), else float32 (several ranks sum in it, and a deferred sync
+    adds minibatches up in it)."""
+    return MASTER_BYTES[run.master] if run.world_size == 1 and not run.deferred_sync else 4
+
+
 def estimate(shape: ModelShape, run: Settings) -> Memory:
     """Peak memory per GPU of one training step of ``run`` (see the module docstring)."""
     w = run.world_size
@@ -276,7 +285,7 @@ def estimate(shape: ModelShape, run: Settings) -> Memory:
     osft = osft_state_bytes(shape, run.master, run.osft_reference_on_host) / w
     gathered = shape.layers if run.gathered else 2  # else the running and the prefetched one
     copies = c * (shape.root_params + gathered * shape.block_params + shape.head_params)
-    copies += (c + 4) * shape.block_params  # one block's gradient on its way to the shards
+    copies += (c + reduce_bytes(run)) * shape.block_params  # a block's gradient to the shards
 
     # a layer that runs whole (the one recomputed under checkpointing, each one without):
     # compiled blocks fuse what Liger's kernels fuse
