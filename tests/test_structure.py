@@ -9,12 +9,15 @@ The rules are shared/DESIGN.md's and docs/architecture.md's:
   ``optim`` above them (neither imports the other), ``plan`` above those, ``trainer`` above
   all, and the package's top level (``launch``, ``__init__``, ``__main__``) over everything;
 - inside the app, no module imports one that imports it back;
-- no module of the workspace over ~400 lines, except those listed in :data:`LONG` with why.
+- no module of the workspace over ~400 lines, except those listed in :data:`LONG` with why;
+- every module in docs/architecture.md's index, with the first paragraph of its docstring
+  (tools/module_map.py writes the index).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -194,3 +197,36 @@ def test_every_room_of_mt_core_says_what_lives_there_and_what_it_may_import():
         doc = ast.get_docstring(ast.parse((room / "__init__.py").read_text())) or ""
         assert "May import" in doc, room.name
         assert room.name in ROOM_LAYERS, f"{room.name}: give the new room its layer here"
+
+
+def _module_map():
+    spec = importlib.util.spec_from_file_location("module_map", ROOT / "tools" / "module_map.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_module_index_of_the_architecture_page_is_current():
+    module_map = _module_map()
+    every = {name for name, path in _modules().items() if path.name != "__init__.py"}
+    assert set(module_map.modules()) == every
+    page = module_map.PAGE.read_text()
+    assert page == module_map.with_index(page), (
+        "docs/architecture.md's module index is out of date: uv run python tools/module_map.py"
+    )
+
+
+def test_a_new_module_needs_a_docstring_and_a_row(tmp_path):
+    """On a made-up workspace: a module gets its row from its docstring's first paragraph, in
+    Markdown; one without a docstring is refused by name."""
+    module_map = _module_map()
+    room = tmp_path / "packages/mt-x/src/mt_x/room"
+    room.mkdir(parents=True)
+    (room / "__init__.py").write_text('"""A room."""\n')
+    (room / "job.py").write_text('"""Does ``one`` thing (:func:`f`) | well.\n\nMore."""\n')
+    assert module_map.render(tmp_path).splitlines()[2:] == [
+        "| `mt_x.room.job` | Does `one` thing (`f`) \\| well. |"
+    ]
+    (room / "silent.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="silent.py: no docstring"):
+        module_map.render(tmp_path)

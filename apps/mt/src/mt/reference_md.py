@@ -1,6 +1,8 @@
 """The run-file key reference as Markdown, built from the config classes' fields (type, default,
 help, choices), like ``mt run --help``: docs/run-file.md is this text, and a test fails when it
-drifts. Regenerate it with ``uv run python -m mt.reference_md docs/run-file.md``.
+drifts.
+
+Regenerate it with ``uv run python -m mt.reference_md docs/run-file.md``.
 
 A README (or any Markdown file) can hold the same table between the lines ``<!-- run-file keys:
 begin -->`` and ``<!-- run-file keys: end -->``: :func:`with_reference` puts the current table

@@ -1,6 +1,8 @@
 """Applying OSFT to a model: which matrices it targets and with which ratios, their frozen
 copies W0 and the bases of their frozen singular directions (the SVDs spread over the ranks
-when the weights are sharded). What keeps the invariant afterwards: :mod:`mt_osft.state`."""
+when the weights are sharded).
+
+What keeps the invariant afterwards: :mod:`mt_osft.state`."""
 
 from __future__ import annotations
 

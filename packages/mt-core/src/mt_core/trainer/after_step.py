@@ -1,6 +1,8 @@
 """What follows an optimizer step: the counters, the metrics line, validation, the callbacks'
-hooks, HF exports, checkpoints on schedule and on a stop signal. None of it is step time (the
-loop's :class:`~mt_core.trainer.step.StepClock` is paused around it)."""
+hooks, HF exports, checkpoints on schedule and on a stop signal.
+
+None of it is step time (the loop's :class:`~mt_core.trainer.step.StepClock` is paused around
+it)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Console noise of the libraries a run calls that its user can do nothing about, kept quiet for
-the span of the run (:func:`quiet_libraries`) and not a line more: each filter matches one
-message, from the module that gives it, and says where it comes from and the versions it was
-seen with. mt's own warnings, and every other one of the libraries', still show.
+the span of the run (:func:`quiet_libraries`) and not a line more.
+
+Each filter matches one message, from the module that gives it, and says where it comes from
+and the versions it was seen with. mt's own warnings, and every other one of the libraries',
+still show.
 """
 
 from __future__ import annotations
