@@ -4,6 +4,7 @@ one or under torchrun. Everything is made on the fly (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable
 from itertools import count
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,6 +31,21 @@ def _one_thread_per_worker():
     only spin in OpenMP's waits (and the fresh processes these tests start use one thread too)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def load_tool() -> Callable[[str], ModuleType]:
+    """``load_tool("tools/module_map.py")``: a script of tools/ (not a package) as a module, for
+    the tests of what it computes."""
+
+    def load(relative: str) -> ModuleType:
+        path = Path(__file__).resolve().parents[1] / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 # ---- Tolerances from the arithmetic -------------------------------------------------------------

@@ -4,21 +4,14 @@ the ratio of their tokens/s (the GPU run itself is a benchmark, recorded in RESU
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench" / "float8_speed.py"
-
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("float8_speed", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("tools/bench/float8_speed.py")
 
 
 def test_the_contestants_differ_only_by_fp8(tool, tmp_path):

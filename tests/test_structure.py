@@ -17,7 +17,6 @@ The rules are shared/DESIGN.md's and docs/architecture.md's:
 from __future__ import annotations
 
 import ast
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -199,15 +198,8 @@ def test_every_room_of_mt_core_says_what_lives_there_and_what_it_may_import():
         assert room.name in ROOM_LAYERS, f"{room.name}: give the new room its layer here"
 
 
-def _module_map():
-    spec = importlib.util.spec_from_file_location("module_map", ROOT / "tools" / "module_map.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_module_index_of_the_architecture_page_is_current():
-    module_map = _module_map()
+def test_the_module_index_of_the_architecture_page_is_current(load_tool):
+    module_map = load_tool("tools/module_map.py")
     every = {name for name, path in _modules().items() if path.name != "__init__.py"}
     assert set(module_map.modules()) == every
     page = module_map.PAGE.read_text()
@@ -216,10 +208,10 @@ def test_the_module_index_of_the_architecture_page_is_current():
     )
 
 
-def test_a_new_module_needs_a_docstring_and_a_row(tmp_path):
+def test_a_new_module_needs_a_docstring_and_a_row(tmp_path, load_tool):
     """On a made-up workspace: a module gets its row from its docstring's first paragraph, in
     Markdown; one without a docstring is refused by name."""
-    module_map = _module_map()
+    module_map = load_tool("tools/module_map.py")
     room = tmp_path / "packages/mt-x/src/mt_x/room"
     room.mkdir(parents=True)
     (room / "__init__.py").write_text('"""A room."""\n')
