@@ -1,7 +1,8 @@
 """FP8 compute (the key ``float8``, tensorwise) on two gloo ranks, through `mt run` under torchrun:
 FSDP2 gathers the converted weights in FP8 (the rule of several ranks, not lifted here) and their
-scales are refreshed after every optimizer step, with activation checkpointing and validation in
-one run, sequence parallelism and compiled blocks in another (issue #29's "composes with").
+scales are refreshed after every optimizer step, with activation checkpointing, validation and
+cpu_offload (the shards and their optimizer step on the host) in one run, sequence parallelism
+and compiled blocks in another (issue #29's "composes with").
 
 torch runs FP8 matrix products on the CPU too; the key itself is a GPU feature that the resolver
 refuses here, so the script below lifts that check and lowers the size bound to the tiny model's
@@ -97,10 +98,12 @@ def assert_fp8_trained(
 
 @RUNS
 @pytest.mark.slow(15)
-def test_fp8_on_two_ranks_with_activation_checkpointing_and_validation(
+def test_fp8_on_two_ranks_with_activation_checkpointing_validation_and_cpu_offload(
     workspace, runs, first_loss_without_fp8
 ):
-    lines, _ = fp8_on_two_ranks(workspace, runs, "checkpointing", activation_checkpointing=True)
+    lines, _ = fp8_on_two_ranks(
+        workspace, runs, "checkpointing", activation_checkpointing=True, cpu_offload=True
+    )
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert_fp8_trained(lines, first_loss_without_fp8)
     validated = [line["val_loss"] for line in lines if "val_loss" in line]
