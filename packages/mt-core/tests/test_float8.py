@@ -82,10 +82,13 @@ def test_which_layers_of_real_shapes_compute_in_fp8(name, recipe):
         assert all(layers[n] is None for n in layers if n.endswith(("q_proj", "o_proj")))
 
 
-def test_weights_are_gathered_in_fp8_only_tensorwise_over_several_ranks():
-    """One rank has nothing to send, and the gather's cast cost a 1B run on one H200 10%."""
+def test_weights_are_gathered_in_fp8_only_tensorwise_over_several_ranks_on_the_gpu():
+    """One rank has nothing to send, and the gather's cast cost a 1B run on one H200 10%;
+    shards in host memory (cpu_offload) would need their scales reduced there."""
     assert [float8.gathers_in_float8(r, n) for r in ("tensorwise", "rowwise") for n in (1, 2, 8)
             ] == [False, True, True, False, False, False]  # fmt: skip
+    assert not any(float8.gathers_in_float8(r, n, offloaded=True)
+                   for r in ("tensorwise", "rowwise") for n in (1, 2, 8))  # fmt: skip
 
 
 def test_routers_misaligned_and_frozen_layers_stay_in_bfloat16():
@@ -131,7 +134,7 @@ def test_converted_layers_are_float8_linear_exactly_where_the_filter_says(
 
     monkeypatch.setattr(float8, "MIN_DIMENSION", dict.fromkeys(float8.RECIPES, 32))
     # gathered in FP8 as over several ranks (this group has one)
-    monkeypatch.setattr(float8, "gathers_in_float8", lambda recipe, ranks: recipe == "tensorwise")
+    monkeypatch.setattr(float8, "gathers_in_float8", lambda recipe, *rest: recipe == "tensorwise")
     model, _ = build_model(
         tiny_folder, load_config(tiny_folder), group, master_dtype=torch.float32,
         compute_dtype=torch.float32, attn_backend="sdpa", float8=recipe,
@@ -175,7 +178,7 @@ def test_fp8_checkpoints_and_exports_are_those_of_a_bfloat16_run(tiny_folder, gr
     from mt_fsdp.export import export_hf
 
     monkeypatch.setattr(float8, "MIN_DIMENSION", dict.fromkeys(float8.RECIPES, 32))
-    monkeypatch.setattr(float8, "gathers_in_float8", lambda recipe, ranks: recipe == "tensorwise")
+    monkeypatch.setattr(float8, "gathers_in_float8", lambda recipe, *rest: recipe == "tensorwise")
     config = load_config(tiny_folder)
 
     def built(recipe):

@@ -169,7 +169,9 @@ def build_model(
     freeze_untrained(model)
     # before compilation and FSDP2, as torchao needs (mt_core.model.float8)
     shard_ranks = ctx.mesh.size() if ctx.mesh is not None else 1
-    float8_count = convert_to_float8(model, float8, shard_ranks) if float8 is not None else 0
+    float8_count = 0
+    if float8 is not None:
+        float8_count = convert_to_float8(model, float8, shard_ranks, offloaded=cpu_offload)
     backend = resolve_attn_backend(attn_backend, ctx.device, sinks=has_attention_sinks(model))
     use_padding_free_attention(model, backend)
     if ctx.sequence_group is not None:

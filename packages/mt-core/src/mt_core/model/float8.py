@@ -113,19 +113,28 @@ def float8_layers(model: nn.Module, recipe: str = "tensorwise") -> dict[str, str
     }  # fmt: skip
 
 
-def gathers_in_float8(recipe: str, shard_ranks: int) -> bool:
+def gathers_in_float8(recipe: str, shard_ranks: int, offloaded: bool = False) -> bool:
     """Whether FSDP2 gathers the converted weights in FP8: tensorwise ones where they are
     sharded over several ranks (half the bytes of bfloat16 on the wire; rowwise scaling has no
     such gather). On one rank there is nothing to send, and the cast it brings runs outside the
     compiled blocks, once per weight and gather: a 1B run on one H200 ran at 0.89x bfloat16 with
-    it and 1.05x without (tools/bench/RESULTS.md, issue #29)."""
-    return recipe == "tensorwise" and shard_ranks > 1
+    it and 1.05x without (tools/bench/RESULTS.md, issue #29).
+
+    Not where the shards live in host memory (``offloaded``: cpu_offload): their scales would
+    be reduced across ranks on the host, which NCCL cannot do, and FSDP2's copy of each shard
+    to the GPU before its gather drops a scale set in advance (torchao's weight wrapper keeps
+    none through a copy). Such weights are gathered in bfloat16 and cast inside each product,
+    as on one rank."""
+    return recipe == "tensorwise" and shard_ranks > 1 and not offloaded
 
 
-def convert_to_float8(model: nn.Module, recipe: str, shard_ranks: int) -> int:
+def convert_to_float8(
+    model: nn.Module, recipe: str, shard_ranks: int, offloaded: bool = False
+) -> int:
     """Swap the layers :func:`float8_layers` converts for torchao's ``Float8Linear`` with this
     recipe (one of :data:`RECIPES`), their weights gathered as :func:`gathers_in_float8` says
-    for FSDP2 over ``shard_ranks``; returns how many."""
+    for FSDP2 over ``shard_ranks``, the shards in host memory or not (``offloaded``); returns
+    how many."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
@@ -134,7 +143,7 @@ def convert_to_float8(model: nn.Module, recipe: str, shard_ranks: int) -> int:
         ) from None
     converts = {name for name, reason in float8_layers(model, recipe).items() if reason is None}
     config = Float8LinearConfig.from_recipe_name(recipe)
-    if gathers_in_float8(recipe, shard_ranks):
+    if gathers_in_float8(recipe, shard_ranks, offloaded):
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     convert_to_float8_training(
         model, config=config, module_filter_fn=lambda module, name: name in converts
