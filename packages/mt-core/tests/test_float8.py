@@ -82,7 +82,7 @@ def test_which_layers_of_real_shapes_compute_in_fp8(name, recipe):
         assert all(layers[n] is None for n in layers if n.endswith(("q_proj", "o_proj")))
 
 
-def test_weights_are_gathered_in_fp8_only_tensorwise_over_several_ranks_on_the_gpu():
+def test_weights_are_gathered_in_fp8_only_tensorwise_over_several_ranks_and_not_offloaded():
     """One rank has nothing to send, and the gather's cast cost a 1B run on one H200 10%;
     shards in host memory (cpu_offload) would need their scales reduced there."""
     assert [float8.gathers_in_float8(r, n) for r in ("tensorwise", "rowwise") for n in (1, 2, 8)
