@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mt_osft.config import OSFTConfig
 from mt_osft.patterns import default_target_patterns, match_targets
-from mt_osft.reference import to_host
+from mt_osft.placement import compute_device, gathered, offloaded, to_host
 from mt_osft.state import OSFTState, OSFTTarget, shard_group
 from mt_osft.subspace import basis_dtype, decompose, plan_subspace, trainable_rank
 
@@ -100,8 +100,8 @@ def apply_osft(
             target.weight.requires_grad_(False)
     projected = [t for t in targets if t.plan.projected]
     seconds = _build_state(projected, config.upcast_dtype, decompose)
-    if config.reference_on_host:
-        for target in projected:
+    for target in projected:  # offloaded weights: W0 waits beside them (_build_sharded: bases)
+        if config.reference_on_host or offloaded(target.weight):
             target.ref = to_host(target.ref)
     return OSFTState(config, targets, seconds)
 
@@ -132,7 +132,9 @@ def _build_state(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool) 
 def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool) -> float:
     """The sharded case: W0 is the local shard (no communication); matrix i is gathered to and
     decomposed by rank i mod world, in rounds of one matrix per rank, so the SVDs run in parallel
-    and no rank holds more than its shards plus one full matrix; the bases are scattered back."""
+    and no rank holds more than its shards plus one full matrix; the bases are scattered back.
+    All of it on the mesh's device, also where the shards wait in host memory (cpu_offload):
+    there the bases then join them, one target at a time."""
     from torch.distributed.tensor import zeros as dtensor_zeros
 
     for target in targets:
@@ -152,6 +154,7 @@ def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool
             target.right = dtensor_zeros(
                 inn, target.plan.right_cols, dtype=stored, device_mesh=mesh, placements=placements
             )
+            _beside_weight(target)
         return 0.0
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -160,7 +163,7 @@ def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool
         chunk = targets[start : start + world]
         mine = None
         for owner, target in enumerate(chunk):
-            full = target.weight.detach().full_tensor()  # collective: every rank takes part
+            full = gathered(target.weight.detach())  # collective: every rank takes part
             if owner == rank:
                 mine = (target, full)
             del full
@@ -178,12 +181,20 @@ def _build_sharded(targets: list[OSFTTarget], upcast: torch.dtype, run_svd: bool
             if owner == rank:
                 left, right = bases
             else:  # placeholders: distribute_tensor takes the data from the owner
-                device, stored = weight.to_local().device, basis_dtype(weight.dtype, upcast)
+                device, stored = compute_device(weight), basis_dtype(weight.dtype, upcast)
                 left = torch.empty(out, target.plan.left_cols, dtype=stored, device=device)
                 right = torch.empty(inn, target.plan.right_cols, dtype=stored, device=device)
             target.left = distribute_tensor(left, mesh, placements, src_data_rank=owner)
             target.right = distribute_tensor(right, mesh, placements, src_data_rank=owner)
+            _beside_weight(target)
     return seconds
+
+
+def _beside_weight(target: OSFTTarget) -> None:
+    """The bases (made on the mesh's device) moved to host memory where the weight's shards
+    wait there: mt_osft.placement.staged brings them back for each projection."""
+    if offloaded(target.weight):
+        target.left, target.right = to_host(target.left), to_host(target.right)
 
 
 def _elapsed(start: float, device: torch.device) -> float:

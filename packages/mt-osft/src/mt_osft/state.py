@@ -71,7 +71,7 @@ torch version, but LAPACK/cuSOLVER results may differ in the last bits elsewhere
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -80,8 +80,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from mt_osft.config import OSFTConfig
+from mt_osft.placement import compute_device, gathered, local_part, staged, whole
 from mt_osft.products import PLAIN, SPLIT_TF32, Products
-from mt_osft.reference import device_references, local_part, on_device
 from mt_osft.subspace import (
     SubspacePlan,
     ieee_matmul,
@@ -92,6 +92,7 @@ from mt_osft.subspace import (
 __all__ = ["OSFTState", "OSFTTarget"]
 
 _SUFFIXES = ("osft_ref", "osft_left", "osft_right")
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -178,10 +179,10 @@ class OSFTState:
         Under sharding every rank must call it (it communicates). The products run in the
         bases' dtype (:func:`mt_osft.subspace.basis_dtype`): IEEE float32 (or float64), or
         bfloat16 for bfloat16 weights, whose own rounding the invariant's bound already covers."""
-        projected = (t for t in self.targets.values() if t.plan.projected)
+        projected = [t for t in self.targets.values() if t.plan.projected]
         with ieee_matmul():
-            for target, ref in device_references(projected):
-                self._project_weight(target, ref)
+            for target, parts in _staged(projected, lambda t: (t.weight, t.ref, t.left, t.right)):
+                self._project_weight(target, *parts)
 
     @torch.no_grad()
     def project_gradients_(self) -> None:
@@ -191,16 +192,19 @@ class OSFTState:
         sharding every rank must call it."""
         if not self.config.project_gradients:
             return
+        targets = [t for t in self.targets.values()
+                   if t.plan.projected and t.weight.grad is not None]  # fmt: skip
         with matmul_precision(self.config.gradient_precision):
-            for target in self.targets.values():
-                grad = target.weight.grad
-                if target.plan.projected and grad is not None:
-                    self._project_tensor(target, grad)
+            for target, parts in _staged(targets, lambda t: (t.weight.grad, t.left, t.right)):
+                self._project_gradient(target, *parts)
 
-    def _project_weight(self, target: OSFTTarget, ref: torch.Tensor) -> None:
-        """W <- W0 + Π(W - W0) on this rank's rows, ``ref`` being W0's on the weight's device."""
-        weight = local_part(target.weight)
-        left, right, group = self._local_bases(target)
+    def _project_weight(
+        self, target: OSFTTarget, weight: torch.Tensor, ref: torch.Tensor, left: torch.Tensor,
+        right: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """W <- W0 + Π(W - W0) on this rank's rows, from their copies on the projection's device
+        (mt_osft.placement.staged)."""
+        right, group = self._right_basis(target, right)
         plan = target.plan
         args = (weight, ref, left, plan.left_keep, right, plan.right_keep, group)
         # float32 on CUDA: three TF32 products per product, float32's accuracy at 2-3x the IEEE
@@ -210,39 +214,37 @@ class OSFTState:
                 _compiled_weight_projection()(*args, SPLIT_TF32)
         else:
             _weight_projection(*args, PLAIN)
+        _write_back(weight, target.weight)
 
-    def _project_tensor(self, target: OSFTTarget, tensor: torch.Tensor) -> None:
-        local = local_part(tensor)
-        left, right, group = self._local_bases(target)
+    def _project_gradient(
+        self, target: OSFTTarget, grad: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+    ) -> None:
+        right, group = self._right_basis(target, right)
         plan = target.plan
-        # in place where the tensor is already in the bases' dtype (bfloat16 gradients)
-        projected = project(
-            local.to(left.dtype), left, plan.left_keep, right, plan.right_keep, group
-        )
-        if projected is not local:
-            local.copy_(projected)
+        # in place where the gradient is already in the bases' dtype (bfloat16 gradients)
+        projected = project(grad.to(left.dtype), left, plan.left_keep, right, plan.right_keep,
+                            group)  # fmt: skip
+        _write_back(projected, target.weight.grad)
 
-    def _local_bases(
-        self, target: OSFTTarget
-    ) -> tuple[torch.Tensor, torch.Tensor, dist.ProcessGroup | None]:
-        """(left, right, group) as :func:`mt_osft.subspace.project` takes them on this rank: this
-        rank's rows of the left basis, the whole right one, and the group that shares the rows
+    @staticmethod
+    def _right_basis(
+        target: OSFTTarget, right: torch.Tensor
+    ) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
+        """(right, group) as :func:`mt_osft.subspace.project` takes them on this rank, from this
+        rank's rows of the right basis: the whole basis, and the group that shares the rows
         (None where one rank holds all of them: no collective, each would be a launch and a
         copy)."""
-        left, right, group = target.left, target.right, None
-        if isinstance(left, DTensor):
-            group = shard_group(left)
+        if isinstance(target.left, DTensor):
+            group = shard_group(target.left)
             if dist.get_world_size(group) == 1:
-                group, right = None, right.to_local()
-            else:
-                right = right.full_tensor()
-            left = left.to_local()
-        elif isinstance(target.weight, DTensor):
+                return right, None
+            return whole(right, target.right), group
+        if isinstance(target.weight, DTensor):
             raise RuntimeError(
                 f"{target.name} is sharded but its OSFT state is not: call apply_osft after "
                 f"fully_shard, not before"
             )
-        return left, right, group
+        return right, None
 
     # ---- measuring ------------------------------------------------------------------------
 
@@ -258,11 +260,11 @@ class OSFTState:
         for name, target in self.targets.items():
             if not target.plan.projected or (original is not None and name not in original):
                 continue
-            weight = _full(target.weight).to(torch.float64)
-            w0 = on_device(target.ref, weight.device) if original is None else original[name]
+            weight = gathered(target.weight).to(torch.float64)
+            w0 = gathered(target.ref) if original is None else original[name]
             delta = weight - w0.to(weight.device, torch.float64)
-            left = _full(target.left).to(torch.float64)
-            right = _full(target.right).to(torch.float64)
+            left = gathered(target.left).to(weight.device, torch.float64)
+            right = gathered(target.right).to(weight.device, torch.float64)
             results[name] = frozen_residuals(delta, left, target.plan.left_keep, right,
                                              target.plan.right_keep)  # fmt: skip
         return results
@@ -283,10 +285,7 @@ class OSFTState:
         """The model's state dict under its original names, every target as its dense W in
         ``output_dtype``: it loads into the unmodified architecture. Sharded entries are gathered
         (every rank must call it then). Entries may share memory with the live parameters."""
-        state = {
-            key: value.full_tensor() if isinstance(value, DTensor) else value
-            for key, value in model.state_dict().items()
-        }
+        state = {key: gathered(value) for key, value in model.state_dict().items()}
         return self.cast_for_saving(state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -388,8 +387,17 @@ def _compiled_weight_projection():
     return torch.compile(_weight_projection, dynamic=True, fullgraph=True)
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+def _staged(targets: list[OSFTTarget], parts) -> Iterator[tuple[OSFTTarget, list[torch.Tensor]]]:
+    """:func:`mt_osft.placement.staged` on the targets' mesh device."""
+    return staged(targets, parts, compute_device(targets[0].weight) if targets else CPU)
+
+
+def _write_back(projected: torch.Tensor, tensor: torch.Tensor) -> None:
+    """``projected`` into ``tensor``'s local part where it is another tensor: a copy made on
+    another device, or in another dtype (asynchronous into host memory: staged waits for it)."""
+    local = local_part(tensor)
+    if projected.device != local.device or projected.data_ptr() != local.data_ptr():
+        local.copy_(projected, non_blocking=True)
 
 
 def shard_group(tensor: DTensor):
