@@ -41,6 +41,10 @@ LLAMA_1B = dict(
     hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
     num_key_value_heads=8, head_dim=64,
 )  # fmt: skip
+LLAMA_8B = LlamaConfig(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, vocab_size=128256,
+)  # fmt: skip
 H100 = 81559 * 2**20  # what torch.cuda reports as the H100's total memory
 
 
@@ -474,6 +478,62 @@ def test_osft_references_wait_in_host_memory_in_the_lean_plan_or_where_only_that
     # not allowed to move W0: nothing else fits it (activation offload saves less than W0)
     fit = choose_fit(one_b, run, tight, budget=None, may_offload=True)
     assert not fit.osft_reference_on_host and estimate(one_b, fit.applied(run)).peak > tight
+
+
+def test_osft_at_8b_on_one_h100_offloads_its_frozen_data_with_the_weights(tmp_path):
+    """The run mini_trainer's users bring: Llama-3.1-8B, OSFT at ratio 0.25, float32 master
+    weights, one H100. Weights, gradients and AdamW state alone (16 bytes a parameter, 120 GiB)
+    fit no 80 GB GPU, so the fit turns cpu_offload on; OSFT's W0 and bases then wait in host
+    memory with them (mt_osft.placement stages each target's to the GPU for its projections):
+    the host holds all of it, the GPU the rest, and the summary says so."""
+    from mt_core.plan.fit import most_minibatches
+    from mt_core.plan.memory import osft_state_bytes
+    from mt_core.plan.shape import run_shape
+
+    args = _args(tmp_path, osft=True, osft_unfreeze_rank_ratio=0.25, cpu_offload=None)
+    lengths = np.full(1000, 600)
+    fit = fit_to_gpu(args, config=LLAMA_8B, capacity_bytes=H100, world_size=1, compiled=True,
+                     liger=True, lengths=lengths)  # fmt: skip
+    assert fit.cpu_offload
+    shape = run_shape(LLAMA_8B, args)
+    run = run_settings(args, 1, True, most_minibatches(args, lengths, 1), compiled=True)
+    memory = estimate(shape, fit.applied(run))
+    frozen = osft_state_bytes(shape, "float32")  # W0 and the bases
+    # as measured on an H200 (tools/gpu/osft_step_cost.py, tools/bench/RESULTS.md): 46.06 GiB
+    assert f"{frozen / GIB:.2f}" == "46.06"
+    assert memory.host == 16 * shape.params + frozen and memory.peak <= usable_bytes(H100)
+    assert (
+        "cpu_offload on: the weights, gradients and optimizer state (and OSFT's frozen copies "
+        f"and bases) wait in host memory ({memory.host / GIB:.1f} GiB of it per GPU)"
+    ) in fit.summary
+
+
+def test_a_cpu_offload_the_node_cannot_hold_is_one_clear_error(tmp_path):
+    """cpu_offload = true where the node's available memory cannot hold what its processes keep
+    there: the message says how much per process and for the node, what is available and what
+    lowers it, and names OSFT's frozen data where the run has it. Memory enough to the byte,
+    unknown memory, or no cpu_offload: no problem."""
+    from mt_core.plan.fit import host_memory_problem
+    from mt_core.plan.room import readable_size
+    from mt_core.plan.shape import run_shape
+
+    for keys, names in (({}, "AdamW state of its shard;"),
+                        ({"osft": True}, "AdamW state of its shard, and OSFT's frozen copies and "
+                                         "bases;")):  # fmt: skip
+        args = _args(tmp_path, cpu_offload=True, **keys)
+        host = estimate(run_shape(LLAMA_8B, args), run_settings(args, 2, liger=True)).host
+        problem = dict(config=LLAMA_8B, world_size=2, local_processes=2)
+        said = host_memory_problem(args, available_bytes=2 * host - 1, **problem)
+        assert said is not None and said.startswith(
+            f"cpu_offload = true keeps {readable_size(host)} per process in host memory "
+            f"(weights, gradients and {names} {readable_size(2 * host)} for the 2 process(es) "
+            f"of this node), but only {readable_size(2 * host - 1)} is available"
+        ), said
+        assert "optimizer_state_dtype = 'bfloat16'" in said
+        assert host_memory_problem(args, available_bytes=2 * host, **problem) is None
+        assert host_memory_problem(args, available_bytes=None, **problem) is None
+    plain = _args(tmp_path, cpu_offload=False)
+    assert host_memory_problem(plain, available_bytes=1.0, **problem) is None
 
 
 def test_the_end_of_a_gpu_run_says_its_peak_against_the_plan(tmp_path, shape):

@@ -270,10 +270,11 @@ def fit_to_gpu(
             f"GPU)"
         )
     if args.cpu_offload is None and fit.cpu_offload:
+        osft = " (and OSFT's frozen copies and bases)" if shape.osft_reference_values else ""
         said.append(
-            f"cpu_offload on: the weights, gradients and optimizer state wait in host memory "
-            f"({memory.host / GIB:.1f} GiB of it per GPU) and the optimizer step runs on the CPU, "
-            f"much slower"
+            f"cpu_offload on: the weights, gradients and optimizer state{osft} wait in host "
+            f"memory ({memory.host / GIB:.1f} GiB of it per GPU) and the optimizer step runs on "
+            f"the CPU, much slower"
         )
     if said:
         said[-1] += f" so that {args.max_tokens_per_gpu:,} tokens per GPU fit"
@@ -313,9 +314,10 @@ def host_memory_problem(
     needed = per_process * local_processes
     if needed <= available_bytes:
         return None
+    osft = ", and OSFT's frozen copies and bases" if shape.osft_reference_values else ""
     return (
         f"cpu_offload = true keeps {readable_size(per_process)} per process in host memory (weights, "
-        f"gradients and AdamW state of its shard; {readable_size(needed)} for the {local_processes} "
+        f"gradients and AdamW state of its shard{osft}; {readable_size(needed)} for the {local_processes} "
         f"process(es) of this node), but only {readable_size(available_bytes)} is available "
         "(MemAvailable, /proc/meminfo). Lower it with optimizer_state_dtype = "
         "'bfloat16' (or train_dtype = 'bfloat16' with stochastic_rounding = true), or spread "
