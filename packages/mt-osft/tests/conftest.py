@@ -3,6 +3,7 @@ tests use (transformers is not a dependency of mt-osft: without it those tests a
 
 import pytest
 import torch
+import torch.distributed as dist
 
 # Config keys every decoder config class of these tests takes: a few thousand parameters, with
 # grouped-query attention (2 KV heads for 4).
@@ -46,3 +47,15 @@ def tiny_llama():
         )
 
     return build
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group for the test (unless one is up already): DTensors and meshes
+    need one."""
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    if started:
+        dist.destroy_process_group()

@@ -4,7 +4,6 @@ step at 8B), and the right basis's all-gather a temporary the size of the basis.
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -26,16 +25,6 @@ def build() -> nn.Module:
         )
         for _ in range(2)
     ))  # fmt: skip
-
-
-@pytest.fixture
-def one_rank_group():
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if started:
-        dist.destroy_process_group()
 
 
 def test_one_rank_projects_as_unsharded_without_a_collective(one_rank_group, monkeypatch):

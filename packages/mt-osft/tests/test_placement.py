@@ -3,24 +3,12 @@ there (cpu_offload) or ``reference_on_host`` asks, and what the projections then
 
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from mt_osft.placement import compute_device, offloaded, staged, to_host
-
-
-@pytest.fixture
-def one_process():
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if started:
-        dist.destroy_process_group()
 
 
 def sharded(local: torch.Tensor, device_type: str) -> DTensor:
@@ -32,7 +20,7 @@ def sharded(local: torch.Tensor, device_type: str) -> DTensor:
     return DTensor(local, DTensorSpec(mesh, (Shard(0),), meta), requires_grad=False)
 
 
-def test_a_sharded_w0_stays_on_the_host_whatever_its_mesh_device(one_process):
+def test_a_sharded_w0_stays_on_the_host_whatever_its_mesh_device(one_rank_group):
     """A DTensor's W0 keeps its mesh, placements and shape with its shard on the host. Made
     with DTensor.from_local, which moves a local tensor to its mesh's device type, every W0 went
     back to the GPU (13 GiB at 8B; here: no NVIDIA driver)."""
@@ -44,7 +32,7 @@ def test_a_sharded_w0_stays_on_the_host_whatever_its_mesh_device(one_process):
     assert host.shape == weight.shape and torch.equal(host.to_local(), weight)
 
 
-def test_host_shards_of_a_gpu_mesh_are_offloaded_and_project_on_the_gpu(one_process):
+def test_host_shards_of_a_gpu_mesh_are_offloaded_and_project_on_the_gpu(one_rank_group):
     """Only a shard in host memory under a mesh that computes elsewhere counts as offloaded (its
     bases then join it in host memory: mt_osft.apply); its projections run on the mesh's device
     type, and everything else where it is."""
@@ -56,7 +44,7 @@ def test_host_shards_of_a_gpu_mesh_are_offloaded_and_project_on_the_gpu(one_proc
     ]  # fmt: skip
 
 
-def test_staged_hands_out_each_targets_local_parts_in_order_where_they_are(one_process):
+def test_staged_hands_out_each_targets_local_parts_in_order_where_they_are(one_rank_group):
     """On the device they live on, the parts are the tensors themselves (a projection writes
     into them in place), a DTensor's its local shard; no copy is made."""
     shards = [sharded(torch.full((2, 2), float(i)), "cpu") for i in range(3)]
