@@ -58,7 +58,9 @@ sharded on dim 0 gets W0 and the left basis sharded the same way (each rank hold
 right basis sharded on its rows too; the projection works on the local rows, all-reduces the
 ``U^T D`` product (basis width x in) and all-gathers the right basis one matrix at a time. The SVDs are spread over the
 ranks (matrix i on rank i mod world size), each rank holding its shard plus the one full matrix it
-decomposes, and each basis is scattered from its owner.
+decomposes, and each basis is scattered from its owner. Under FSDP2's CPU offload W0 and the
+bases wait in host memory beside the shards, and the projections still run on the GPU
+(:mod:`mt_osft.placement`).
 
 Checkpoints: W0 and the bases are not in ``model.state_dict()``; :meth:`OSFTState.state_dict` holds
 them (DTensors when sharded, so ``torch.distributed.checkpoint`` saves one shard per rank). To resume
@@ -71,7 +73,7 @@ torch version, but LAPACK/cuSOLVER results may differ in the last bits elsewhere
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -387,7 +389,9 @@ def _compiled_weight_projection():
     return torch.compile(_weight_projection, dynamic=True, fullgraph=True)
 
 
-def _staged(targets: list[OSFTTarget], parts) -> Iterator[tuple[OSFTTarget, list[torch.Tensor]]]:
+def _staged(
+    targets: list[OSFTTarget], parts: Callable[[OSFTTarget], Sequence[torch.Tensor]]
+) -> Iterator[tuple[OSFTTarget, list[torch.Tensor]]]:
     """:func:`mt_osft.placement.staged` on the targets' mesh device."""
     return staged(targets, parts, compute_device(targets[0].weight) if targets else CPU)
 
