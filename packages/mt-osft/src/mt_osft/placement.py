@@ -90,8 +90,10 @@ def staged(
 ) -> Iterator[tuple[T, list[torch.Tensor]]]:
     """Each target with ``parts(target)`` (plain tensors, or DTensors: their local shards) on
     ``device``, in order. A part already there is handed out as it is; one in host memory is
-    copied, on CUDA one target ahead on a side stream. Copies the caller makes on the current
-    stream back into host memory are complete when the loop ends."""
+    copied, on CUDA one target ahead on a side stream. The first part is the one a projection
+    writes: where it lives in host memory, what the caller copies back into it on the current
+    stream is complete when the loop ends (else the loop does not wait for the GPU: the step's
+    one host synchronisation stays where the trainer has it)."""
     targets = list(targets)
 
     def local(target: T) -> list[torch.Tensor]:
@@ -133,4 +135,5 @@ def staged(
                 previous.synchronize()
             pending = start(targets[index + 1])
         previous = projected
-    compute.synchronize()  # the host reads what the projections wrote back next
+    if any(local(target)[0].device.type != device.type for target in targets):
+        compute.synchronize()  # the host reads what the projections wrote back next
