@@ -95,22 +95,18 @@ def staged(
     stream is complete when the loop ends (else the loop does not wait for the GPU: the step's
     one host synchronisation stays where the trainer has it)."""
     targets = list(targets)
-
-    def local(target: T) -> list[torch.Tensor]:
-        return [local_part(part) for part in parts(target)]
-
-    if device.type != "cuda" or all(
-        part.device.type == device.type for target in targets for part in local(target)
-    ):
-        for target in targets:
-            yield target, [part.to(device) for part in local(target)]
+    local = [[local_part(part) for part in parts(target)] for target in targets]
+    elsewhere = [[part.device.type != device.type for part in each] for each in local]
+    if device.type != "cuda" or not any(map(any, elsewhere)):
+        for target, each in zip(targets, local, strict=True):
+            yield target, [part.to(device) for part in each]
         return
     compute = torch.cuda.current_stream()
     copier = torch.cuda.Stream()
 
-    def start(target: T) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+    def start(index: int) -> tuple[list[torch.Tensor], torch.cuda.Event]:
         with torch.cuda.stream(copier):
-            moved = [part.to(device, non_blocking=True) for part in local(target)]
+            moved = [part.to(device, non_blocking=True) for part in local[index]]
             done = torch.cuda.Event()
             done.record(copier)
         return moved, done
@@ -120,7 +116,7 @@ def staged(
     # run), i.e. every host tensor on the GPU. So the copies of target i + 1 start once the
     # projection of target i - 1 has run: they overlap the projection of target i, and at most
     # three targets' buffers are alive.
-    pending, previous = start(targets[0]), None
+    pending, previous = start(0), None
     for index, target in enumerate(targets):
         moved, done = pending
         compute.wait_event(done)
@@ -133,7 +129,7 @@ def staged(
         if index + 1 < len(targets):
             if previous is not None:
                 previous.synchronize()
-            pending = start(targets[index + 1])
+            pending = start(index + 1)
         previous = projected
-    if any(local(target)[0].device.type != device.type for target in targets):
+    if any(first for first, *_ in elsewhere):
         compute.synchronize()  # the host reads what the projections wrote back next

@@ -94,7 +94,6 @@ from mt_osft.subspace import (
 __all__ = ["OSFTState", "OSFTTarget"]
 
 _SUFFIXES = ("osft_ref", "osft_left", "osft_right")
-CPU = torch.device("cpu")
 
 
 @dataclass
@@ -392,8 +391,10 @@ def _compiled_weight_projection():
 def _staged(
     targets: list[OSFTTarget], parts: Callable[[OSFTTarget], Sequence[torch.Tensor]]
 ) -> Iterator[tuple[OSFTTarget, list[torch.Tensor]]]:
-    """:func:`mt_osft.placement.staged` on the targets' mesh device."""
-    return staged(targets, parts, compute_device(targets[0].weight) if targets else CPU)
+    """:func:`mt_osft.placement.staged` on the targets' mesh device (no targets: nothing)."""
+    if not targets:
+        return iter(())
+    return staged(targets, parts, compute_device(targets[0].weight))
 
 
 def _write_back(projected: torch.Tensor, tensor: torch.Tensor) -> None:
