@@ -130,6 +130,30 @@ def test_8bit_blocks_follow_whole_rows(shape, block):
     assert moment.block_size == block and moment.scale.numel() == math.prod(shape) // block
 
 
+def test_the_compiled_step_makes_one_graph_per_tensor_rank():
+    """Every process compiles torchao's update afresh (about 3 s a graph on a 2-core CPU, at
+    the start of every run), so the count matters. With 8-bit moments the matrices' update is
+    one graph and the vectors' (plain moments: too small to quantize) another, whatever the
+    sizes: left to its default, the compiler would make one more for a square matrix (its two
+    sizes equal) and one more for 256 rows (the size of the 8-bit map), as the tiny example
+    has. The count starts from an empty compile cache (this process's other compiled
+    functions compile again when next called)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = nn.ParameterList(
+        nn.Parameter(torch.randn(shape))
+        for shape in [(64, 256), (128, 128), (256, 128), (512, 256), (128,), (300,)]
+    )
+    optimizer = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                state_dtype="8bit")  # fmt: skip
+    for parameter in model:
+        parameter.grad = torch.randn_like(parameter)
+    before = counters["stats"]["unique_graphs"]
+    optimizer.step()
+    assert counters["stats"]["unique_graphs"] - before == 2
+
+
 def test_torchao_alone_would_keep_float32_moments_for_float32_weights():
     """The negative control of the test above: torchao's AdamW keeps its moments in the
     weights' dtype, so mt's choice of bfloat16 moments is what makes them bfloat16."""

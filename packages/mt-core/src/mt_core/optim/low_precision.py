@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch._functorch.config as functorch_config
+import torch.fx.experimental._config as shapes_config
 import torchao.optim as ao
 from torch import Tensor
 from torch._dynamo.utils import disable_cache_limit
@@ -30,8 +31,10 @@ __all__ = ["AdamW", "AdamW8bit"]
 # tensors: two graphs where seven shapes took seven, measured) and every rank count's shards, so the
 # on-disk graph cache that one process fills serves the next whatever its shards: the update is
 # elementwise (8-bit moments add a maximum per block, exact in any order), so the values are
-# the same as the static graphs' bit for bit. A fixed number of graphs: the step lifts dynamo's
-# cache limit.
+# the same as the static graphs' bit for bit. The step turns off "duck shaping", which gives equal
+# sizes one symbol and so makes a graph for every coincidence of sizes (a square matrix, 256 rows
+# like the 8-bit map: four graphs for the tiny example where two serve). A fixed number of
+# graphs: the step lifts dynamo's cache limit.
 _UPDATE = torch.compile(single_param_adam, fullgraph=True, dynamic=True)
 
 
@@ -84,7 +87,11 @@ class _Step:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with disable_cache_limit(), functorch_config.patch(enable_autograd_cache=False):
+        with (
+            disable_cache_limit(),
+            functorch_config.patch(enable_autograd_cache=False),
+            shapes_config.patch(use_duck_shape=False),
+        ):
             for group in self.param_groups:
                 lr = torch.tensor(group["lr"], dtype=torch.float32)
                 beta1, beta2 = group["betas"]
