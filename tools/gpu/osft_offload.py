@@ -12,7 +12,7 @@ A random-init model of the shape and a long-tailed SFT mix are written under --o
 weights, on one process and, where the machine has more GPUs, on all of them, with cpu_offload
 off and on. Under cpu_offload the weights, gradients, optimizer state, W0 and the bases wait in
 host memory, the optimizer step runs on the CPU and the projections on the GPU
-(mt_osft.placement). The table gives, for each case: seconds a step (the median from step 3),
+(mt_osft.placement). Two tables give, for each case: seconds a step (the median from step 3),
 the peak GPU memory, the largest relative difference of its step losses from the case without
 cpu_offload on as many GPUs (the CPU's AdamW rounds in another order than the GPU's fused one:
 expect float32 rounding growing over the steps, ~1e-5, no more), and the largest residual of
@@ -133,23 +133,24 @@ def main() -> None:
         offload = run(work, args.out, f"{nproc}gpu_cpu_offload", {**keys, "cpu_offload": True},
                       nproc)  # fmt: skip
         pairs.append((plain, offload))
-    # after the runs: the directions would take GPU memory from them
-    directions = frozen_directions(weights(model))
-    rows = []
-    for plain, offload in pairs:
-        for case in (plain, offload):
-            if "error" in case:
-                rows.append(f"| {case['name']} | failed: {case['error']} | | | |")
-                continue
-            differs = "n/a" if "error" in plain else f"{largest_difference(case, plain):.1e}"
-            rows.append(f"| {case['name']} | {case['step_s']:.3f} | {case['peak_gib']:.2f} | "
-                        f"{differs} | {worst_residual(directions, case['weights']):.2e} |")  # fmt: skip
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nOSFT ratio {RATIO}, shape {args.shape}, {args.steps} steps of batch 16, "
           f"{args.tokens}-token rows; {machine}")  # fmt: skip
-    print("| case | s/step | peak GiB | loss rel. diff | frozen residual / bound |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
+    print("| case | s/step | peak GiB | loss rel. diff |\n|---|---|---|---|")
+    for plain, offload in pairs:
+        for case in (plain, offload):
+            if "error" in case:
+                print(f"| {case['name']} | failed: {case['error']} | | |")
+                continue
+            differs = "n/a" if "error" in plain else f"{largest_difference(case, plain):.1e}"
+            print(f"| {case['name']} | {case['step_s']:.3f} | {case['peak_gib']:.2f} | {differs} |",
+                  flush=True)  # fmt: skip
+    # after the runs (the directions would take GPU memory from them), and after the table
+    # above: at 1B the SVDs take minutes
+    directions = frozen_directions(weights(model))
+    print("\n| case | frozen residual / bound |\n|---|---|")
+    for case in (case for pair in pairs for case in pair if "error" not in case):
+        print(f"| {case['name']} | {worst_residual(directions, case['weights']):.2e} |", flush=True)
 
 
 if __name__ == "__main__":
