@@ -22,6 +22,7 @@ from mt_core.plan.memory import (
     estimate,
     gpu,
     largest_fitting_tokens,
+    osft_reference_bytes,
     osft_state_bytes,
     worst_minibatch,
 )
@@ -586,6 +587,55 @@ def test_mt_check_turns_cpu_offload_on_as_the_trainer_would(tmp_path, kit, capsy
         cli.main(["check", str(run), "--nproc_per_node=4", "--gpu=A100-40", "--cpu_offload=false"])
     assert exit_.value.code == 1
     assert "verdict DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_osfts_frozen_copies_in_host_memory_are_named_and_counted(tmp_path, kit, capsys):
+    """OSFT at the 1B shape on an H100 (float32 master weights): under cpu_offload its W0 and
+    bases wait in host memory beside the 16 bytes a parameter of weights, gradients and AdamW
+    state, and the report says so in the OSFT row and the host-memory line, and that the step
+    time leaves the offload's own cost out; with osft_reference_on_host alone W0 is the host
+    memory; with neither there is none."""
+    model = tmp_path / "llama-1b"
+    LlamaConfig(**LLAMA_1B).save_pretrained(model)
+    data = kit.write_jsonl(tmp_path / "d.jsonl", kit.token_rows(64, low=100, high=4000, seed=2))
+    run = kit.run_toml(tmp_path, model, data, max_tokens_per_gpu=4096, osft=True)
+    shape = make_plan(load_run_file(run), str(run), gpu_name="H100", batches=2).shape
+    bases = osft_state_bytes(shape, "float32", reference_on_host=True)
+    w0 = osft_reference_bytes(shape, "float32")
+    assert bases > 0 and w0 == 4 * shape.osft_reference_values > 0
+
+    cli.main(["check", str(run), "--gpu=H100", "--cpu_offload=true"])
+    out = capsys.readouterr().out
+    row = "  OSFT            {:<58}{:>7.2f}"  # (the table's columns)
+    assert (
+        row.format("frozen weights and bases (in host memory: cpu_offload)", (w0 + bases) / GIB)
+        in out
+    )
+    held = 16 * shape.params + w0 + bases
+    assert (
+        "host memory     weights, gradients, optimizer state and OSFT's frozen weights and "
+        f"bases: {held / GIB:.1f} GiB per GPU"
+    ) in out
+    assert "(cpu_offload not counted: each minibatch copies the weights to the GPU" in out
+
+    cli.main(["check", str(run), "--gpu=H100", "--osft_reference_on_host=true"])
+    out = capsys.readouterr().out
+    assert row.format("singular bases (frozen weights in host memory)", bases / GIB) in out
+    assert f"host memory     OSFT's frozen weights: {w0 / GIB:.2f} GiB per GPU" in out
+    assert "cpu_offload not counted" not in out
+
+    cli.main(["check", str(run), "--gpu=H100", "--osft_reference_on_host=false"])
+    out = capsys.readouterr().out
+    assert "  host memory  " not in out and "cpu_offload not counted" not in out
+
+    # at 8B (float32) nothing else fits one H100: the fit's own choice names OSFT's state too
+    model, data = llama_8b(tmp_path, kit)
+    run = kit.run_toml(tmp_path, model, data, max_tokens_per_gpu=4096, osft=True)
+    cli.main(["check", str(run), "--gpu=H100"])
+    assert (
+        "(cpu_offload on: nothing else fits, so the weights, gradients and optimizer state (and "
+        "OSFT's frozen weights and bases)\n   wait in host memory"
+    ) in capsys.readouterr().out
 
 
 def test_fp8_at_budget_1_counts_what_the_blocks_keep_less(tmp_path, kit, capsys):
