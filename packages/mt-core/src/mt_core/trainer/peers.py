@@ -12,7 +12,8 @@ once too, then calls the roll: a rank whose counter stands still for :data:`QUIE
 and that wrote nothing is lost. The lowest rank still there writes the one message for the
 run (the ranks lost and their node, the newest complete checkpoint, the command that
 resumes); the others wait for it (:data:`SPOKEN_WAIT_S` at most) and end without repeating it.
-Where another rank ended with an error of its own, that rank's message is the run's, and the
+The message is claimed in the store first (compare-and-set): where the lowest rank comes too
+late, the first survivor to claim it speaks instead, and the lowest stays silent. Where another rank ended with an error of its own, that rank's message is the run's, and the
 rest end silently.
 """
 
@@ -147,19 +148,28 @@ class PeerWatch:
         self._end("lost")
         message = _message(roll, cause, self._address, output_dir / "checkpoints", resume)
         survivors = set(range(self.world_size)) - set(roll.lost)
-        if self.rank == min(survivors) or not self._wait_for_message():
+        lowest = self.rank == min(survivors)
+        if (lowest or not self._wait_for_message()) and self._claim_message():
             write_error(message)
-            with contextlib.suppress(Exception):
-                self._connect().set(peer_key("spoken"), str(self.rank))
         return PeerLostError(message)
 
     def _wait_for_message(self) -> bool:
-        """Whether the rank that speaks for the run wrote its message in time."""
+        """Whether the rank that speaks for the run claimed its message in time."""
         try:
             self._connect().wait([peer_key("spoken")], timedelta(seconds=SPOKEN_WAIT_S))
             return True
         except Exception:
             return False
+
+    def _claim_message(self) -> bool:
+        """Whether this rank is the first to claim the run's message (an atomic compare-and-set
+        in the store): a survivor that waited in vain speaks, and the lowest one, late to its
+        roll call under load, then stays silent (seen once: both wrote it)."""
+        try:
+            key, mine = peer_key("spoken"), str(self.rank)
+            return self._connect().compare_set(key, "", mine) == mine.encode()
+        except Exception:
+            return True  # no store to ask: a message twice rather than none
 
     def _roll_call(self) -> _Roll | None:
         """Who is still there: a rank is if its counter moves, or it wrote why it ended, within
