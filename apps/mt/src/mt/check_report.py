@@ -288,9 +288,9 @@ def _step_lines(plan: Plan) -> list[str]:
     if plan.settings.cpu_offload:  # no model of it yet: what it cost where it was measured
         lines.append(
             "        (cpu_offload not counted: each minibatch copies the weights to the GPU and "
-            "the gradients back,\n        and AdamW runs on the CPU; measured: 5.4 s a step "
-            "instead of 0.42 at the 1B shape with OSFT\n        on one H100, 57 s a step of "
-            "38k tokens at 8B on one H200; tools/bench/RESULTS.md)"
+            "the gradients back,\n        and AdamW runs on the CPU; measured: 6.2 s a step "
+            "instead of 0.33 at the 1B shape on one H100\n        (5.4 instead of 0.42 with "
+            "OSFT), 57 s a step of 38k tokens at 8B on one H200; tools/bench/RESULTS.md)"
         )
     return lines
 
