@@ -211,9 +211,9 @@ def _memory_lines(plan: Plan) -> list[str]:
             "  (activation_offload on: so that the row fits, the blocks' saved activations wait in "
             "host memory\n   between their forward and backward passes)"
         )
-    osft = bool(s.osft_reference_values)
+    osft = "OSFT's frozen weights and bases" if s.osft_reference_values else ""
     if run.cpu_offload and plan.args.cpu_offload is None:
-        also = " (and OSFT's frozen weights and bases)" if osft else ""
+        also = f" (and {osft})" if osft else ""
         lines.append(
             f"  (cpu_offload on: nothing else fits, so the weights, gradients and optimizer state"
             f"{also}\n   wait in host memory and the optimizer step runs on the CPU, much slower; "
@@ -221,7 +221,7 @@ def _memory_lines(plan: Plan) -> list[str]:
         )
     held = ["weights", "gradients", "optimizer state"] if run.cpu_offload else []
     if osft and run.cpu_offload:
-        held.append("OSFT's frozen weights and bases")
+        held.append(osft)
     elif osft and run.osft_reference_on_host:
         held.append("OSFT's frozen weights")
     held += ["offloaded activations"] if run.activation_offload else []

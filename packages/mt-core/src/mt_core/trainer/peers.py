@@ -13,8 +13,9 @@ and that wrote nothing is lost. The lowest rank still there writes the one messa
 run (the ranks lost and their node, the newest complete checkpoint, the command that
 resumes); the others wait for it (:data:`SPOKEN_WAIT_S` at most) and end without repeating it.
 The message is claimed in the store first (compare-and-set): where the lowest rank comes too
-late, the first survivor to claim it speaks instead, and the lowest stays silent. Where another rank ended with an error of its own, that rank's message is the run's, and the
-rest end silently.
+late, the first survivor to claim it speaks instead, and the lowest stays silent. Where another
+rank ended with an error of its own, that rank's message is the run's, and the rest end
+silently.
 """
 
 from __future__ import annotations
