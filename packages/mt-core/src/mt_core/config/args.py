@@ -498,7 +498,9 @@ class TrainingArgs:
     train_dtype: str = field(
         "Dtype of the trained (master) weights, their gradients and (unless "
         "optimizer_state_dtype is set) the optimizer state. "
-        "On a GPU the forward and backward passes compute in bfloat16 (FSDP mixed precision).",
+        "On a GPU the forward and backward passes compute in bfloat16 (FSDP mixed precision); "
+        "on a CPU in train_dtype itself (bfloat16 and float16 are slow on x86 CPUs without "
+        "AVX-512: the run says so in a note).",
         _SPEED,
         "string",
         default="float32",

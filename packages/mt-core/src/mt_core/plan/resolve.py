@@ -13,9 +13,10 @@ The rules (each measured where it is a speed choice: tools/bench/RESULTS.md):
   in deterministic runs: the fused loss's backward is chunked matmuls in a fixed order and a
   kernel per row, with no atomics;
 * compiled decoder blocks: on a GPU;
-* compute in bfloat16 on a GPU (FSDP mixed precision), in train_dtype on the CPU; the
-  decoder blocks' large linear layers in FP8 where the run file sets ``float8`` (a ConfigError
-  on the CPU and on GPUs without FP8 tensor cores: :func:`mt_core.model.float8.float8_problem`);
+* compute in bfloat16 on a GPU (FSDP mixed precision), in train_dtype on the CPU (a note where
+  the CPU has no fast kernel for it: :func:`slow_cpu_dtypes`); the decoder blocks' large linear
+  layers in FP8 where the run file sets ``float8`` (a ConfigError on the CPU and on GPUs without
+  FP8 tensor cores: :func:`mt_core.model.float8.float8_problem`);
 * attention ``auto``: the first backend that can run on the machine (flash-attn-4, flash-attn 2,
   PyTorch's varlen, per-document SDPA), the first that computes attention sinks for a model
   with them, and in a deterministic run the first with a deterministic backward pass there
@@ -81,6 +82,8 @@ class Machine:
     # the GPU's compute capability where a choice depends on it (flash-attn-4 can run there:
     # its deterministic backward does not run on 12.x; float8 is set: FP8 tensor cores), else None
     gpu_capability: tuple[int, int] | None = None
+    # the half-precision train_dtypes whose matrix products this CPU has no fast kernel for
+    slow_cpu_dtypes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,14 @@ def resolve(
                 else ""
             )  # fmt: skip
         )
+    if not machine.gpu and args.train_dtype in machine.slow_cpu_dtypes:
+        notes.append(
+            f"train_dtype = {args.train_dtype!r} computes in {args.train_dtype} on the CPU, and "
+            f"this CPU has no fast {args.train_dtype} matrix products (oneDNN's need AVX-512): "
+            "PyTorch falls back to a plain loop, 10-100x slower than float32 (the bundled "
+            "example: 117 s against 11 s for 30 steps on an AVX2 CPU); train_dtype = 'float32' "
+            "trains faster here"
+        )
     attention = args.attn_backend
     if attention == "auto":
         attention = auto_backend(
@@ -259,6 +270,8 @@ def resolve_this_process(
         print(f"settings {resolved.describe()}", flush=True)
         if resolved.fit.summary:
             print(resolved.fit.summary, flush=True)
+        for note in resolved.notes:
+            print(f"note: {note}", flush=True)
     problem = fitting.host_memory_problem(
         args, config, world_size=ctx.world_size, available_bytes=available,
         local_processes=local_processes,
@@ -293,7 +306,26 @@ def this_machine(
         gpu_bytes=gpu_bytes if on_gpu else None,
         host_bytes=host_bytes,
         gpu_capability=capability,
+        slow_cpu_dtypes=() if on_gpu else slow_cpu_dtypes(),
     )
+
+
+def slow_cpu_dtypes() -> tuple[str, ...]:
+    """The half-precision dtypes this x86 CPU multiplies without a fast kernel. oneDNN's
+    bfloat16 products need AVX-512 and its float16 ones AVX-512-FP16 or AMX; without them
+    PyTorch falls back to a scalar loop (pytorch/pytorch#146508: 1024x128 by 128x256 took 50 ms
+    in bfloat16 against 0.44 ms in float32 on an AVX2 CPU). Other CPUs: none said."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ()
+    native = {
+        "bfloat16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        "float16": torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+    }
+    return tuple(dtype for dtype, fast in native.items() if not fast)
 
 
 def planned_machine(
