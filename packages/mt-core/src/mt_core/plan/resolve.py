@@ -67,6 +67,8 @@ __all__ = [
 
 # compute capability of the GPUs ``mt check --gpu`` knows (flash-attn-4 needs 9.0)
 _CAPABILITY = {"H100": (9, 0), "H200": (9, 0), "A100": (8, 0), "A100-40": (8, 0)}
+# what oneDNN's half-precision matrix products need of an x86 CPU (:func:`slow_cpu_dtypes`)
+_ONEDNN_NEEDS = {"bfloat16": "AVX-512", "float16": "AVX-512-FP16 or AMX"}
 
 
 @dataclass(frozen=True)
@@ -205,10 +207,11 @@ def resolve(
     if not machine.gpu and args.train_dtype in machine.slow_cpu_dtypes:
         notes.append(
             f"train_dtype = {args.train_dtype!r} computes in {args.train_dtype} on the CPU, and "
-            f"this CPU has no fast {args.train_dtype} matrix products (oneDNN's need AVX-512): "
+            f"this CPU has no fast {args.train_dtype} matrix products (oneDNN's need "
+            f"{_ONEDNN_NEEDS[args.train_dtype]}): "
             "PyTorch falls back to a plain loop, 10-100x slower than float32 (the bundled "
-            "example: 117 s against 11 s for 30 steps on an AVX2 CPU); train_dtype = 'float32' "
-            "trains faster here"
+            "example in bfloat16 on an AVX2 CPU: 117 s against 11 s for 30 steps); train_dtype "
+            "= 'float32' trains faster here"
         )
     attention = args.attn_backend
     if attention == "auto":
