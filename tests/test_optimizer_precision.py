@@ -205,16 +205,19 @@ def test_bfloat16_weights_lose_small_updates_and_stochastic_rounding_keeps_them_
 
 
 # ---- Training the tiny example -------------------------------------------------------------------
-# 30 steps at a constant lr of 1e-4: the float32 loss falls from 5.58 by about 0.26, and most
-# updates are smaller than half the bfloat16 spacing of their weight (weights ~0.02: 2^-13).
+# 30 steps of 16 samples at a constant lr of 1e-4: the float32 loss falls from 5.58 by about 0.19,
+# and most updates are smaller than half the bfloat16 spacing of their weight (weights ~0.02:
+# 2^-13). Half the example's batch: on a CPU without bfloat16 kernels (AVX2) the runs with
+# bfloat16 weights take most of this file's time, in proportion to the tokens.
 # Each run keeps a checkpoint of step 27: the resume tests continue it for the last three steps,
 # and the run itself is the uninterrupted one they must equal.
 STEPS, LR, CHECKPOINT_AT = 30, 1e-4, 27
+LEARNS = 0.15  # the float32 run's drop must exceed it (0.19 measured): the runs do learn
 
 
 def example_keys(**setting) -> dict:
     return dict(model_name_or_path=str(EXAMPLE / "model"), data_path=str(EXAMPLE / "data.jsonl"),
-                batch_size=32, max_tokens_per_gpu=1024, learning_rate=LR, num_warmup_steps=0,
+                batch_size=16, max_tokens_per_gpu=1024, learning_rate=LR, num_warmup_steps=0,
                 lr_scheduler="constant", training_mode="step", max_steps=STEPS, seed=42,
                 save_final_checkpoint=False, checkpoint_every_steps=CHECKPOINT_AT,
                 attn_backend="sdpa", **setting)  # fmt: skip
@@ -276,7 +279,7 @@ MARGIN = 3 * 0.9 / 64 / 2
 
 def within_margin(losses: list[float], reference: list[float]) -> tuple[bool, float]:
     drop = reference[0] - min(reference)
-    assert drop > 0.2, drop  # the float32 run does learn
+    assert drop > LEARNS, drop
     worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
     return worst <= MARGIN * drop, worst / drop
 
@@ -332,7 +335,7 @@ def test_the_other_settings_train_alike_on_two_ranks(curve, runs, tmp_path, name
     two = [line["loss"] for line in runs.metrics(tmp_path / "out")]
     one = curve(name)
     drop = one[0] - min(one)
-    assert len(two) == 10 and drop > 0.2, (two, drop)
+    assert len(two) == 10 and drop > LEARNS, (two, drop)
     worst = max(abs(a - b) for a, b in zip(two, one[:10], strict=True))
     assert worst <= MARGIN * drop, (
         f"{name}: 2 ranks differ from 1 by {worst / drop:.2%} of the drop"
