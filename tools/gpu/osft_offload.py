@@ -48,8 +48,9 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def frozen_directions(before: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """Each target's W0 with its frozen left and right singular vectors (float64, on the GPU
-    where there is one: hundreds of SVDs at 1B), computed once for every case."""
+    """Each target's W0 with its frozen left and right singular vectors and its singular values
+    (float64, on the GPU where there is one: hundreds of SVDs at 1B), computed once for every
+    case."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     directions = {}
     for name, w0 in before.items():
@@ -58,14 +59,14 @@ def frozen_directions(before: dict[str, torch.Tensor]) -> dict[str, tuple]:
         w0 = w0.to(device, torch.float64)
         u, s, vh = torch.linalg.svd(w0, full_matrices=False)
         frozen = s.numel() - trainable_rank(s.numel(), RATIO)
-        directions[name] = (w0, u[:, :frozen], vh[:frozen], frozen)
+        directions[name] = (w0, u[:, :frozen], vh[:frozen], frozen, s)
     return directions
 
 
 def worst_residual(directions: dict[str, tuple], after: dict[str, torch.Tensor]) -> float:
     """The largest frozen residual over the targets, each as a share of its rounding bound."""
     worst = 0.0
-    for name, (w0, u_frozen, vh_frozen, frozen) in directions.items():
+    for name, (w0, u_frozen, vh_frozen, frozen, s) in directions.items():
         w = after[name].to(w0.device, torch.float64)
         delta = w - w0
         norm = float(delta.norm())
@@ -73,7 +74,8 @@ def worst_residual(directions: dict[str, tuple], after: dict[str, torch.Tensor])
             raise AssertionError(f"{name} did not move")
         left = float((u_frozen.T @ delta).norm()) / norm
         right = float((delta @ vh_frozen.T).norm()) / norm
-        worst = max(worst, max(left, right) / residual_bound(w0, w, frozen, torch.float32))
+        bound = residual_bound(w0, w, frozen, torch.float32, singular_values=s)
+        worst = max(worst, max(left, right) / bound)
     return worst
 
 

@@ -120,6 +120,19 @@ def test_exactly_round_r_times_rank_directions_train(ratio):
         assert min(independent_residuals(w0[name], w, k + 1)) > 10 * bound
 
 
+def test_the_bound_takes_the_singular_values_a_caller_already_has():
+    """Given W0's singular values, the bound is the one it computes itself (same float64 values,
+    same bits); a wider gap after the frozen directions gives a smaller one: they are used."""
+    torch.manual_seed(0)
+    w0, w = torch.randn(24, 40), torch.randn(24, 40)
+    s = torch.linalg.svdvals(w0.double())
+    alone = residual_bound(w0, w, 6, torch.float32)
+    assert residual_bound(w0, w, 6, torch.float32, singular_values=s) == alone
+    wider = s.clone()
+    wider[6:] /= 2  # a wider gap after the 6 frozen directions tilts the bases less
+    assert residual_bound(w0, w, 6, torch.float32, singular_values=wider) < alone
+
+
 def test_rounding_rule():
     assert trainable_rank(10, 0.25) == 3  # 2.5 rounds up
     assert trainable_rank(10, 0.24) == 2

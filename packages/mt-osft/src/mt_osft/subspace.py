@@ -286,7 +286,11 @@ def matmul_flops(call: Callable[[], object]) -> int:
 
 
 def residual_bound(
-    w0: torch.Tensor, weight: torch.Tensor, n_frozen: int, svd_dtype: torch.dtype | None
+    w0: torch.Tensor,
+    weight: torch.Tensor,
+    n_frozen: int,
+    svd_dtype: torch.dtype | None,
+    singular_values: torch.Tensor | None = None,
 ) -> float:
     """The largest residual ``|U_hi^T ΔW|_F / |ΔW|_F`` (or ``|ΔW V_hi|_F / |ΔW|_F``) that rounding
     alone allows for a weight kept in the frozen subspace of ``w0``'s top ``n_frozen`` directions.
@@ -301,6 +305,8 @@ def residual_bound(
       up to ``u_svd |W0|_2 / gap`` (Wedin), gap = σ_k - σ_{k+1}: small gaps make it large.
 
     ``svd_dtype=None``: measured against the projection's own bases (``OSFTState.residuals()``).
+    ``singular_values``: ``w0``'s, where the caller already has them (a check of many weights
+    after several runs from one W0 need not take an SVD of each W0 again for every run).
     """
     stored_roundoff = torch.finfo(weight.dtype).eps / 2
     w0, weight = w0.detach().to(torch.float64), weight.detach().to(torch.float64)
@@ -310,7 +316,7 @@ def residual_bound(
         return 0.0
     relative = stored_roundoff * (float(weight.norm()) / delta + 1.0)
     if svd_dtype is not None:
-        s = torch.linalg.svdvals(w0)
+        s = torch.linalg.svdvals(w0) if singular_values is None else singular_values.double()
         gap = float(s[n_frozen - 1] - (s[n_frozen] if n_frozen < len(s) else 0.0))
         relative += torch.finfo(svd_dtype).eps / 2 * float(s[0]) / gap
     return (m + n) * relative
