@@ -207,8 +207,8 @@ def test_bfloat16_weights_lose_small_updates_and_stochastic_rounding_keeps_them_
 # ---- Training the tiny example -------------------------------------------------------------------
 # 30 steps of 16 samples at a constant lr of 1e-4: the float32 loss falls from 5.58 by about 0.19,
 # and most updates are smaller than half the bfloat16 spacing of their weight (weights ~0.02:
-# 2^-13). Half the example's batch: on a CPU without bfloat16 kernels (AVX2) the runs with
-# bfloat16 weights take most of this file's time, in proportion to the tokens.
+# 2^-13). Half the example's batch, for the suite's time: the runs with bfloat16 weights compute
+# in bfloat16 on a CPU with its kernels (in float32 on one without: mt_core.plan.resolve).
 # Each run keeps a checkpoint of step 27: the resume tests continue it for the last three steps,
 # and the run itself is the uninterrupted one they must equal.
 STEPS, LR, CHECKPOINT_AT = 30, 1e-4, 27
@@ -271,9 +271,10 @@ def curve(trained, runs):
 # so to first order the loss drop, the sum of the updates' effects, is off by about that
 # fraction; three times it, 2.1% of the float32 run's whole drop, leaves room for the second-
 # order terms and the compounding over 30 steps. Stochastic rounding adds zero-mean noise; so
-# does the bfloat16 arithmetic that bfloat16 weights compute in on the CPU (no bound is derived
-# for these two: they average out over the sums of a loss and over the steps). Plain bfloat16
-# weights at this lr lose most updates and miss by far more (the negative control).
+# does the bfloat16 arithmetic that bfloat16 weights compute in on a CPU with bfloat16 kernels
+# (no bound is derived for these two: they average out over the sums of a loss and over the
+# steps). Plain bfloat16 weights at this lr lose most updates and miss by far more (the
+# negative control).
 MARGIN = 3 * 0.9 / 64 / 2
 
 

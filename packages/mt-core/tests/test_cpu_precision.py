@@ -1,8 +1,11 @@
-"""Half-precision weights on a CPU: the run computes in them there, and on x86 CPUs without
-oneDNN's kernels (AVX-512 for bfloat16) PyTorch multiplies them in a scalar loop, 10-100x slower
-than float32. The run says so in its first lines (``note: ...``), as ``mt check`` says its notes."""
+"""Half-precision weights on a CPU: the run computes in them there where the CPU has fast kernels
+for them; on x86 CPUs without oneDNN's kernels (AVX-512 for bfloat16) PyTorch multiplies them in
+a scalar loop, 10-100x slower than float32, so the run computes in float32 there instead and
+says so in its first lines (``note: ...``), as ``mt check`` says its notes."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from transformers import LlamaConfig
 import mt_core.plan.resolve as resolving
 from mt_core.config import args_from_dict
 from mt_core.plan.memory import GIB
-from mt_core.plan.resolve import Machine, resolve
+from mt_core.plan.resolve import Machine, Resolved, resolve
 
 CONFIG = LlamaConfig(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -20,7 +23,7 @@ CONFIG = LlamaConfig(
 )  # fmt: skip
 
 
-def _notes(train_dtype: str, *, gpu: bool = False, slow: tuple[str, ...] = ()) -> tuple[str, ...]:
+def _resolved(train_dtype: str, *, gpu: bool = False, slow: tuple[str, ...] = ()) -> Resolved:
     args = args_from_dict(
         {"model_name_or_path": "m", "data_path": "d.jsonl", "output_dir": "out",
          "learning_rate": 1e-5, "batch_size": 8, "max_tokens_per_gpu": 256,
@@ -30,20 +33,24 @@ def _notes(train_dtype: str, *, gpu: bool = False, slow: tuple[str, ...] = ()) -
         gpu=gpu, world_size=1, liger_installed=False, attention_backends=("sdpa",),
         gpu_bytes=80 * GIB if gpu else None, slow_cpu_dtypes=slow,
     )  # fmt: skip
-    return resolve(args, CONFIG, machine, np.full(8, 32), warn=False).notes
+    return resolve(args, CONFIG, machine, np.full(8, 32), warn=False)
 
 
 @pytest.mark.parametrize("train_dtype", ["bfloat16", "float16"])
-def test_half_precision_on_a_cpu_without_its_kernels_is_said_once(train_dtype):
+def test_half_precision_computes_in_float32_on_a_cpu_without_its_kernels_and_says_so(train_dtype):
     slow = ("bfloat16", "float16")
-    (note,) = _notes(train_dtype, slow=slow)
-    assert note.startswith(f"train_dtype = {train_dtype!r} computes in {train_dtype} on the CPU")
-    assert note.endswith("train_dtype = 'float32' trains faster here")
+    resolved = _resolved(train_dtype, slow=slow)
+    (note,) = resolved.notes
+    assert note.startswith(f"train_dtype = {train_dtype!r} computes in float32 on this CPU")
+    assert (resolved.train_dtype, resolved.compute_dtype) == (train_dtype, "float32")
     # a CPU with the kernels, float32 weights, a GPU (it computes in bfloat16 on its own cores)
-    assert _notes(train_dtype, slow=()) == ()
-    assert _notes(train_dtype, slow=tuple(d for d in slow if d != train_dtype)) == ()
-    assert _notes("float32", slow=slow) == ()
-    assert _notes(train_dtype, gpu=True, slow=slow) == ()
+    for resolved, compute in [
+        (_resolved(train_dtype, slow=()), train_dtype),
+        (_resolved(train_dtype, slow=tuple(d for d in slow if d != train_dtype)), train_dtype),
+        (_resolved("float32", slow=slow), "float32"),
+        (_resolved(train_dtype, gpu=True, slow=slow), "bfloat16"),
+    ]:
+        assert (resolved.notes, resolved.compute_dtype) == ((), compute)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +78,36 @@ def test_the_run_prints_its_notes_after_its_settings(tiny, tmp_path, capsys, mon
             "stochastic_rounding": True}  # fmt: skip
     train(args_from_dict(keys))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("settings weights bfloat16, compute bfloat16")
+    assert lines[0].startswith("settings weights bfloat16, compute float32")
     notes = [line for line in lines if line.startswith("note: ")]
-    assert len(notes) == 1 and "train_dtype = 'bfloat16' computes in bfloat16" in notes[0]
+    assert len(notes) == 1 and "train_dtype = 'bfloat16' computes in float32" in notes[0]
     assert lines.index(notes[0]) < next(i for i, x in enumerate(lines) if x.startswith("step 1"))
+
+
+@pytest.mark.parametrize("slow", [("bfloat16",), ()], ids=["no bfloat16 kernels", "with them"])
+def test_bfloat16_weights_compute_in_float32_exactly_where_the_cpu_is_slow(
+    tiny, tmp_path, monkeypatch, slow
+):
+    """On a CPU without bfloat16 kernels, a run of bfloat16 weights computes what a float32 run
+    of the same (bfloat16-rounded) weights computes: FSDP2 casts each weight to float32 exactly,
+    and every operation after that is the float32 run's, so the first loss is the same to the
+    bit. Where the CPU has the kernels the run computes in bfloat16, whose rounding of every
+    activation (2^-9 of its size) moves the loss: the comparison tells the two apart."""
+    from transformers import AutoModelForCausalLM
+
+    from mt_core import train
+
+    rounded = tmp_path / "rounded"
+    model = AutoModelForCausalLM.from_pretrained(tiny["model_name_or_path"])
+    model.to(torch.bfloat16).to(torch.float32).save_pretrained(rounded)
+    keys = {**tiny, "max_steps": 1}
+    train(args_from_dict({**keys, "model_name_or_path": str(rounded),
+                          "output_dir": str(tmp_path / "float32")}))  # fmt: skip
+    monkeypatch.setattr(resolving, "slow_cpu_dtypes", lambda: slow)
+    train(args_from_dict({**keys, "train_dtype": "bfloat16",
+                          "output_dir": str(tmp_path / "bfloat16")}))  # fmt: skip
+    exact, weights = (
+        json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        for name in ("float32", "bfloat16")
+    )
+    assert (weights == exact) == bool(slow), (weights, exact)

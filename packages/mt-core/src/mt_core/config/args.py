@@ -499,8 +499,9 @@ class TrainingArgs:
         "Dtype of the trained (master) weights, their gradients and (unless "
         "optimizer_state_dtype is set) the optimizer state. "
         "On a GPU the forward and backward passes compute in bfloat16 (FSDP mixed precision); "
-        "on a CPU in train_dtype itself (bfloat16 and float16 are slow on x86 CPUs without "
-        "AVX-512: the run says so in a note).",
+        "on a CPU in train_dtype itself, or in float32 where the CPU has no fast kernel for it "
+        "(bfloat16 on x86 CPUs without AVX-512, float16 without AVX-512-FP16 or AMX: the run "
+        "says so in a note).",
         _SPEED,
         "string",
         default="float32",

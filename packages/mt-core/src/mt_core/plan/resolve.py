@@ -13,10 +13,10 @@ The rules (each measured where it is a speed choice: tools/bench/RESULTS.md):
   in deterministic runs: the fused loss's backward is chunked matmuls in a fixed order and a
   kernel per row, with no atomics;
 * compiled decoder blocks: on a GPU;
-* compute in bfloat16 on a GPU (FSDP mixed precision), in train_dtype on the CPU (a note where
-  the CPU has no fast kernel for it: :func:`slow_cpu_dtypes`); the decoder blocks' large linear
-  layers in FP8 where the run file sets ``float8`` (a ConfigError on the CPU and on GPUs without
-  FP8 tensor cores: :func:`mt_core.model.float8.float8_problem`);
+* compute in bfloat16 on a GPU (FSDP mixed precision), in train_dtype on the CPU, or in float32
+  where the CPU has no fast kernel for it (:func:`compute_dtype`, with a note); the decoder
+  blocks' large linear layers in FP8 where the run file sets ``float8`` (a ConfigError on the
+  CPU and on GPUs without FP8 tensor cores: :func:`mt_core.model.float8.float8_problem`);
 * attention ``auto``: the first backend that can run on the machine (flash-attn-4, flash-attn 2,
   PyTorch's varlen, per-document SDPA), the first that computes attention sinks for a model
   with them, and in a deterministic run the first with a deterministic backward pass there
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Machine",
     "Resolved",
+    "compute_dtype",
     "planned_machine",
     "resolve",
     "resolve_this_process",
@@ -206,12 +207,12 @@ def resolve(
         )
     if not machine.gpu and args.train_dtype in machine.slow_cpu_dtypes:
         notes.append(
-            f"train_dtype = {args.train_dtype!r} computes in {args.train_dtype} on the CPU, and "
-            f"this CPU has no fast {args.train_dtype} matrix products (oneDNN's need "
-            f"{_ONEDNN_NEEDS[args.train_dtype]}): "
-            "PyTorch falls back to a plain loop, 10-100x slower than float32 (the bundled "
-            "example in bfloat16 on an AVX2 CPU: 117 s against 11 s for 30 steps); train_dtype "
-            "= 'float32' trains faster here"
+            f"train_dtype = {args.train_dtype!r} computes in float32 on this CPU: it has no fast "
+            f"{args.train_dtype} matrix products (oneDNN's need "
+            f"{_ONEDNN_NEEDS[args.train_dtype]}) and PyTorch's fallback loop is 10-100x slower "
+            f"(the weights, their gradients and the optimizer state stay {args.train_dtype}; the "
+            "bundled example in bfloat16 on a 2-core AVX2 CPU: 9,300 tokens/s computing in "
+            "float32, 960 in bfloat16)"
         )
     attention = args.attn_backend
     if attention == "auto":
@@ -240,7 +241,7 @@ def resolve(
         attn_backend=attention,
         sync_each_minibatch=syncs_every_minibatch(args, machine.world_size, fit.cpu_offload),
         train_dtype=args.train_dtype,
-        compute_dtype="bfloat16" if machine.gpu else args.train_dtype,
+        compute_dtype=compute_dtype(args.train_dtype, machine),
         deterministic=args.deterministic,
         float8=args.float8,
         fit=fit,
@@ -350,3 +351,13 @@ def planned_machine(
         gpu_bytes=device.memory_gib * GIB,
         gpu_capability=capability,
     )
+
+
+def compute_dtype(train_dtype: str, machine: Machine) -> str:
+    """What the forward and backward passes compute in (FSDP2 casts the gathered weights to it):
+    bfloat16 on a GPU; on a CPU train_dtype, or float32 where the CPU has no fast kernel for it.
+    float32 holds every bfloat16 or float16 product exactly and sums in float32 as their kernels
+    do; it rounds less between the operations, at float32's speed instead of a scalar loop's."""
+    if machine.gpu:
+        return "bfloat16"
+    return "float32" if train_dtype in machine.slow_cpu_dtypes else train_dtype
