@@ -211,8 +211,8 @@ def resolve(
             f"{args.train_dtype} matrix products (oneDNN's need "
             f"{_ONEDNN_NEEDS[args.train_dtype]}) and PyTorch's fallback loop is 10-100x slower "
             f"(the weights, their gradients and the optimizer state stay {args.train_dtype}; the "
-            "bundled example in bfloat16 on a 2-core AVX2 CPU: 9,300 tokens/s computing in "
-            "float32, 960 in bfloat16)"
+            "bundled example in bfloat16 on a 2-core AVX2 CPU: 8,400 tokens/s computing in "
+            "float32, 980 in bfloat16)"
         )
     attention = args.attn_backend
     if attention == "auto":
