@@ -205,7 +205,8 @@ def resolve(
                 else ""
             )  # fmt: skip
         )
-    if not machine.gpu and args.train_dtype in machine.slow_cpu_dtypes:
+    compute = compute_dtype(args.train_dtype, machine)
+    if not machine.gpu and compute != args.train_dtype:
         notes.append(
             f"train_dtype = {args.train_dtype!r} computes in float32 on this CPU: it has no fast "
             f"{args.train_dtype} matrix products (oneDNN's need "
@@ -241,7 +242,7 @@ def resolve(
         attn_backend=attention,
         sync_each_minibatch=syncs_every_minibatch(args, machine.world_size, fit.cpu_offload),
         train_dtype=args.train_dtype,
-        compute_dtype=compute_dtype(args.train_dtype, machine),
+        compute_dtype=compute,
         deterministic=args.deterministic,
         float8=args.float8,
         fit=fit,
