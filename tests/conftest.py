@@ -33,19 +33,20 @@ def _one_thread_per_worker():
         torch.set_num_threads(1)
 
 
+def load_module(path: Path) -> ModuleType:
+    """A Python file that is not part of a package, as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def load_tool() -> Callable[[str], ModuleType]:
     """``load_tool("tools/module_map.py")``: a script of tools/ (not a package) as a module, for
     the tests of what it computes."""
 
-    def load(relative: str) -> ModuleType:
-        path = Path(__file__).resolve().parents[1] / relative
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    return load
+    return lambda relative: load_module(Path(__file__).resolve().parents[1] / relative)
 
 
 # ---- Tolerances from the arithmetic -------------------------------------------------------------
@@ -271,6 +272,7 @@ TINY_LLAMA = {
 BIN = Path(sys.executable).parent  # the workspace venv: python, mt and torchrun
 # One thread per process: the runs are tiny, and torchrun's ranks share the machine's cores.
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+FORKED_RANKS = load_module(Path(__file__).with_name("forked_ranks.py"))
 
 
 @pytest.fixture(scope="session")
@@ -301,14 +303,12 @@ def write_counting_data(path: Path) -> Path:
 
 def launch(*arguments: str, nproc: int = 1, script: Path | None = None, env: dict | None = None,
            check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
-    """``mt ARGUMENTS`` (or ``python SCRIPT ARGUMENTS``) in a fresh process, or under torchrun
-    with ``nproc`` ranks on a free port; with ``check``, a failure shows its stderr."""
-    target = [sys.executable, str(script)] if script else [sys.executable, "-m", "mt"]
-    if nproc > 1:
-        torchrun = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}"]
-        target = [*torchrun, *(target[1:] if script else ["--no-python", "mt"])]
-    result = subprocess.run([*target, *arguments], env={**ENV, **(env or {})},
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    """``mt ARGUMENTS`` (or ``python SCRIPT ARGUMENTS``) in a new process, or on ``nproc``
+    ranks started as torchrun starts them, each forked from a process that has imported mt
+    already (tests/forked_ranks.py: the start-up is paid once per pytest worker); with
+    ``check``, a failure shows its stderr."""
+    result = FORKED_RANKS.launch_forked(list(arguments), nproc=nproc, script=script,
+                                        env={**ENV, **(env or {})})  # fmt: skip
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
