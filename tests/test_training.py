@@ -99,6 +99,38 @@ def test_experts_stored_one_by_one_load_into_uneven_shards(setup, runs):
     assert runs.exported_weights(tmp_path / "two").keys() == stored.keys()  # stored one by one
 
 
+# ``python SCRIPT RUN.toml OUT_1 OUT_2 ...`` under torchrun: train() once per output folder in
+# the same processes, as a script of several runs (a sweep, stages of a curriculum) calls it
+SEVERAL_RUNS = """
+import sys
+from mt_core import load_run_file, train
+for output_dir in sys.argv[2:]:
+    train(load_run_file(sys.argv[1], {"output_dir": output_dir}))
+"""
+
+
+@pytest.mark.slow(10)
+def test_train_runs_again_in_the_same_torchrun_job(setup, runs):
+    """Each train() makes and ends its own process group; under torchrun a second one meets
+    its peers under keys of its own in the agent store (it used to read the first group's and
+    wait for those ranks until collective_timeout). The same run twice gives the same steps, bit
+    for bit."""
+    tmp_path, common = setup
+    make_data(tmp_path / "data.jsonl", [7, 19, 3, 25, 12, 9, 30, 16])
+    keys = dict(common, data_path=str(tmp_path / "data.jsonl"), batch_size=4,
+                max_tokens_per_gpu=32, max_steps=2, collective_timeout=30)  # fmt: skip
+    run = runs.write_run(tmp_path / "run.toml", **keys)
+    (tmp_path / "several.py").write_text(SEVERAL_RUNS)
+    outputs = [tmp_path / "first", tmp_path / "second"]
+    runs.launch(str(run), *map(str, outputs), script=tmp_path / "several.py", nproc=2)
+    first, second = (runs.metrics(output) for output in outputs)
+    assert len(first) == 2
+    for a, b in zip(first, second, strict=True):
+        assert (b["loss"], b["grad_norm"]) == (a["loss"], a["grad_norm"])
+    for name, weight in runs.exported_weights(outputs[0]).items():
+        assert torch.equal(runs.exported_weights(outputs[1])[name], weight), name
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled blocks"])
 def test_one_step_equals_adamw_by_hand(setup, compiled, equivalence, runs, llama_folder):
     tmp_path, common = setup

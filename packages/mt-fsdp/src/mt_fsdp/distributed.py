@@ -121,10 +121,12 @@ def init_distributed(
     # distributed checkpoints) need not guess the device, and torch does not warn that it did
     device_id = target if backend == "nccl" else None
     if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ:
+        store = _fresh_group_store(rank) if world_size > 1 else None
+        if store is not None or "MASTER_ADDR" in os.environ:
             dist.init_process_group(
-                backend, rank=rank, world_size=world_size, device_id=device_id, timeout=timeout
-            )
+                backend, store=store, rank=rank, world_size=world_size, device_id=device_id,
+                timeout=timeout,
+            )  # fmt: skip
         else:
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id
@@ -148,6 +150,21 @@ def init_distributed(
         sequence_parallel_size=sequence_parallel_size,
         sequence_group=sequence_group,
     )
+
+
+def _fresh_group_store(rank: int) -> dist.Store | None:
+    """Under torchrun, torchrun's agent store under a prefix of this process group's own (None
+    elsewhere). A second run in the same job (``train()`` called again) then meets its peers
+    under new keys: torch names every new default group alike, and its ranks would read the
+    addresses the last group left in the store and wait for them until the timeout. The ranks
+    number their groups in the store, each counting its own; all make the same groups, so the
+    numbers agree."""
+    store = connect_agent_store(STORE_CONNECT_TIMEOUT)
+    if store is None:
+        return None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    number = store.add(f"mt/groups/{restart}/rank{rank}", 1)
+    return dist.PrefixStore(f"mt/group/{restart}/{number}", store)
 
 
 def agent_store_address() -> tuple[str, int] | None:
