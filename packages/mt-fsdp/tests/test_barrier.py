@@ -8,19 +8,8 @@ import threading
 import time
 
 import pytest
-import torch.distributed as dist
 
 from mt_fsdp import distributed
-
-
-@pytest.fixture
-def agent(monkeypatch) -> dist.TCPStore:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-                        "TORCHELASTIC_USE_AGENT_STORE": "True",
-                        "TORCHELASTIC_RESTART_COUNT": "0", "RANK": "2"}.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    return store
 
 
 def _ranks(world_size: int, work: dict[int, float], rounds: int) -> dict[int, list[float]]:

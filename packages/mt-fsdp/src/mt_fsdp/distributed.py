@@ -25,6 +25,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 __all__ = [
@@ -121,7 +122,7 @@ def init_distributed(
     # distributed checkpoints) need not guess the device, and torch does not warn that it did
     device_id = target if backend == "nccl" else None
     if not dist.is_initialized():
-        store = _fresh_group_store(rank) if world_size > 1 else None
+        store = _fresh_group_store(rank, timeout) if world_size > 1 else None
         if store is not None or "MASTER_ADDR" in os.environ:
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=world_size, device_id=device_id,
@@ -152,16 +153,18 @@ def init_distributed(
     )
 
 
-def _fresh_group_store(rank: int) -> dist.Store | None:
+def _fresh_group_store(rank: int, timeout: timedelta | None) -> dist.Store | None:
     """Under torchrun, torchrun's agent store under a prefix of this process group's own (None
     elsewhere). A second run in the same job (``train()`` called again) then meets its peers
     under new keys: torch names every new default group alike, and its ranks would read the
     addresses the last group left in the store and wait for them until the timeout. The ranks
     number their groups in the store, each counting its own; all make the same groups, so the
-    numbers agree."""
+    numbers agree. The group's ranks wait for each other there up to ``timeout`` (None: torch's
+    default), as in a group torch connects itself: nodes may start far apart."""
     store = connect_agent_store(STORE_CONNECT_TIMEOUT)
     if store is None:
         return None
+    store.set_timeout(timeout if timeout is not None else default_pg_timeout)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     number = store.add(f"mt/groups/{restart}/rank{rank}", 1)
     return dist.PrefixStore(f"mt/group/{restart}/{number}", store)
