@@ -21,18 +21,20 @@ def example_keys(**setting) -> dict:
     return {**keys, **setting}
 
 
+@pytest.mark.parametrize("sync", [True, False], ids=["sync every minibatch", "sync once a step"])
 @pytest.mark.parametrize(
     "setting",
     [{}, dict(train_dtype="bfloat16", stochastic_rounding=True, optimizer_state_dtype="bfloat16")],
     ids=["float32 AdamW", "bfloat16 weights, stochastic rounding, bfloat16 moments"],
 )
-def test_offloaded_run_trains_bit_for_bit_like_the_plain_one(runs, tmp_path, setting):
+def test_offloaded_run_trains_bit_for_bit_like_the_plain_one(runs, tmp_path, setting, sync):
     """On a CPU run the policy moves nothing, so the arithmetic is the same operations in the
     same order: the losses and gradient norms are equal, not close. (On a GPU the policy's
     copies add no arithmetic either; what differs there is only where the step runs.) Both
-    reduce the gradients after every minibatch, cpu_offload's default: a deferred sync sums
-    the minibatches' bfloat16 gradients in another order."""
-    setting = dict(setting, sync_gradients_every_minibatch=True)
+    reduce the gradients alike: after every minibatch, or once a step (the fit's choice under
+    cpu_offload on a GPU with room for the whole gradient); the two sum the minibatches'
+    gradients in other orders, so each is compared with its like."""
+    setting = dict(setting, sync_gradients_every_minibatch=sync)
     _, plain = runs.train_here(tmp_path / "plain", **example_keys(**setting))
     _, offloaded = runs.train_here(tmp_path / "offloaded", **example_keys(cpu_offload=True,
                                                                            **setting))  # fmt: skip

@@ -77,10 +77,12 @@ def fitted(args: TrainingArgs, shape: ModelShape, run: Settings, device: Gpu) ->
     """``run`` (a lever's change of the plan's settings) with the fit the trainer would choose for
     it on this GPU: the compiled blocks' activation budget, on one GPU whether blocks stay
     gathered, OSFT's frozen copies in host memory and activation offload where the run file leaves
-    them unset and the trainer's rules choose them. cpu_offload is never chosen here: levers and
-    suggestions say how the run fits without it."""
+    them unset and the trainer's rules choose them, and under cpu_offload whether gradients are
+    reduced once a step. cpu_offload is never chosen here: levers and suggestions say how the run
+    fits without it."""
     return choose_fit(
         shape, run, device.usable_gib * 2**30, budget=args.activation_memory_budget,
         may_offload=args.activation_offload is None,
         may_host_reference=args.osft and args.osft_reference_on_host is None,
+        may_defer_sync=args.sync_gradients_every_minibatch is None,
     ).applied(run)  # fmt: skip

@@ -288,9 +288,11 @@ def _step_lines(plan: Plan) -> list[str]:
     if plan.settings.cpu_offload:  # no model of it yet: what it cost where it was measured
         lines.append(
             "        (cpu_offload not counted: each minibatch copies the weights to the GPU and "
-            "the gradients back,\n        and AdamW runs on the CPU; measured: 6.2 s a step "
-            "instead of 0.33 at the 1B shape on one H100\n        (5.4 instead of 0.42 with "
-            "OSFT), 57 s a step of 38k tokens at 8B on one H200; tools/bench/RESULTS.md)"
+            "AdamW runs on the CPU;\n        measured at the 1B shape on one H100: 2.2 s a step "
+            "instead of 0.33 with the gradients\n        summed on the GPU, 6.3 s where each "
+            "minibatch's go to host memory (5.4 with OSFT);\n        57 s a step of 38k tokens "
+            "at 8B on one H200, gradients to the host every minibatch;\n        "
+            "tools/bench/RESULTS.md)"
         )
     return lines
 

@@ -605,10 +605,12 @@ class TrainingArgs:
         "Reduce-scatter the gradients after every minibatch, so each GPU keeps only its shard "
         "of them; false = once per step, after the last minibatch: less communication, but "
         "every GPU holds the whole unsharded float32 gradient (4 bytes per parameter) between "
-        "minibatches (on the GPU, also under cpu_offload). Not set = every minibatch on more "
-        "than one GPU, with cpu_offload or with train_dtype narrower than float32 (the float32 "
-        "gradient would be twice its own), else once a step (one GPU, float32 weights: the two "
-        "cost the same).",
+        "minibatches (on the GPU, also under cpu_offload). Not set = with cpu_offload, once a "
+        "step where the GPU has room for that gradient by mt check's estimate (else FSDP2 adds "
+        "each minibatch's gradients up in host memory, on the CPU: about 2.8x slower at 1B), "
+        "else every minibatch; without it, every minibatch on more than one GPU or with "
+        "train_dtype narrower than float32 (the float32 gradient would be twice its own), else "
+        "once a step (one GPU, float32 weights: the two cost the same).",
         _SPEED,
         "boolean",
         default=None,

@@ -62,6 +62,9 @@ class Fit:
     activation_offload: bool = False  # the blocks' saved activations wait in host memory
     cpu_offload: bool = False  # weights, gradients and optimizer state in host memory
     osft_reference_on_host: bool = False  # OSFT's frozen copies W0 in host memory
+    # under cpu_offload: the gradients summed on the GPU over a step's minibatches and sent to
+    # host memory once (syncs_every_minibatch), where the GPU has room for them
+    deferred_sync: bool = False
     summary: str = ""  # what was chosen and why, for the run's log (empty: nothing to say)
 
     def applied(self, run: Settings) -> Settings:
@@ -70,6 +73,7 @@ class Fit:
             run, activation_budget=self.activation_budget, gathered=self.keep_gathered,
             activation_offload=self.activation_offload, cpu_offload=self.cpu_offload,
             osft_reference_on_host=self.osft_reference_on_host,
+            deferred_sync=run.deferred_sync or self.deferred_sync,
         )  # fmt: skip
 
 
@@ -82,7 +86,7 @@ def _set_budget(budget: float | None, compiled: bool, checkpointing: bool) -> fl
 def choose_fit(
     shape: ModelShape, run: Settings, usable: float, *, budget: float | None,
     may_offload: bool = False, host_room: float = math.inf, may_cpu_offload: bool = False,
-    may_host_reference: bool = False,
+    may_host_reference: bool = False, may_defer_sync: bool = False,
 ) -> Fit:  # fmt: skip
     """The fit of ``run`` on a GPU that may allocate ``usable`` bytes; ``budget`` is the run
     file's activation_memory_budget (None: the largest that fits, where ``run.compiled``). On one
@@ -99,7 +103,12 @@ def choose_fit(
     memory under activation checkpointing, which asks for the lean plan (nor do blocks stay
     gathered then), and otherwise where the run fits with them there and not without, before
     either offload (one copy of W0 a step, overlapped with the projections, is cheaper than
-    activations both ways or the optimizer step on the CPU)."""
+    activations both ways or the optimizer step on the CPU).
+
+    With ``may_defer_sync`` (sync_gradients_every_minibatch unset), a run under cpu_offload
+    sums its gradients on the GPU and reduces them once a step where the GPU holds them then:
+    FSDP2 otherwise sends each minibatch's gradients to host memory and adds them up there, on
+    the CPU (1B shape on one H100: 2.24 s a step instead of 6.29, tools/bench/RESULTS.md)."""
     hosted = replace(run, osft_reference_on_host=True)
     if may_host_reference and shape.osft_reference_values and run.checkpointing:
         run = hosted
@@ -115,7 +124,11 @@ def choose_fit(
         chosen = _fit_gpu(shape, offloaded, usable, budget, may_offload, host_room)
         memory = estimate(shape, chosen.applied(offloaded))
         if memory.peak <= usable and memory.host <= host_room:
-            return chosen
+            fit = chosen
+    if may_defer_sync and fit.cpu_offload:
+        deferred = replace(fit, deferred_sync=True)
+        if estimate(shape, deferred.applied(run)).peak <= usable:
+            return deferred
     return fit
 
 
@@ -153,10 +166,11 @@ def _fit_budget(
     return Fit(0.0 if chosen is None else chosen, gathered, *offloads)
 
 
-def syncs_every_minibatch(args: TrainingArgs, world_size: int, cpu_offload: bool) -> bool:
+def syncs_every_minibatch(args: TrainingArgs, world_size: int, fit: Fit) -> bool:
     """Whether gradients are reduce-scattered after every minibatch: the run file's
-    sync_gradients_every_minibatch, else yes on more than one GPU, under cpu_offload and for
-    master weights narrower than float32. A deferred sync keeps each GPU's whole unsharded
+    sync_gradients_every_minibatch, else under cpu_offload as the fit chose (once a step where
+    the GPU has room: :func:`choose_fit`), else yes on more than one GPU and for master
+    weights narrower than float32. A deferred sync keeps each GPU's whole unsharded
     gradient until the step's last minibatch, in FSDP2's reduce dtype, float32: 4 bytes a
     parameter, which cpu_offload is there to move off the GPU (8B shape on one H200: 37.4 GiB
     measured against 11.6 estimated without it), and twice a bfloat16 master's own gradients
@@ -165,7 +179,9 @@ def syncs_every_minibatch(args: TrainingArgs, world_size: int, cpu_offload: bool
     same (the memory model counts a deferred sync only as asked)."""
     if args.sync_gradients_every_minibatch is not None:
         return args.sync_gradients_every_minibatch
-    return world_size > 1 or cpu_offload or MASTER_BYTES[args.train_dtype] < 4
+    if fit.cpu_offload:
+        return not fit.deferred_sync
+    return world_size > 1 or MASTER_BYTES[args.train_dtype] < 4
 
 
 def most_minibatches(args: TrainingArgs, lengths: np.ndarray, world_size: int) -> int:
@@ -246,6 +262,7 @@ def fit_to_gpu(
         may_offload=args.activation_offload is None, host_room=host_bytes,
         may_cpu_offload=args.cpu_offload is None,
         may_host_reference=args.osft and args.osft_reference_on_host is None,
+        may_defer_sync=args.sync_gradients_every_minibatch is None,
     )  # fmt: skip
     memory = estimate(shape, fit.applied(run))
     peak = memory.peak
@@ -287,6 +304,11 @@ def fit_to_gpu(
     if fit.keep_gathered:
         said.append(
             "decoder blocks stay gathered from forward to backward (one GPU, room to spare)"
+        )
+    if fit.deferred_sync:
+        said.append(
+            "gradients summed on the GPU and sent to host memory once a step (cpu_offload, room "
+            "to spare)"
         )
     if said:
         said[-1] += f" (estimated peak {peak / GIB:.1f} of {usable / GIB:.1f} GiB usable)"

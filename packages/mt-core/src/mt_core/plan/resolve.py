@@ -21,8 +21,9 @@ The rules (each measured where it is a speed choice: tools/bench/RESULTS.md):
   PyTorch's varlen, per-document SDPA), the first that computes attention sinks for a model
   with them, and in a deterministic run the first with a deterministic backward pass there
   (an explicit backend without one is a ConfigError);
-* gradients reduce-scattered after every minibatch on several GPUs and under cpu_offload
-  (:func:`mt_core.plan.fit.syncs_every_minibatch`);
+* gradients reduce-scattered after every minibatch on several GPUs, for master weights
+  narrower than float32 and under cpu_offload where the GPU has no room to sum them over the
+  step (:func:`mt_core.plan.fit.syncs_every_minibatch`);
 * the activation budget, kept-gathered blocks and the offloads: :func:`mt_core.plan.fit.fit_to_gpu`
   for the GPU and host memory the machine leaves the process.
 """
@@ -240,7 +241,7 @@ def resolve(
         liger=liger,
         compile_blocks=compiled,
         attn_backend=attention,
-        sync_each_minibatch=syncs_every_minibatch(args, machine.world_size, fit.cpu_offload),
+        sync_each_minibatch=syncs_every_minibatch(args, machine.world_size, fit),
         train_dtype=args.train_dtype,
         compute_dtype=compute,
         deterministic=args.deterministic,
