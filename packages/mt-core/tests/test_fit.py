@@ -315,7 +315,7 @@ def test_under_cpu_offload_gradients_are_summed_on_the_gpu_where_they_fit(tmp_pa
     choose = dict(config=one_b, world_size=1, liger=True, lengths=np.full(1000, 600))
     fit = fit_to_gpu(args, capacity_bytes=H100, compiled=True, **choose)
     assert fit.cpu_offload and fit.deferred_sync
-    assert "gradients summed on the GPU and sent to host memory once a step" in fit.summary
+    assert "gradients summed on the GPU over the step and sent to host memory once" in fit.summary
     assert not syncs_every_minibatch(args, 1, fit)
     shape = run_shape(one_b, args)
     run = run_settings(args, 1, True, minibatches=2, compiled=True)
@@ -325,10 +325,15 @@ def test_under_cpu_offload_gradients_are_summed_on_the_gpu_where_they_fit(tmp_pa
     # the whole float32 gradient on the GPU, less the one block's in transit it replaces
     assert deferred.peak - synced.peak == pytest.approx(4 * shape.grad_params, rel=0.05)
     assert f"{deferred.peak / GIB:.1f}" == "10.8" and f"{synced.peak / GIB:.1f}" == "6.2"
-    # the GPU's room decides, to the byte
+    # the GPU's room decides, to the byte: with every activation kept, then with fewer (the
+    # compiled blocks recompute the rest), down to none
     edge = dict(budget=None, may_defer_sync=True)
-    assert choose_fit(shape, run, deferred.peak, **edge).deferred_sync
-    assert not choose_fit(shape, run, deferred.peak - 1, **edge).deferred_sync
+    assert choose_fit(shape, run, deferred.peak, **edge) == replace(fit, summary="")
+    lower = choose_fit(shape, run, deferred.peak - 1, **edge)
+    assert lower.deferred_sync and lower.activation_budget == 0.99
+    least = estimate(shape, replace(fit.applied(run), activation_budget=0.0)).peak
+    assert choose_fit(shape, run, least, **edge).deferred_sync
+    assert not choose_fit(shape, run, least - 1, **edge).deferred_sync
     # the run file's choice stands; without cpu_offload there is nothing to keep from the host
     asked = _args(tmp_path, max_tokens_per_gpu=4096, batch_size=16, cpu_offload=True,
                   sync_gradients_every_minibatch=True)  # fmt: skip
@@ -336,6 +341,23 @@ def test_under_cpu_offload_gradients_are_summed_on_the_gpu_where_they_fit(tmp_pa
     assert not kept.deferred_sync and syncs_every_minibatch(asked, 1, kept)
     plain = replace(run, cpu_offload=False)
     assert not choose_fit(shape, plain, usable_bytes(H100), **edge).deferred_sync
+
+
+def test_under_cpu_offload_the_fit_recomputes_activations_to_sum_the_gradients_on_the_gpu(
+    tmp_path,
+):
+    """The 8B shape at 16,384-token rows on one H100 fits only under cpu_offload; its float32
+    gradient (30 GiB) fits beside the activations only if the compiled blocks keep fewer of
+    them. Recomputing is the cheaper of the two costs: the fit takes budget 0.50 with the
+    gradients on the GPU over 0.99 with them sent to the host every minibatch."""
+    lengths = np.full(1000, 600)
+    choose = dict(config=LLAMA_8B, world_size=1, liger=True, lengths=lengths, compiled=True)
+    unset = _args(tmp_path, batch_size=32, cpu_offload=None)
+    fit = fit_to_gpu(unset, capacity_bytes=H100, **choose)
+    assert fit.cpu_offload and fit.deferred_sync and fit.activation_budget == 0.5
+    every = _args(tmp_path, batch_size=32, cpu_offload=None, sync_gradients_every_minibatch=True)
+    synced = fit_to_gpu(every, capacity_bytes=H100, **choose)
+    assert synced.cpu_offload and not synced.deferred_sync and synced.activation_budget == 0.99
 
 
 @pytest.mark.parametrize(
@@ -394,7 +416,9 @@ def test_cpu_offload_is_chosen_only_where_nothing_else_fits(tmp_path, shape):
     assert fitting_activation_budget(shape, run, usable) is None
     fit = fit_to_gpu(_args(tmp_path, **no_room), capacity_bytes=H100, compiled=True, **choose)
     assert fit.cpu_offload and not fit.activation_offload
-    offloaded = replace(run, cpu_offload=True)
+    # the gradients summed on the GPU (their own test), for which the blocks recompute more
+    offloaded = replace(run, cpu_offload=True, deferred_sync=True)
+    assert fit.deferred_sync
     assert fit.activation_budget == fitting_activation_budget(shape, offloaded, usable)
     memory = estimate(shape, fit.applied(run))
     assert memory.peak <= usable and memory.host == 16 * shape.params

@@ -106,9 +106,10 @@ def choose_fit(
     activations both ways or the optimizer step on the CPU).
 
     With ``may_defer_sync`` (sync_gradients_every_minibatch unset), a run under cpu_offload
-    sums its gradients on the GPU and reduces them once a step where the GPU holds them then:
-    FSDP2 otherwise sends each minibatch's gradients to host memory and adds them up there, on
-    the CPU (1B shape on one H100: 2.24 s a step instead of 6.29, tools/bench/RESULTS.md)."""
+    sums its gradients on the GPU and reduces them once a step where the GPU holds them then,
+    with a smaller activation budget if need be: FSDP2 otherwise sends each minibatch's
+    gradients to host memory and adds them up there, on the CPU (1B shape on one H100: 2.24 s a
+    step instead of 6.29, tools/bench/RESULTS.md)."""
     hosted = replace(run, osft_reference_on_host=True)
     if may_host_reference and shape.osft_reference_values and run.checkpointing:
         run = hosted
@@ -126,9 +127,13 @@ def choose_fit(
         if memory.peak <= usable and memory.host <= host_room:
             fit = chosen
     if may_defer_sync and fit.cpu_offload:
-        deferred = replace(fit, deferred_sync=True)
-        if estimate(shape, deferred.applied(run)).peak <= usable:
-            return deferred
+        # before a larger activation budget: recomputing activations costs less than what the
+        # deferred sync saves (both fitted as chosen above, activation offload as it was)
+        deferring = replace(fit.applied(run), deferred_sync=True)
+        chosen = _fit_gpu(shape, deferring, usable, budget, False, host_room)
+        memory = estimate(shape, chosen.applied(deferring))
+        if memory.peak <= usable and memory.host <= host_room:
+            return replace(chosen, deferred_sync=True)
     return fit
 
 
@@ -307,8 +312,8 @@ def fit_to_gpu(
         )
     if fit.deferred_sync:
         said.append(
-            "gradients summed on the GPU and sent to host memory once a step (cpu_offload, room "
-            "to spare)"
+            "gradients summed on the GPU over the step and sent to host memory once (under "
+            "cpu_offload, much faster than every minibatch)"
         )
     if said:
         said[-1] += f" (estimated peak {peak / GIB:.1f} of {usable / GIB:.1f} GiB usable)"
