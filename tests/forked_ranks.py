@@ -68,14 +68,16 @@ def launch_forked(
             process.start()
             ranks.append(process)
         status = _wait(ranks, time.monotonic() + timeout)
-        stdout, stderr = (
-            "".join(Path(f"{logs}/{rank}.{stream}").read_text(errors="replace")
-                    for rank in range(nproc))
-            for stream in ("out", "err")
-        )  # fmt: skip
+        stdout, stderr = ("".join(_read(Path(f"{logs}/{rank}.{stream}")) for rank in range(nproc))
+                          for stream in ("out", "err"))  # fmt: skip
     if status is None:
         raise subprocess.TimeoutExpired(arguments, timeout, stdout, stderr)
     return subprocess.CompletedProcess(arguments, status, stdout, stderr)
+
+
+def _read(log: Path) -> str:
+    """A rank's output (nothing where it died before it opened its files)."""
+    return log.read_text(errors="replace") if log.is_file() else ""
 
 
 def _wait(ranks: list, deadline: float) -> int | None:
