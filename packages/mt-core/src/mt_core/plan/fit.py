@@ -117,24 +117,28 @@ def choose_fit(
     if (may_host_reference and shape.osft_reference_values and not run.osft_reference_on_host
             and estimate(shape, fit.applied(run)).peak > usable):  # fmt: skip
         chosen = _fit_gpu(shape, hosted, usable, budget, may_offload, host_room)
-        memory = estimate(shape, chosen.applied(hosted))
-        if memory.peak <= usable and memory.host <= host_room:
+        if _holds(shape, chosen, hosted, usable, host_room):
             fit, run = chosen, hosted
     if may_cpu_offload and not run.cpu_offload and estimate(shape, fit.applied(run)).peak > usable:
         offloaded = replace(run, cpu_offload=True)
         chosen = _fit_gpu(shape, offloaded, usable, budget, may_offload, host_room)
-        memory = estimate(shape, chosen.applied(offloaded))
-        if memory.peak <= usable and memory.host <= host_room:
+        if _holds(shape, chosen, offloaded, usable, host_room):
             fit = chosen
     if may_defer_sync and fit.cpu_offload:
         # before a larger activation budget: recomputing activations costs less than what the
         # deferred sync saves (both fitted as chosen above, activation offload as it was)
         deferring = replace(fit.applied(run), deferred_sync=True)
         chosen = _fit_gpu(shape, deferring, usable, budget, False, host_room)
-        memory = estimate(shape, chosen.applied(deferring))
-        if memory.peak <= usable and memory.host <= host_room:
+        if _holds(shape, chosen, deferring, usable, host_room):
             return replace(chosen, deferred_sync=True)
     return fit
+
+
+def _holds(shape: ModelShape, fit: Fit, run: Settings, usable: float, host_room: float) -> bool:
+    """Whether ``run`` with ``fit`` stays within ``usable`` bytes of the GPU and ``host_room``
+    of host memory, by the estimate."""
+    memory = estimate(shape, fit.applied(run))
+    return memory.peak <= usable and memory.host <= host_room
 
 
 def _fit_gpu(
@@ -146,8 +150,7 @@ def _fit_gpu(
     if may_offload and estimate(shape, fit.applied(run)).peak > usable:
         offloaded = replace(run, activation_offload=True)
         with_offload = _fit_budget(shape, offloaded, usable, budget=budget, host_room=host_room)
-        memory = estimate(shape, with_offload.applied(offloaded))
-        if memory.peak <= usable and memory.host <= host_room:
+        if _holds(shape, with_offload, offloaded, usable, host_room):
             return with_offload
     return fit
 
@@ -181,7 +184,8 @@ def syncs_every_minibatch(args: TrainingArgs, world_size: int, fit: Fit) -> bool
     measured against 11.6 estimated without it), and twice a bfloat16 master's own gradients
     (8B, one H200: 29.9 GiB of them at the peak where the bfloat16 gradients are 15.0;
     tools/gpu/osft_cost.py --memory-profile). On one GPU with float32 weights the two cost the
-    same (the memory model counts a deferred sync only as asked)."""
+    same (the memory model counts a deferred sync only where it costs: asked for, or chosen
+    by the fit under cpu_offload)."""
     if args.sync_gradients_every_minibatch is not None:
         return args.sync_gradients_every_minibatch
     if fit.cpu_offload:
@@ -210,8 +214,9 @@ def run_settings(
 ) -> Settings:
     """What the memory estimate needs to know of a run, from its keys and what the trainer
     resolved (Liger on or off, blocks compiled or not). cpu_offload not set counts as off (the
-    fit may turn it on); a deferred gradient sync counts where the run file asks for one, the
-    only case in which it costs memory (syncs_every_minibatch)."""
+    fit may turn it on); a deferred gradient sync counts where the run file asks for one (the
+    fit adds its own choice under cpu_offload: :meth:`Fit.applied`), the only cases in which it
+    costs memory (syncs_every_minibatch)."""
     return Settings(
         max_tokens=args.max_tokens_per_gpu,
         world_size=world_size,
